@@ -1,0 +1,88 @@
+"""camkd model zoo: RepDistiller/CRD/CA-MKD CIFAR networks (checkpoint-compatible names) plus torchvision
+classifiers via ``torchvision:<name>``, all behind the FeatureClassifier contract (see ``base``).
+Pure torch: never imports Ray, never downloads weights (torchvision models use ``weights=None``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from .base import FeatureClassifier, GlobalPoolHead
+from .mobilenetv2 import mobile_half
+from .resnet import (
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from .shufflenetv1 import ShuffleV1
+from .shufflenetv2 import ShuffleV2
+from .tvision import SUPPORTED as TORCHVISION_FAMILIES
+from .tvision import TorchvisionClassifier, family_of
+from .vgg import vgg8, vgg11, vgg13, vgg16, vgg19
+from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+
+__all__ = ["TORCHVISION_PREFIX", "FeatureClassifier", "GlobalPoolHead", "available", "create"]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+_ZOO: dict[str, Callable[..., FeatureClassifier]] = {
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn_16_1": wrn_16_1,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+    "vgg8": vgg8,
+    "vgg11": vgg11,
+    "vgg13": vgg13,
+    "vgg16": vgg16,
+    "vgg19": vgg19,
+    "MobileNetV2": mobile_half,  # RepDistiller's mobile_half (width 0.5), the papers' "MobileNetV2"
+    "ShuffleV1": ShuffleV1,
+    "ShuffleV2": ShuffleV2,
+}
+
+
+def available(include_torchvision: bool = False) -> list[str]:
+    """Zoo architecture names; with ``include_torchvision`` also every supported ``torchvision:<name>``."""
+    names = list(_ZOO)
+    if include_torchvision:
+        import torchvision.models as tvm
+
+        names += [TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm) if family_of(n) is not None]
+    return names
+
+
+def create(name: str, num_classes: int, in_chans: int = 3) -> FeatureClassifier:
+    """Build ``name`` (a zoo name or ``torchvision:<name>``) with fresh, randomly initialised weights."""
+    if num_classes < 1 or in_chans < 1:
+        raise ValueError(f"num_classes and in_chans must be >= 1, got {num_classes} and {in_chans}")
+    if name.startswith(TORCHVISION_PREFIX):
+        model: FeatureClassifier = TorchvisionClassifier(
+            name[len(TORCHVISION_PREFIX) :], num_classes, in_chans
+        )
+    elif name in _ZOO:
+        model = _ZOO[name](num_classes=num_classes, in_chans=in_chans)
+    else:
+        close = difflib.get_close_matches(name, list(_ZOO), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown model {name!r}.{hint} Available: {', '.join(_ZOO)}; "
+            f"or '{TORCHVISION_PREFIX}<name>' for torchvision families: {TORCHVISION_FAMILIES}."
+        )
+    model.arch = name
+    return model

@@ -1,0 +1,231 @@
+"""The functional losses against references written from the formulas in DESIGN.md (official-code semantics)."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camkd import losses
+
+torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------- references (loops, float64, official structure)
+def ref_confidence_weights(teacher_logits, labels):
+    ce = torch.stack([F.cross_entropy(t, labels, reduction="none") for t in teacher_logits])
+    return (1.0 - F.softmax(ce, dim=0)) / (len(teacher_logits) - 1)
+
+
+def ref_kl(student, teacher, temperature):
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
+    return (F.kl_div(log_p_s, p_t, reduction="none") * temperature**2).sum(-1)
+
+
+def ref_camkd_kd(student, teachers, labels, temperature):
+    w = ref_confidence_weights(teachers, labels)
+    kl = torch.stack([ref_kl(student, t, temperature) for t in teachers])
+    return (w * kl).sum() / (student.shape[0] * len(teachers))
+
+
+def ref_camkd_feat(connected, teacher_feats, head_logits, labels):
+    b = labels.shape[0]
+    u = ref_confidence_weights(head_logits, labels)
+    mse = torch.stack(
+        [F.mse_loss(s, t, reduction="none").reshape(b, -1).mean(-1) for s, t in zip(connected, teacher_feats)]
+    )
+    return (u * mse).sum() / (b * len(teacher_feats))
+
+
+def ref_ebkd(student, teachers, temperature):
+    entropies = []
+    for t in teachers:
+        p = F.softmax(t, dim=1)
+        entropies.append((-p * torch.log(p)).sum(1))
+    total = torch.stack(entropies).sum(0)
+    w = torch.stack([1.0 - e / total for e in entropies])
+    kl = torch.stack([ref_kl(student, t, temperature) for t in teachers])
+    return (w * kl).sum() / (student.shape[0] * len(teachers))
+
+
+def ref_dkd(student, teacher, labels, temperature, alpha, beta):
+    # mdistiller's dkd_loss, written out.
+    gt = F.one_hot(labels, student.shape[1]).double()
+    other = 1 - gt
+    p_s = F.softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
+    cat = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], 1)  # noqa: E731
+    tckd = F.kl_div(torch.log(cat(p_s)), cat(p_t), reduction="sum") * temperature**2 / student.shape[0]
+    p_t2 = F.softmax(teacher / temperature - 1000.0 * gt, dim=1)
+    log_p_s2 = F.log_softmax(student / temperature - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * temperature**2 / student.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+def random_problem(k=3, b=8, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, c, generator=g, dtype=torch.float64) * 2
+    teachers = torch.randn(k, b, c, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, c, (b,), generator=g)
+    return student, teachers, labels
+
+
+# ---------------------------------------------------------------- hand-computed example (K=2, B=2, C=2, τ=1)
+LN3 = math.log(3.0)
+HAND_TEACHERS = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[LN3, 0.0], [LN3, 0.0]]], dtype=torch.float64)
+HAND_LABELS = torch.tensor([0, 1])
+HAND_STUDENT = torch.zeros(2, 2, dtype=torch.float64)
+KAPPA = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL((3/4,1/4) ‖ (1/2,1/2))
+
+
+def test_hand_computed_confidence_weights():
+    # sample 0 (label 0): CE = (ln 2, ln 4/3) → softmax (0.6, 0.4) → w = (0.4, 0.6)
+    # sample 1 (label 1): CE = (ln 2, ln 4)   → softmax (1/3, 2/3) → w = (2/3, 1/3)
+    w = losses.confidence_weights(HAND_TEACHERS, HAND_LABELS)
+    expected = torch.tensor([[0.4, 2 / 3], [0.6, 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(w.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_hand_computed_camkd_kd_loss():
+    loss = losses.camkd_kd_loss(HAND_STUDENT, HAND_TEACHERS, HAND_LABELS, temperature=1.0)
+    assert loss.item() == pytest.approx((0.6 * KAPPA + KAPPA / 3) / 4, abs=1e-6)
+    mean = losses.camkd_kd_loss(HAND_STUDENT, HAND_TEACHERS, HAND_LABELS, temperature=1.0, normalize="mean")
+    assert mean.item() == pytest.approx((0.6 * KAPPA + KAPPA / 3) / 2, abs=1e-6)
+
+
+def test_hand_computed_camkd_feature_loss():
+    connected = [torch.tensor([1.0, 2.0]).view(2, 1, 1, 1), torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)]
+    teacher = [torch.zeros(2, 1, 1, 1), torch.ones(2, 1, 1, 1)]
+    # mse: teacher 1 → (1, 4), teacher 2 → (1, 0); u = w of the hand example.
+    loss = losses.camkd_feature_loss(connected, teacher, HAND_TEACHERS.float(), HAND_LABELS)
+    assert loss.item() == pytest.approx((0.4 * 1 + 2 / 3 * 4 + 0.6 * 1 + 1 / 3 * 0) / 4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- random inputs: values and gradients to 1e-5
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_camkd_kd_loss_matches_reference_value_and_grad(seed, temperature):
+    student, teachers, labels = random_problem(seed=seed)
+    s1 = student.clone().float().requires_grad_()
+    s2 = student.clone().requires_grad_()
+    ours = losses.camkd_kd_loss(s1, teachers.float(), labels, temperature)
+    ref = ref_camkd_kd(s2, teachers, labels, temperature)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_camkd_feature_loss_matches_reference_and_is_not_detached(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, c = 6, 5
+    shapes = [(4, 3, 3), (8, 2, 2)]  # teachers may differ in feature shape
+    labels = torch.randint(0, c, (b,), generator=g)
+    conn = [torch.randn(b, *s, generator=g, dtype=torch.float64) for s in shapes]
+    teach = [torch.randn(b, *s, generator=g, dtype=torch.float64) for s in shapes]
+    heads = torch.randn(2, b, c, generator=g, dtype=torch.float64)
+    ours_in = [x.clone().float().requires_grad_() for x in conn]
+    ours_heads = heads.clone().float().requires_grad_()
+    ref_in = [x.clone().requires_grad_() for x in conn]
+    ref_heads = heads.clone().requires_grad_()
+    ours = losses.camkd_feature_loss(ours_in, [t.float() for t in teach], ours_heads, labels)
+    ref = ref_camkd_feat(ref_in, teach, ref_heads, labels)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    for a, r in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-5, rtol=1e-5)
+    # u is not detached: the head logits receive gradient, as in the official code.
+    assert ours_heads.grad.abs().sum() > 0
+    torch.testing.assert_close(ours_heads.grad.double(), ref_heads.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_aver_ebkd_kd_match_reference(seed):
+    student, teachers, labels = random_problem(seed=seed)
+    for ours_fn, ref_fn in [
+        (lambda s: losses.aver_kd_loss(s, teachers.float(), 4.0),
+         lambda s: torch.stack([F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
+                                for t in teachers]).mean()),
+        (lambda s: losses.ebkd_kd_loss(s, teachers.float(), labels, 4.0), lambda s: ref_ebkd(s, teachers, 4.0)),
+        (lambda s: losses.kd_loss(s, teachers[0].float(), 4.0),
+         lambda s: F.kl_div(F.log_softmax(s / 4, 1), F.softmax(teachers[0] / 4, 1), reduction="batchmean") * 16),
+    ]:  # fmt: skip
+        s1, s2 = student.clone().float().requires_grad_(), student.clone().requires_grad_()
+        ours, ref = ours_fn(s1), ref_fn(s2)
+        ours.backward()
+        ref.backward()
+        assert ours.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+        torch.testing.assert_close(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_dkd_matches_reference(seed):
+    student, teachers, labels = random_problem(seed=seed)
+    s1, s2 = student.clone().float().requires_grad_(), student.clone().requires_grad_()
+    ours = losses.dkd_loss(s1, teachers.float(), labels, 4.0, 1.0, 8.0)
+    ref = torch.stack([ref_dkd(s2, t, labels, 4.0, 1.0, 8.0) for t in teachers]).mean()
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_confidence_weights_properties():
+    g = torch.Generator().manual_seed(0)
+    b, c = 32, 10
+    labels = torch.randint(0, c, (b,), generator=g)
+    right = F.one_hot(labels, c).float() * 6
+    noisy = torch.randn(b, c, generator=g) * 0.5  # uncertain, not confidently wrong
+    wrong = F.one_hot((labels + 1) % c, c).float() * 6
+    w = losses.confidence_weights(torch.stack([right, noisy, wrong]), labels)
+    torch.testing.assert_close(w.sum(0), torch.ones(b))
+    assert bool((w[2] < w[0]).all() and (w[2] < w[1]).all()), (
+        "the deliberately wrong teacher must weigh least"
+    )
+    assert w.requires_grad is False
+
+
+def test_one_teacher_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"at least 2 teachers.*K=1.*'kd'"):
+        losses.confidence_weights(torch.randn(1, 4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        losses.camkd_kd_loss(torch.randn(4, 3), torch.randn(1, 4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_mismatched_shapes_name_both_shapes():
+    with pytest.raises(ValueError, match=r"student_logits \[4,3\].*teacher_logits \[2,4,5\]"):
+        losses.camkd_kd_loss(torch.randn(4, 3), torch.randn(2, 4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[4,3\].*\[4,5\]"):
+        losses.kd_loss(torch.randn(4, 3), torch.randn(4, 5))
+    with pytest.raises(
+        ValueError, match=r"connected student feature \[2,4,2,2\].*teacher feature \[2,4,3,3\]"
+    ):
+        losses.camkd_feature_loss(
+            [torch.randn(2, 4, 2, 2)] * 2,
+            [torch.randn(2, 4, 3, 3)] * 2,
+            torch.randn(2, 2, 3),
+            torch.zeros(2).long(),
+        )
+    with pytest.raises(ValueError, match=r"labels must be \[B\] with B=4.*labels \[3\]"):
+        losses.confidence_weights(torch.randn(2, 4, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="normalize must be"):
+        losses.camkd_kd_loss(torch.randn(4, 3), torch.randn(2, 4, 3), torch.zeros(4).long(), normalize="sum")
+
+
+def test_camkd_package_imports_no_ray():
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, camkd, camkd.models, camkd.losses, camkd.strategies, camkd.connectors, camkd.metrics\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    for path in (root / "camkd").rglob("*.py"):
+        text = path.read_text()
+        assert "import ray" not in text and "from ray" not in text, f"{path} imports Ray; camkd/ must not"
