@@ -58,7 +58,7 @@ def ref_dkd(student, teacher, labels, temperature, alpha, beta):
     other = 1 - gt
     p_s = F.softmax(student / temperature, dim=1)
     p_t = F.softmax(teacher / temperature, dim=1)
-    cat = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], 1)  # noqa: E731
+    cat = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], 1)
     tckd = F.kl_div(torch.log(cat(p_s)), cat(p_t), reduction="sum") * temperature**2 / student.shape[0]
     p_t2 = F.softmax(teacher / temperature - 1000.0 * gt, dim=1)
     log_p_s2 = F.log_softmax(student / temperature - 1000.0 * gt, dim=1)

@@ -1,0 +1,188 @@
+"""Student training throughput, measured side by side in one run: 3 × resnet32x4 → resnet8x4 at 32×32, 100 classes.
+
+In-memory (the same camkd TrainStep over tensors already in memory): CE-only, cached CA-MKD (teacher outputs as
+stored in the cache: fp16 logits and feature maps) and online CA-MKD (teachers run in the loop). Ray path: the real
+pipeline (ingest → precompute → Ray Train + Ray Data reading the Parquet cache) for CE and cached CA-MKD. Prints
+the ratios the product promises (goals: cached ÷ CE ≥ 0.90, cached ÷ online ≥ 5, Ray ÷ in-memory ≥ 0.80);
+the last line is one JSON object. Synthetic data: throughput does not depend on pixel values.
+
+    python benchmarks/train_throughput.py                      # CPU: in-memory + Ray path
+    python benchmarks/train_throughput.py --device cuda --amp bf16 --skip-ray   # GPU: in-memory with AMP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from camkd import Distiller, TeacherOutputs, create_strategy, models  # noqa: E402
+from camkd.training import TrainStep, amp_dtype, normalize  # noqa: E402
+
+TEACHER, STUDENT, CLASSES, K = "resnet32x4", "resnet8x4", 100, 3
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def build(strategy: str, device, teachers):
+    student = models.create(STUDENT, CLASSES, 3)
+    names = [f"t{i}" for i in range(K)] if strategy != "ce" else []
+    kwargs = {}
+    if strategy == "camkd":
+        kwargs = {"student_channels": student.feature_channels,
+                  "teacher_feature_shapes": [[t.feature_channels, 8, 8] for t in teachers],
+                  "teacher_heads": [t.head for t in teachers]}  # fmt: skip
+    distiller = Distiller(student, create_strategy(strategy, names, **kwargs)).to(device)
+    opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                          nesterov=True, weight_decay=5e-4)  # fmt: skip
+    return distiller, opt
+
+
+def in_memory_rate(
+    mode: str, images, labels, teachers, cached, batch: int, steps: int, device, dtype
+) -> float:
+    """Samples/s of `steps` optimisation steps (after 3 warm-up steps) over in-memory tensors."""
+    strategy = "ce" if mode == "ce" else "camkd"
+    distiller, opt = build(strategy, device, teachers)
+    step = TrainStep(distiller, distiller, opt, device, dtype)
+    n = images.shape[0]
+
+    def one(i: int) -> None:
+        sl = slice((i * batch) % (n - batch + 1), (i * batch) % (n - batch + 1) + batch)
+        x = normalize(images[sl], MEAN, STD)
+        if mode == "ce":
+            out = TeacherOutputs()
+        elif mode == "cached":
+            logits, feats = cached
+            out = TeacherOutputs(logits[:, sl].float(), [f[sl].float() for f in feats])
+        else:
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                fm = [t.forward_features(x) for t in teachers]
+                out = TeacherOutputs(torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).float(),
+                                     [f.float() for f in fm])  # fmt: skip
+        loss, *_ = step.forward(x, labels[sl], out, epoch=1)
+        step.backward_and_step(loss, epoch=1)
+
+    for i in range(3):
+        one(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        one(i + 3)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def ray_path(n_images: int, epochs: int, threads: int) -> dict[str, float]:
+    """Steady-state samples/s (epochs after the first) of the real Ray Train + Ray Data pipeline."""
+    import ray
+
+    from pipeline import precompute, teachers, train
+    from pipeline.config import validate, with_updates
+    from pipeline.ingest import ingest
+    from pipeline.runtime import quiet_ray_data
+
+    root = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
+    files = []
+    for i in range(K):
+        torch.manual_seed(i)
+        path = root / f"t{i}.pt"
+        teachers.save_model_file(str(path), models.create(TEACHER, CLASSES, 3))
+        files.append({"name": f"t{i}", "arch": TEACHER, "checkpoint": str(path)})
+    cfg = validate({
+        "root": str(root), "experiment": "bench",
+        "data": {"source": "synthetic", "rows_per_part": 512,
+                 "synthetic": {"train": n_images, "test": 256, "num_classes": CLASSES, "size": 32}},
+        "views": {"count": 1}, "teachers": files, "student": {"arch": STUDENT},
+        "cache": {"features": "fp16", "eval_test": False},
+        "train": {"epochs": epochs, "batch_size": 64, "milestones": [], "export": False, "shuffle_buffer": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": threads},
+    })  # fmt: skip
+    ray.init(num_cpus=max(2, threads), log_to_driver=False)
+    quiet_ray_data()
+    meta = ingest(cfg, log=lambda *_: None)
+    precompute.run_stage(cfg, log=lambda *_: None)
+    out = {}
+    for strategy in ("ce", "camkd"):
+        s = train.fit(with_updates(cfg, {"strategy.name": strategy}), meta, str(root / "runs"), strategy,
+                      log=lambda *_: None)  # fmt: skip
+        steady = [h["samples_per_s"] for h in s["history"][1:]]
+        out[strategy] = sum(steady) / len(steady)
+        out[f"{strategy}_input_wait_s_per_epoch"] = sum(
+            h["input_wait_seconds"] for h in s["history"][1:]
+        ) / len(steady)
+    ray.shutdown()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray-images", type=int, default=1536)
+    ap.add_argument("--ray-epochs", type=int, default=3)
+    ap.add_argument("--skip-ray", action="store_true", help="in-memory only (e.g. on a machine without Ray)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = amp_dtype(args.amp, device)
+    torch.manual_seed(0)
+    teachers = [models.create(TEACHER, CLASSES, 3).to(device).eval() for _ in range(K)]
+    n = args.batch * 8
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, CLASSES, (n,), device=device)
+    with torch.no_grad():
+        x = normalize(images, MEAN, STD)
+        fm = [t.forward_features(x) for t in teachers]
+        cached = (
+            torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half(),
+            [f.half() for f in fm],
+        )
+    rates = {m: in_memory_rate(m, images, labels, teachers, cached, args.batch, args.steps, device, dtype)
+             for m in ("ce", "cached", "online")}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+        "amp": args.amp, "batch": args.batch,
+        "in_memory_samples_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "cached_over_ce": round(rates["cached"] / rates["ce"], 3),
+        "cached_over_online": round(rates["cached"] / rates["online"], 2),
+    }  # fmt: skip
+    print(f"{'in-memory (' + result['device'] + ', amp ' + args.amp + ')':<52} samples/s")
+    for k, v in rates.items():
+        print(f"  {k:<50} {v:10.1f}")
+    if not args.skip_ray:
+        ray_rates = ray_path(args.ray_images, args.ray_epochs, args.threads)
+        result["ray_samples_per_s"] = {k: round(v, 1) for k, v in ray_rates.items()}
+        result["ray_over_in_memory_cached"] = round(ray_rates["camkd"] / rates["cached"], 3)
+        result["ray_over_in_memory_ce"] = round(ray_rates["ce"] / rates["ce"], 3)
+        print("Ray Train + Ray Data (steady state, epochs 2..)")
+        for k in ("ce", "camkd"):
+            print(
+                f"  {k:<50} {ray_rates[k]:10.1f}   (input wait {ray_rates[k + '_input_wait_s_per_epoch']:.2f} s/epoch)"
+            )
+    print("ratios (goal)")
+    print(f"  cached CA-MKD ÷ CE-only            {result['cached_over_ce']:.3f}   (≥ 0.90)")
+    print(f"  cached CA-MKD ÷ online CA-MKD      {result['cached_over_online']:.2f}    (≥ 5)")
+    if "ray_over_in_memory_cached" in result:
+        print(f"  Ray path ÷ in-memory (CA-MKD)      {result['ray_over_in_memory_cached']:.3f}   (≥ 0.80)")
+        print(f"  Ray path ÷ in-memory (CE)          {result['ray_over_in_memory_ce']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

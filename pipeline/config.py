@@ -1,0 +1,539 @@
+"""One typed configuration tree for every stage, validated once at the edge (YAML file + `--set` overrides).
+
+Invalid input becomes a `ConfigError` whose message lists, per problem, the field path, the bad value and what is
+allowed. Stages receive validated `Config` objects and never read the environment or raw dicts themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from camkd.models import available as available_models
+from camkd.strategies import STRATEGIES
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+StrategyName = Literal["ce", "kd", "aver", "ebkd", "dkd", "camkd", "camkd_logits"]
+SourceKind = Literal["fashion-mnist", "mnist", "idx", "cifar10", "cifar100", "imagefolder", "synthetic"]
+
+# Per-dataset normalisation (mean, std) and default locations; the user's config may override all of them.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {"mean": [0.2860], "std": [0.3530], "path": "/usr/share/datasets/fashion-mnist"},
+    "mnist": {"mean": [0.1307], "std": [0.3081], "path": "/usr/share/datasets/mnist"},
+    "idx": {"mean": [0.5], "std": [0.25], "path": None},
+    "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "path": None},
+    "cifar100": {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762], "path": None},
+    "imagefolder": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "synthetic": {"mean": [0.5], "std": [0.25], "path": None},
+}
+SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (field path, bad value, what is allowed)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(Strict):
+    """Random images whose class is a fixed pattern plus noise: learnable, for tests and benchmarks."""
+
+    num_classes: int = Field(10, ge=2)
+    train: int = Field(512, ge=1)
+    test: int = Field(128, ge=1)
+    size: int = Field(32, ge=8)
+    channels: Literal[1, 3] = 3
+    noise: float = Field(0.5, ge=0)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    source: SourceKind = "fashion-mnist"
+    path: str | None = Field(None, description="folder holding the source files; default per source")
+    name: str | None = Field(
+        None, pattern=NAME_RE, description="dataset name in storage; default: the source"
+    )
+    download: bool = Field(
+        False, description="fetch with torchvision when the files are absent (needs internet)"
+    )
+    rows_per_part: int = Field(2048, ge=1, le=1_000_000)
+    limit_train: int | None = Field(None, ge=1, description="keep a class-balanced subset of this many rows")
+    limit_test: int | None = Field(None, ge=1)
+    subset_seed: int = 0
+    image_size: int = Field(
+        224, ge=8, description="imagefolder: output side of the training crop / eval crop"
+    )
+    eval_resize: int = Field(256, ge=8, description="imagefolder: shorter side before the eval center crop")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    synthetic: SyntheticData = SyntheticData()
+
+    @property
+    def dataset_name(self) -> str:
+        return self.name or self.source
+
+    @property
+    def source_path(self) -> str | None:
+        return self.path or DATASET_DEFAULTS[self.source]["path"]
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        d = DATASET_DEFAULTS[self.source]
+        return list(self.mean or d["mean"]), list(self.std or d["std"])
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set both data.mean and data.std, or neither (per-source defaults are used)")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        if self.source in ("idx", "cifar10", "cifar100", "imagefolder") and not self.path:
+            raise ValueError(
+                f"data.path is required for source {self.source!r}: the folder holding its files"
+            )
+        return self
+
+
+class ViewConfig(Strict):
+    """Augmentation replay: V views per training image, each a pure function of (seed, idx, view)."""
+
+    count: int = Field(4, ge=1, le=1024, description="V: views cached per training image")
+    seed: int = 0
+    pad: int = Field(4, ge=0, le=64, description="padded random crop (fixed-size sources); 0 disables")
+    flip: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _check(self) -> ViewConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"views.scale must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"views.ratio must satisfy 0 < lo <= hi, got {list(self.ratio)}")
+        return self
+
+
+class TeacherTraining(Strict):
+    """How the `teachers` stage trains a teacher that has no checkpoint (CE on the ingested training split)."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    label_noise: float = Field(0.0, ge=0, le=1, description="fraction of training labels replaced at random")
+    limit_train: int | None = Field(
+        None, ge=1, description="train on the first N rows only (a weaker teacher)"
+    )
+    seed: int = 0
+
+
+class TeacherConfig(Strict):
+    name: str = Field(pattern=NAME_RE)
+    arch: str
+    checkpoint: str | None = Field(
+        None, description="state_dict file to import (loaded with weights_only=True)"
+    )
+    train: TeacherTraining | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError(
+                f"teacher {self.name!r}: give exactly one of `checkpoint` (import a file) or `train` (train it here)"
+            )
+        return self
+
+
+class CacheConfig(Strict):
+    logits: Literal["fp16", "topk"] = "fp16"
+    topk: int = Field(10, ge=1, description="kept logits per view when logits: topk")
+    features: Literal["auto", "fp16", "int8", "none"] = Field(
+        "auto", description="auto: fp16 when a configured strategy needs features, else none"
+    )
+    batch_size: int = Field(256, ge=1, description="teacher inference batch size")
+    actors: int | Literal["auto"] = Field(
+        "auto", description="teacher replicas; auto: one per GPU or per 1 CPU"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    eval_test: bool = Field(True, description="also measure each teacher's top-1 on the test split")
+    compression: Literal["none", "snappy", "zstd", "lz4"] = "none"
+
+
+class StudentConfig(Strict):
+    arch: str = "resnet8x4"
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+
+class StrategyConfig(Strict):
+    name: StrategyName = "camkd"
+    mode: Literal["cached", "online"] = Field("cached", description="online: run the teachers in the loop")
+    teachers: list[str] | None = Field(None, description="names of the teachers to distill from; default all")
+    temperature: float = Field(4.0, gt=0)
+    gamma: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    alpha: float = Field(1.0, ge=0, description="weight of the KD term")
+    beta: float = Field(50.0, ge=0, description="weight of the intermediate (feature) term")
+    normalize: Literal["official", "mean"] = "official"
+    inter_warmup_epochs: int = Field(
+        1, ge=0, description="epochs without the intermediate term (official: 1)"
+    )
+    dkd_alpha: float = Field(1.0, ge=0)
+    dkd_beta: float = Field(8.0, ge=0)
+    dkd_warmup_epochs: int = Field(20, ge=1)
+
+
+class TrainConfig(Strict):
+    """The paper recipe by default. `batch_size` is global: each of N workers gets batch_size / N."""
+
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: 0.05, or 0.01 for MobileNetV2/ShuffleV1/V2")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: multiply lr by batch_size/64 (the recipe's reference batch)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it"
+    )
+    seed: int = 0
+    label_noise: float = Field(0.0, ge=0, le=1)
+    limit_train: int | None = Field(None, ge=1)
+    shuffle_buffer: int = Field(4096, ge=0, description="rows in the local shuffle buffer (0: no shuffle)")
+    deterministic: bool = Field(
+        False,
+        description="keep Ray Data's row order: the same batches on every run and after a resume (slower)",
+    )
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
+    )
+    keep_checkpoints: int = Field(2, ge=1)
+    export: bool = Field(True, description="write student.pt and a torch.export artifact at the end")
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or any(m < 1 for m in v):
+            raise ValueError(f"milestones must be positive and strictly increasing, got {v}")
+        return v
+
+    def resolved_lr(self, arch: str) -> float:
+        base = self.lr if self.lr is not None else (0.01 if arch in SMALL_LR_ARCHS else 0.05)
+        return base * (self.batch_size / 64 if self.lr_scaling == "linear" else 1.0)
+
+
+class ScalingSettings(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; default: cpus_per_worker"
+    )
+    read_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each Ray Data read task")
+    check_resources: bool = Field(
+        True, description="fail fast when the cluster lacks the requested CPUs/GPUs"
+    )
+
+
+class Domain(Strict):
+    """A searchable value: exactly one of grid, choice, uniform, loguniform, randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Domain:
+        given = [
+            k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"a search domain takes exactly one of grid/choice/uniform/loguniform/randint, got {given}"
+            )
+        for k in ("uniform", "loguniform", "randint"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{k} needs lo < hi, got {list(lo_hi)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs lo > 0, got {list(self.loguniform)}")
+        if (self.grid is not None and not self.grid) or (self.choice is not None and not self.choice):
+            raise ValueError("grid/choice need at least one value")
+        return self
+
+
+class AshaConfig(Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneSettings(Strict):
+    teacher_sets: list[list[str]] | None = Field(None, description="explicit teacher subsets to try")
+    teacher_set_sizes: list[int] | None = Field(
+        None, description="all subsets of these sizes of the teachers"
+    )
+    strategies: list[StrategyName] = Field(default_factory=lambda: ["camkd"])
+    space: dict[str, Domain | list[Any]] = Field(
+        default_factory=dict, description="dotted config path → values (a list is a grid) or a domain"
+    )
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1, description="random search: samples (grid: repeats of the grid)")
+    metric: Literal["val_top1", "val_top5"] = "val_top1"
+    asha: AshaConfig = AshaConfig()
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.5, ge=0, description="CPUs held by each trial's driver")
+
+    @field_validator("teacher_set_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(s < 1 for s in v)):
+            raise ValueError(f"teacher_set_sizes must be positive, got {v}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, domain in v.items():
+            if key.split(".")[0] not in TUNABLE_SECTIONS:
+                raise ValueError(
+                    f"tune.space key {key!r} must start with one of {sorted(TUNABLE_SECTIONS)} (e.g. strategy.beta)"
+                )
+            if isinstance(domain, list) and not domain:
+                raise ValueError(f"tune.space.{key}: a grid needs at least one value")
+        return v
+
+
+class RaySettings(Strict):
+    address: str | None = Field(
+        None, description="cluster to attach to; default: RAY_ADDRESS, else start locally"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+    num_gpus: int | None = Field(None, ge=0)
+
+
+TUNABLE_SECTIONS = {"strategy", "train", "student", "views", "scaling"}
+
+
+class Config(Strict):
+    root: str = Field(
+        "./camkd-runs", description="storage root: a local path or an fsspec URL (s3://, gs://)"
+    )
+    experiment: str = Field("default", pattern=NAME_RE)
+    data: DataConfig = DataConfig()
+    views: ViewConfig = ViewConfig()
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    cache: CacheConfig = CacheConfig()
+    student: StudentConfig = StudentConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSettings = ScalingSettings()
+    tune: TuneSettings = TuneSettings()
+    ray: RaySettings = RaySettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; repeated: {dupes}")
+        for where, chosen in [("strategy.teachers", self.strategy.teachers)] + [
+            (f"tune.teacher_sets[{i}]", s) for i, s in enumerate(self.tune.teacher_sets or [])
+        ]:
+            unknown = sorted(set(chosen or []) - set(names))
+            if unknown:
+                raise ValueError(f"{where} names unknown teachers {unknown}; configured teachers: {names}")
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is global and must divide evenly across "
+                f"scaling.num_workers ({self.scaling.num_workers})"
+            )
+        if self.cache.logits == "topk" and self.cache.topk < 2:
+            raise ValueError("cache.topk must be at least 2 when cache.logits is 'topk'")
+        return self
+
+    # Derived views of the config, used by several stages.
+    def chosen_teachers(self) -> list[TeacherConfig]:
+        if self.strategy.teachers is None:
+            return list(self.teachers)
+        by_name = {t.name: t for t in self.teachers}
+        return [by_name[n] for n in self.strategy.teachers]
+
+    def strategies_in_use(self) -> set[str]:
+        used = {self.strategy.name}
+        if self.tune.strategies:
+            used |= set(self.tune.strategies)
+        return used
+
+    def feature_dtype(self) -> str:
+        if self.cache.features != "auto":
+            return self.cache.features
+        return "fp16" if any(STRATEGIES[s].needs_features for s in self.strategies_in_use()) else "none"
+
+
+def _check_arch(v: str) -> str:
+    if v.startswith("torchvision:"):
+        return v
+    names = available_models()
+    if v not in names:
+        close = difflib.get_close_matches(v, names, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"unknown architecture {v!r}{hint} Available: {names} or torchvision:<name>")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- loading & errors
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}): {err.error_count()} problem(s)"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(Config, e["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            msg = f"unknown field{'; did you mean ' + repr(close[0]) + '?' if close else ''} Allowed here: {allowed}"
+            lines.append(f"  - {path}: {msg}")
+            continue
+        value = e.get("input")
+        if isinstance(value, Mapping):  # a whole section failed a cross-field check: the message says why
+            lines.append(f"  - {path}: {msg}")
+            continue
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {path} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | None:
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in list(candidates):
+            candidates.extend(getattr(c, "__args__", ()))
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted field path like train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {item!r}: {'.'.join(path[: i + 1])} is not an index of a {len(node)}-item list"
+                    )
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = nxt
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {item!r}: {last!r} is not an index of a {len(node)}-item list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; pass --config with a YAML file (see configs/)"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: Mapping[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate once."""
+    raw = read_yaml(path) if path else {}
+    overrides = list(overrides)
+    raw = apply_overrides(raw, overrides)
+    source = (str(path) if path else "defaults") + (" + --set overrides" if overrides else "")
+    return validate(raw, source)
+
+
+def with_updates(cfg: Config, updates: Mapping[str, Any]) -> Config:
+    """A copy of `cfg` with dotted-path updates applied and re-validated (used for trials and sub-runs)."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in updates.items():
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    return validate(raw, "derived config")

@@ -1,0 +1,216 @@
+"""camkd-ray's one command line: `python pipeline/run.py <stage> --config FILE [--set a.b=value ...]`.
+
+Runs the same locally (starts Ray) and under `ray job submit -- python pipeline/run.py ...` (attaches to the
+cluster). The config is validated here, once; stages receive typed objects. Errors a user can fix are printed as
+one paragraph (no traceback) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipeline/run.py` (also from a Ray job's working dir): import the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+STAGES = ["ingest", "teachers", "precompute", "train", "tune", "report", "quickstart", "all"]
+
+HELP = {
+    "ingest": "read the data source into Parquet image parts under <root>/datasets (a no-op when done)",
+    "teachers": "train the teachers that have `train:` and check that imported checkpoints load",
+    "precompute": "run each teacher once over all training views into the Parquet cache (resumable)",
+    "train": "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
+    "tune": "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
+    "report": "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
+    "quickstart": "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",
+    "all": "ingest → teachers → precompute → train → tune (when tune is configured) → report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline/run.py",
+        description="camkd-ray: precompute teacher knowledge once, then distill students (CA-MKD) on Ray.",
+        epilog="Examples:\n  python pipeline/run.py quickstart\n"
+        "  python pipeline/run.py train --config configs/cifar100-resnet32x4x3-resnet8x4.yaml --set train.epochs=10\n"
+        "  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+        "python pipeline/run.py all --config configs/quickstart.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=HELP[stage], description=HELP[stage])
+        p.add_argument(
+            "--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply without"
+        )
+        p.add_argument(
+            "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a field by dotted path, e.g. --set train.epochs=5 (repeatable; VALUE is YAML)",
+        )  # fmt: skip
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
+        )
+        p.add_argument(
+            "--address", help="Ray cluster address to attach to (default: RAY_ADDRESS, else start locally)"
+        )
+        if stage in ("precompute", "all", "quickstart"):
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace a stale cache instead of refusing"
+            )
+        if stage == "train":
+            p.add_argument(
+                "--name", help="run name under <root>/runs/<experiment>/ (default: from the config)"
+            )
+        if stage == "quickstart":
+            p.add_argument("--root", help="output folder (default ./camkd-runs)")
+            p.add_argument(
+                "--full", action="store_true", help="the whole dataset and more epochs (much longer)"
+            )
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if args.stage == "quickstart":
+        from pipeline.quickstart import quickstart_config
+
+        return quickstart_config(args.config, overrides, root=args.root, full=args.full)
+    return load_config(args.config, overrides)
+
+
+def dry_run(cfg: Config, stage: str) -> None:
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    print("\n# plan")
+    try:
+        _plan_lines(cfg, stage)
+    except Exception as e:  # the config is valid; storage may just not be reachable from this machine
+        print(f"storage {cfg.root}: not reachable from here ({type(e).__name__}: {e}); the plan needs it")
+
+
+def _plan_lines(cfg: Config, stage: str) -> None:
+    from pipeline import precompute
+    from pipeline.ingest import find_dataset
+    from pipeline.train import run_name_for
+
+    meta = find_dataset(cfg)
+    print(
+        f"dataset {cfg.data.dataset_name}: "
+        + (f"ingested ({meta.name}-{meta.fingerprint})" if meta else "to ingest")
+    )
+    for t in cfg.teachers:
+        kind = f"import {t.checkpoint}" if t.checkpoint else f"train ({t.train.epochs} epochs)"
+        print(f"teacher {t.name} [{t.arch}]: {kind}")
+    if stage in ("precompute", "train", "tune", "all", "quickstart") and cfg.teachers:
+        for line in precompute.plan_stage(cfg):
+            print(line)
+    if stage in ("train", "all"):
+        print(f"train: run {run_name_for(cfg)} → {cfg.root}/runs/{cfg.experiment}/")
+    if stage in ("tune", "all", "quickstart") and (cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes):
+        from pipeline.tune import arms
+
+        print(
+            f"tune: {len(arms(cfg))} arm(s): "
+            + ", ".join(f"{a['strategy']}[{'+'.join(a['teachers'])}]" for a in arms(cfg))
+        )
+
+
+def run(args: argparse.Namespace) -> object:
+    cfg = resolve_config(args)
+    if args.dry_run:
+        dry_run(cfg, args.stage)
+        return None
+    stage = args.stage
+    if stage == "ingest":
+        from pipeline.ingest import ingest
+
+        return ingest(cfg).model_dump()
+    if stage == "quickstart":
+        from pipeline.quickstart import run_quickstart
+
+        return run_quickstart(cfg, overwrite=args.overwrite)
+    from pipeline.runtime import ensure_ray
+
+    if stage != "report":
+        ensure_ray(cfg)
+    if stage == "teachers":
+        from pipeline.teachers import run_stage
+
+        return run_stage(cfg)
+    if stage == "precompute":
+        from pipeline.precompute import run_stage
+
+        return run_stage(cfg, overwrite=args.overwrite)
+    if stage == "train":
+        from pipeline.train import run_stage
+
+        return run_stage(cfg, name=args.name)
+    if stage == "tune":
+        from pipeline.tune import run_stage
+
+        return run_stage(cfg)
+    if stage == "report":
+        from pipeline import storage
+        from pipeline.quickstart import regenerate_report
+        from pipeline.report import write_sweep_report
+        from pipeline.tune import sweep_dir
+
+        done = {}
+        if storage.exists(storage.join(sweep_dir(cfg), "tune")):
+            done["sweep"] = write_sweep_report(cfg, sweep_dir(cfg))
+        quick = regenerate_report(cfg)
+        if quick is not None:
+            done["quickstart"] = quick
+        if not done:
+            raise ConfigError(
+                f"nothing to report under {cfg.root}/runs/{cfg.experiment}: run `tune` or `quickstart` first "
+                "(or pass the same --config/--set root=... they used)"
+            )
+        return done
+    if stage == "all":
+        from pipeline import precompute, teachers, train, tune
+        from pipeline.ingest import ingest
+
+        ingest(cfg)
+        teachers.run_stage(cfg)
+        precompute.run_stage(cfg, overwrite=args.overwrite)
+        result = {"train": train.run_stage(cfg)}
+        if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
+            result["tune"] = tune.run_stage(cfg)
+        return result
+    raise AssertionError(stage)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.cache import CacheError
+    from pipeline.ingest import IngestError
+    from pipeline.runtime import ClusterError
+    from pipeline.storage import StorageError
+    from pipeline.teachers import TeacherError
+    from pipeline.train import TrainingError
+
+    return (ConfigError, IngestError, TeacherError, CacheError, TrainingError, ClusterError, StorageError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Teachers: import a checkpoint file or train one here; identify it by architecture + sha256 of the file.
+
+Checkpoints are loaded with `torch.load(..., weights_only=True)` only: a file that holds pickled Python objects
+is refused. A teacher trained by this project is written as a checkpoint that precompute imports directly.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from camkd import models
+from pipeline import storage
+from pipeline.config import Config, TeacherConfig
+
+MODEL_FORMAT = "camkd-model/1"
+
+
+class TeacherError(RuntimeError):
+    """A teacher checkpoint that cannot be used, phrased for the user."""
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A resolved teacher: which file, which architecture, and its content id."""
+
+    name: str
+    arch: str
+    checkpoint: str  # URL or absolute path
+    sha256: str
+    num_classes: int
+    in_chans: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch.replace(':', '-')}-{self.sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"id": self.id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherRef:
+        return cls(**{k: d[k] for k in ("name", "arch", "checkpoint", "sha256", "num_classes", "in_chans")})
+
+
+def load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse checkpoint bytes (weights only) → (state_dict, metadata).
+
+    Accepts this project's model files, `{"state_dict": ...}`, RepDistiller's `{"model": ...}` and plain state
+    dicts; strips a DDP `module.` prefix.
+    """
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TeacherError(
+            f"refusing to load {where}: it contains pickled Python objects, not just tensors "
+            f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]}). Re-save it as a plain state_dict: "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as e:
+        raise TeacherError(f"{where} is not a readable PyTorch checkpoint: {e}") from None
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TeacherError(f"{where} does not hold a state_dict (a mapping of parameter names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj, meta
+
+
+def save_model_file(url: str, model: models.FeatureClassifier, extra: dict[str, Any] | None = None) -> str:
+    """Write a model file precompute can import (`weights_only`-loadable); returns its sha256."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    storage.write_bytes_atomic(url, data)
+    return storage.sha256_bytes(data)
+
+
+def build_model(ref: TeacherRef, data: bytes | None = None) -> models.FeatureClassifier:
+    """Instantiate the teacher's architecture and load its weights (strict), in eval mode."""
+    if data is None:
+        data = read_checkpoint(ref.checkpoint, ref.name)
+    state, _ = load_state_dict(data, ref.checkpoint)
+    model = models.create(ref.arch, ref.num_classes, ref.in_chans)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        missing, unexpected = _key_diff(model.state_dict(), state)
+        raise TeacherError(
+            f"checkpoint {ref.checkpoint} does not fit architecture {ref.arch!r} with {ref.num_classes} classes and "
+            f"{ref.in_chans} input channels (missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]}, "
+            f"{_shape_hint(e)}); check teachers[].arch and the dataset"
+        ) from None
+    return model.eval()
+
+
+def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def _shape_hint(e: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+    return lines[0] if lines else "shapes differ"
+
+
+def read_checkpoint(url: str, name: str) -> bytes:
+    if not storage.exists(url):
+        raise TeacherError(f"teacher {name!r}: checkpoint {url!r} does not exist; fix teachers[].checkpoint")
+    return storage.read_bytes(url)
+
+
+def trained_checkpoint_url(cfg: Config, teacher: TeacherConfig) -> str:
+    return storage.join(storage.teachers_dir(cfg.root, teacher.name), "model.pt")
+
+
+def resolve(cfg: Config, teacher: TeacherConfig, num_classes: int, in_chans: int) -> TeacherRef:
+    """The TeacherRef of a configured teacher (imported file, or the checkpoint the `teachers` stage trained)."""
+    if teacher.checkpoint is not None:
+        url = storage.normalize_url(teacher.checkpoint)
+    else:
+        url = trained_checkpoint_url(cfg, teacher)
+        if not storage.exists(url):
+            raise TeacherError(
+                f"teacher {teacher.name!r} has not been trained yet ({url} is missing); "
+                "run `python pipeline/run.py teachers --config ...` first"
+            )
+    data = read_checkpoint(url, teacher.name)
+    _, meta = load_state_dict(data, url)
+    if meta and (meta.get("arch") != teacher.arch or meta.get("num_classes") != num_classes):
+        raise TeacherError(
+            f"teacher {teacher.name!r}: {url} holds a {meta.get('arch')} with {meta.get('num_classes')} classes, "
+            f"but the config says {teacher.arch} on a {num_classes}-class dataset; fix teachers[].arch or the file"
+        )
+    return TeacherRef(teacher.name, teacher.arch, url, storage.sha256_bytes(data), num_classes, in_chans)
+
+
+def resolve_all(
+    cfg: Config, num_classes: int, in_chans: int, names: list[str] | None = None
+) -> list[TeacherRef]:
+    chosen = cfg.teachers if names is None else [t for t in cfg.teachers if t.name in names]
+    return [resolve(cfg, t, num_classes, in_chans) for t in chosen]
+
+
+def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
+    """Train the teachers that have `train:` and no checkpoint yet; check the imported ones load. Returns rows."""
+    from pipeline import ingest, train  # train imports Ray; keep this module light for workers
+
+    meta = ingest.require_dataset(cfg, log=log)
+    rows = []
+    for teacher in cfg.teachers:
+        start = time.time()
+        if teacher.train is not None and not storage.exists(trained_checkpoint_url(cfg, teacher)):
+            log(f"[teachers] training {teacher.name} ({teacher.arch}, {teacher.train.epochs} epochs)")
+            train.train_teacher(cfg, teacher, meta, log=log)
+        ref = resolve(cfg, teacher, meta.num_classes, meta.channels)
+        build_model(ref)  # fails here, not in precompute, if the file does not fit the architecture
+        info = teacher_info(cfg, teacher)
+        rows.append(
+            ref.to_dict() | {"test_top1": info.get("test_top1"), "seconds": round(time.time() - start, 1)}
+        )
+        log(f"[teachers] {teacher.name}: {ref.id} test_top1={info.get('test_top1')}")
+    summary_url = storage.join(cfg.root, "teachers", "summary.json")
+    storage.write_json(summary_url, {"teachers": rows})
+    log(f"[teachers] summary: {summary_url}")
+    return rows
+
+
+def teacher_info(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:
+    """What the `teachers` stage recorded about a trained teacher (empty for imported ones)."""
+    url = storage.join(storage.teachers_dir(cfg.root, teacher.name), "teacher.json")
+    return storage.read_json(url) if storage.exists(url) else {}

@@ -1,0 +1,167 @@
+"""Ray Tune sweeps over teacher subsets, strategies and hyper-parameters, with ASHA early stopping.
+
+Each trial is a Ray Train run (a Tune function trainable that builds and fits a TorchTrainer whose reports reach
+Tune through TuneReportCallback) that reads only its own teachers' columns from the one shared cache. An
+interrupted sweep resumes with `Tuner.restore` without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from camkd import strategy_class
+from pipeline import storage
+from pipeline.config import Config, Domain, validate, with_updates
+from pipeline.ingest import DatasetMeta, require_dataset
+from pipeline.report import write_sweep_report
+
+TRIAL_TRAINABLE = "camkd_trial"
+
+
+def sweep_dir(cfg: Config) -> str:
+    return storage.join(storage.runs_dir(cfg.root, cfg.experiment), "sweep")
+
+
+def arms(cfg: Config) -> list[dict[str, Any]]:
+    """(strategy, teacher set) pairs to try; combinations a strategy cannot take (kd with 3 teachers) are skipped."""
+    names = [t.name for t in cfg.teachers]
+    t = cfg.tune
+    if t.teacher_sets:
+        sets = [list(s) for s in t.teacher_sets]
+    elif t.teacher_set_sizes:
+        sets = [list(c) for size in t.teacher_set_sizes for c in itertools.combinations(names, size)]
+    else:
+        sets = [names]
+    out = []
+    for strategy in t.strategies:
+        cls = strategy_class(strategy)
+        if cls.max_teachers == 0:
+            out.append({"strategy": strategy, "teachers": []})
+            continue
+        for s in sets:
+            try:
+                cls.check_teachers(s)
+            except ValueError:
+                continue
+            out.append({"strategy": strategy, "teachers": s})
+    if not out:
+        raise ValueError(
+            f"tune: no valid (strategy, teacher set) combination among strategies {t.strategies} and teacher "
+            f"sets {sets}; e.g. camkd needs at least 2 teachers, kd exactly 1"
+        )
+    return out
+
+
+def _domain(value: Domain | list[Any], search: str):
+    from ray import tune
+
+    if isinstance(value, list):
+        return tune.grid_search(value) if search == "grid" else tune.choice(value)
+    if value.grid is not None:
+        return tune.grid_search(value.grid)
+    if value.choice is not None:
+        return tune.choice(value.choice)
+    if value.uniform is not None:
+        return tune.uniform(*value.uniform)
+    if value.loguniform is not None:
+        return tune.loguniform(*value.loguniform)
+    return tune.randint(value.randint[0], value.randint[1] + 1)
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    from ray import tune
+
+    all_arms = arms(cfg)
+    space: dict[str, Any] = {
+        "arm": tune.grid_search(all_arms) if cfg.tune.search == "grid" else tune.choice(all_arms)
+    }
+    for key, value in cfg.tune.space.items():
+        space[key] = _domain(value, cfg.tune.search)
+    return space
+
+
+def trial_config(base: Config, trial: dict[str, Any]) -> Config:
+    """The full config of one trial: the base config with the trial's arm and sampled values."""
+    arm = trial["arm"]
+    updates = {"strategy.name": arm["strategy"], "strategy.teachers": arm["teachers"] or None}
+    updates.update({k: v for k, v in trial.items() if k != "arm"})
+    return with_updates(base, updates)
+
+
+def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any], train_root: str) -> None:
+    """Tune function trainable: one Ray Train run, its per-epoch reports forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train import fit
+
+    cfg = trial_config(validate(base, "sweep base config"), trial)
+    trial_id = ray.tune.get_context().get_trial_id()
+    fit(cfg, DatasetMeta.model_validate(meta), train_root, trial_id, callbacks=[TuneReportCallback()])
+
+
+def run_stage(cfg: Config, log=print) -> dict[str, Any]:
+    """The `tune` stage: run (or resume) the sweep, then write the leaderboard and plots."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.runtime import check_resources, ensure_ray
+
+    meta = require_dataset(cfg, log=log)
+    ensure_ray(cfg, log=log)
+    check_resources(cfg)
+    out = sweep_dir(cfg)
+    storage.check_writable(out)
+    fs, path = storage.pyarrow_fs(storage.join(out, "tune"))
+    base = cfg.model_dump(mode="json")
+    base["tune"] = {}
+    trainable = tune.with_parameters(
+        run_trial, base=base, meta=meta.model_dump(), train_root=storage.join(out, "train")
+    )
+    trainable = tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+    exp_path = storage.join(out, "tune", TRIAL_TRAINABLE)
+    t = cfg.tune
+    started = time.time()
+    if tune.Tuner.can_restore(path + "/" + TRIAL_TRAINABLE, storage_filesystem=fs):
+        log(f"[tune] resuming the sweep at {exp_path} (finished trials are kept)")
+        tuner = tune.Tuner.restore(
+            path + "/" + TRIAL_TRAINABLE, trainable, resume_errored=True, storage_filesystem=fs
+        )
+    else:
+        scheduler = (
+            ASHAScheduler(
+                time_attr="epoch",
+                max_t=cfg.train.epochs,
+                grace_period=min(t.asha.grace_period, cfg.train.epochs),
+                reduction_factor=t.asha.reduction_factor,
+            )
+            if t.asha.enabled
+            else None
+        )
+        space = param_space(cfg)
+        n_arms = len(arms(cfg))
+        log(f"[tune] sweep of {n_arms} (strategy, teacher set) arm(s) × space {list(t.space)}; "
+            f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → {exp_path}")  # fmt: skip
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode="max",
+                scheduler=scheduler,
+                num_samples=t.num_samples,
+                max_concurrent_trials=t.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=TRIAL_TRAINABLE, storage_path=path, storage_filesystem=fs, verbose=1
+            ),
+        )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    log(f"[tune] {len(grid)} trial(s) done in {time.time() - started:.0f} s ({len(errors)} errored)")
+    report = write_sweep_report(cfg, out, log=log)
+    report["seconds"] = round(time.time() - started, 1)
+    storage.write_json(storage.join(out, "summary.json"), report)
+    return report

@@ -1,0 +1,196 @@
+"""Augmentation replay: view parameters are a pure function of (seed, idx, view).
+
+Precompute and training call the same `render_train_view`, so the student trains on exactly the pixels the teacher
+saw. Fixed-size sources use a zero-padded random crop + horizontal flip (the CIFAR recipe); image folders use
+RandomResizedCrop + flip. At epoch e every image uses view e mod V, so one epoch reads one view's cache columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_RRC_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything that determines the pixels a teacher sees (so it is part of the cache's identity)."""
+
+    kind: str  # "crop_flip" (fixed-size raw images) or "rrc_flip" (encoded images)
+    count: int
+    seed: int
+    pad: int
+    flip: bool
+    size: int  # output side (rrc_flip); 0 for crop_flip (the image's own size)
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    eval_resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewSpec:
+        d = dict(d)
+        for key in ("scale", "ratio", "mean", "std"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def diff(self, other: ViewSpec) -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [
+            f"{k}: {list(a[k]) if isinstance(a[k], tuple) else a[k]!r} vs "
+            f"{list(b[k]) if isinstance(b[k], tuple) else b[k]!r}"
+            for k in a
+            if a[k] != b[k]
+        ]
+
+
+def make_view_spec(cfg, encoding: str) -> ViewSpec:
+    """The ViewSpec of a validated `Config` for a dataset of the given encoding ("raw" or "encoded")."""
+    mean, std = cfg.data.normalization
+    v = cfg.views
+    return ViewSpec(
+        kind="crop_flip" if encoding == "raw" else "rrc_flip",
+        count=v.count,
+        seed=v.seed,
+        pad=v.pad if encoding == "raw" else 0,
+        flip=v.flip,
+        size=0 if encoding == "raw" else cfg.data.image_size,
+        scale=tuple(v.scale) if encoding != "raw" else (1.0, 1.0),
+        ratio=tuple(v.ratio) if encoding != "raw" else (1.0, 1.0),
+        eval_resize=0 if encoding == "raw" else cfg.data.eval_resize,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def view_for_epoch(epoch: int, count: int) -> int:
+    """The view every training image uses at `epoch` (0-based)."""
+    return epoch % count
+
+
+# ----------------------------------------------------------------------------------------- counter-based draws
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, idx: np.ndarray, view: int, draws: int) -> np.ndarray:
+    """[N, draws] floats in [0, 1), a pure function of (seed, idx, view, draw index)."""
+    idx = np.asarray(idx, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + _GOLDEN)
+        key = _mix(key ^ (np.uint64(view) * np.uint64(0xD1B54A32D192ED03)))
+        base = _mix(idx * _GOLDEN ^ key)
+        counters = base[:, None] + np.arange(1, draws + 1, dtype=np.uint64)[None, :] * _GOLDEN
+    return (_mix(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def crop_flip_params(spec: ViewSpec, idx: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dy, dx, flip) per image for the padded random crop."""
+    u = uniforms(spec.seed, idx, view, 3)
+    span = 2 * spec.pad + 1
+    dy = np.minimum((u[:, 0] * span).astype(np.int64), span - 1)
+    dx = np.minimum((u[:, 1] * span).astype(np.int64), span - 1)
+    flip = (u[:, 2] < 0.5) if spec.flip else np.zeros(len(u), dtype=bool)
+    return dy, dx, flip
+
+
+def rrc_box(spec: ViewSpec, u: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params driven by the draws `u` → (top, left, h, w)."""
+    area = height * width
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    for a in range(_RRC_ATTEMPTS):
+        ua, ur, ui, uj = u[4 * a : 4 * a + 4]
+        target = area * (spec.scale[0] + ua * (spec.scale[1] - spec.scale[0]))
+        aspect = math.exp(log_lo + ur * (log_hi - log_lo))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(ui * (height - h + 1)), int(uj * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        w, h = width, round(width / spec.ratio[0])
+    elif in_ratio > spec.ratio[1]:
+        h, w = height, round(height * spec.ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def _decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return img.convert("RGB")
+
+
+def render_train_view(images, idx: np.ndarray, view: int, spec: ViewSpec, image_shape=None) -> np.ndarray:
+    """Training view `view` of a batch → uint8 [N,C,H,W].
+
+    images: for crop_flip, raw H×W×C byte strings (or a uint8 [N,H,W,C] array) of `image_shape`; for rrc_flip,
+    encoded image files.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if spec.kind == "crop_flip":
+        arr = _raw_array(images, image_shape)
+        n, h, w, _ = arr.shape
+        dy, dx, flip = crop_flip_params(spec, idx, view)
+        p = spec.pad
+        padded = np.pad(arr, ((0, 0), (p, p), (p, p), (0, 0))) if p else arr
+        out = np.empty_like(arr)
+        for i in range(n):
+            crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+            out[i] = crop[:, ::-1] if flip[i] else crop
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    u = uniforms(spec.seed, idx, view, 4 * _RRC_ATTEMPTS + 1)
+    out = np.empty((len(idx), 3, spec.size, spec.size), dtype=np.uint8)
+    for i, data in enumerate(images):
+        img = _decode(data)
+        top, left, h, w = rrc_box(spec, u[i], img.height, img.width)
+        img = img.resize((spec.size, spec.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if spec.flip and u[i, -1] < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        out[i] = np.asarray(img).transpose(2, 0, 1)
+    return out
+
+
+def render_eval_view(images, spec: ViewSpec, image_shape=None) -> np.ndarray:
+    """The deterministic evaluation view → uint8 [N,C,H,W] (identity, or resize + center crop for image folders)."""
+    if spec.kind == "crop_flip":
+        return np.ascontiguousarray(_raw_array(images, image_shape).transpose(0, 3, 1, 2))
+    out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.uint8)
+    for i, data in enumerate(images):
+        img = _decode(data)
+        scale = spec.eval_resize / min(img.width, img.height)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR
+        )
+        left, top = (img.width - spec.size) // 2, (img.height - spec.size) // 2
+        img = img.crop((left, top, left + spec.size, top + spec.size))
+        out[i] = np.asarray(img).transpose(2, 0, 1)
+    return out
+
+
+def _raw_array(images, image_shape) -> np.ndarray:
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        return images
+    flat = np.frombuffer(b"".join(images), dtype=np.uint8)
+    return flat.reshape(len(images), *image_shape)

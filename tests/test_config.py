@@ -1,0 +1,107 @@
+"""Typed configs: bad files and overrides give one clear paragraph naming the field; shipped configs dry-run."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import run
+from pipeline.config import ConfigError, load_config, validate
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+BAD = [
+    ({"train": {"lr": -1}}, r"train\.lr = -1: Input should be greater than 0"),
+    ({"student": {"arch": "resnet9"}}, r"student\.arch = 'resnet9': unknown architecture 'resnet9'; did you mean"),
+    ({"strategy": {"name": "camdk"}}, r"strategy\.name = 'camdk': Input should be 'ce', 'kd'"),
+    ({"trian": {"epochs": 3}}, r"trian: unknown field; did you mean 'train'\?"),
+    ({"train": {"epohcs": 3}}, r"train\.epohcs: unknown field; did you mean 'epochs'\?"),
+    ({"views": {"count": 0}}, r"views\.count = 0: Input should be greater than or equal to 1"),
+    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x.pt", "train": {"epochs": 1}}]},
+     r"teachers\.0: .*exactly one of `checkpoint`"),
+    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x"}, {"name": "a", "arch": "resnet8", "checkpoint": "y"}]},
+     r"teacher names must be unique; repeated: \['a'\]"),
+    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x"}], "strategy": {"teachers": ["b"]}},
+     r"strategy\.teachers names unknown teachers \['b'\]"),
+    ({"train": {"batch_size": 63}, "scaling": {"num_workers": 2}}, r"train\.batch_size \(63\) is global and must divide"),
+    ({"cache": {"features": "int4"}}, r"cache\.features = 'int4': Input should be 'auto', 'fp16', 'int8' or 'none'"),
+    ({"data": {"source": "cifar100"}}, r"data: data\.path is required for source 'cifar100'"),
+    ({"tune": {"space": {"foo.bar": [1, 2]}}}, r"tune\.space key 'foo\.bar' must start with one of"),
+    ({"train": {"milestones": [20, 10]}}, r"train\.milestones = \[20, 10\]: .*strictly increasing"),
+    ({"scaling": {"num_workers": 0}}, r"scaling\.num_workers = 0: Input should be greater than or equal to 1"),
+    ({"teachers": [{"name": "bad name!", "arch": "resnet8", "checkpoint": "x"}]}, r"teachers\.0\.name = 'bad name!'"),
+    ({"tune": {"space": {"strategy.beta": {"uniform": [5, 1]}}}}, r"uniform needs lo < hi"),
+]  # fmt: skip
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize(("raw", "pattern"), BAD, ids=[p.split(":")[0][:30] for _, p in BAD])
+def test_bad_config_names_the_field(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        validate(raw, "test.yaml")
+    assert "Traceback" not in str(info.value) and str(info.value).startswith(
+        "invalid configuration (test.yaml)"
+    )
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("train.epochs", r"expected KEY=VALUE"),
+        ("train.epochs=abc", r"train\.epochs = 'abc': Input should be a valid integer"),
+        ("train..epochs=3", r"is not a dotted field path"),
+        ("train.epochs=[1,", r"the value is not valid YAML"),
+        ("train.epochs.x=3", r"train\.epochs: Input should be a valid integer"),
+        ("strategy.nmae=kd", r"strategy\.nmae: unknown field; did you mean 'name'"),
+    ],
+)
+def test_bad_override_names_the_field(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+@pytest.mark.fault
+def test_bad_yaml_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml' is not valid YAML at line \d+, column \d+"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load_config(tmp_path / "b.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    # YAML is read with safe_load: a Python object tag is refused, never constructed.
+    (tmp_path / "c.yaml").write_text("root: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_overrides_apply_and_revalidate():
+    cfg = load_config(
+        None, ["train.epochs=3", "strategy.beta=25.5", "train.milestones=[1, 2]", "views.flip=false"]
+    )
+    assert (cfg.train.epochs, cfg.strategy.beta, cfg.train.milestones, cfg.views.flip) == (
+        3,
+        25.5,
+        [1, 2],
+        False,
+    )
+    assert cfg.train.resolved_lr("MobileNetV2") == 0.01 and cfg.train.resolved_lr("resnet8x4") == 0.05
+
+
+def test_cli_prints_one_paragraph_and_exits_2(capsys):
+    assert run.main(["train", "--set", "train.lr=-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration") and "train.lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_pass_dry_run(path, capsys, tmp_path):
+    stage = "quickstart" if path.name == "quickstart.yaml" else "all"
+    extra = ["--root", str(tmp_path)] if stage == "quickstart" else []
+    assert run.main([stage, "--config", str(path), "--dry-run", *extra]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("# plan")[0].replace("# resolved config", ""))
+    assert resolved["experiment"] == yaml.safe_load(path.read_text())["experiment"]
+    assert "# plan" in out

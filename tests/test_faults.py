@@ -1,0 +1,225 @@
+"""Fault injection and bad inputs (`pytest -m fault`): nothing is lost, every failure says what to do.
+
+The rows of the README's reliability table point at these tests.
+"""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from pipeline import cache, runtime, storage, teachers, train
+from pipeline.config import with_updates
+from pipeline.storage import StorageError
+
+pytestmark = pytest.mark.fault
+
+
+def _alive_train_worker_pids():
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
+
+
+def _wait_for(path: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.1)
+
+
+def _close(a: dict, b: dict) -> None:
+    assert [h["epoch"] for h in a["history"]] == [h["epoch"] for h in b["history"]]
+    assert a["final_val_top1"] == pytest.approx(b["final_val_top1"], abs=0.02)
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=0.02)
+
+
+def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cached, tmp_path):
+    cfg, _, reference = undisturbed
+    run_dir = tmp_path / "killed"
+    killed = []
+
+    def killer():
+        _wait_for(run_dir / "checkpoint_epoch_0001")
+        time.sleep(0.3)  # into epoch 2
+        for pid in _alive_train_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = train.fit(cfg, cached[2], str(tmp_path), "killed")
+    thread.join(timeout=5)
+    assert killed, "no Train worker was killed"
+    assert summary["epochs"] == 3 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    _close(summary, reference)
+
+
+def test_driver_sigkill_then_same_command_resumes(undisturbed, cached, tmp_path, ray_cluster):
+    import ray
+
+    cfg, _, reference = undisturbed
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [
+        sys.executable,
+        str(ROOT / "pipeline/run.py"),
+        "train",
+        "--config",
+        str(cfg_file),
+        "--name",
+        f"driver-{tmp_path.name}",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    run_dir = Path(storage.runs_dir(cfg.root, cfg.experiment)) / f"driver-{tmp_path.name}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run_dir / "checkpoint_epoch_0001")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    time.sleep(2)  # Ray reaps the dead driver's actors
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch" in done.stdout + done.stderr
+    summary = storage.read_json(str(run_dir / "summary.json"))
+    _close(summary, reference)
+
+
+def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cached, tmp_path):
+    """A corrupted cache value (NaN logits in view 1 only) reaches the loss in epoch 2."""
+    root = tmp_path / "root"
+    shutil.copytree(cached[0].root, root)
+    cfg = with_updates(cached[0], {"root": str(root), "strategy.name": "aver", "strategy.teachers": ["t1", "t2"],
+                                   "train.epochs": 3, "train.export": False})  # fmt: skip
+    meta = cached[2]
+    ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
+    cdir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)
+    for part in cache.load_manifest(cdir).parts:
+        path = os.path.join(cdir, part.name)
+        table = pq.read_table(path)
+        bad = np.full((table.num_rows, 10), np.nan, dtype=np.float16)
+        col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(20), table.num_rows, [None, pa.py_buffer(bad)])
+        table = table.set_column(table.schema.get_field_index("logits_v1"), "logits_v1", col)
+        pq.write_table(
+            table.replace_schema_metadata(pq.read_schema(path).metadata), path, use_dictionary=False
+        )
+    # keep the pre-flight size check quiet: the values are what is bad here, not the files
+    manifest = cache.load_manifest(cdir)
+    manifest.parts = [
+        p.model_copy(update={"bytes": os.path.getsize(os.path.join(cdir, p.name))}) for p in manifest.parts
+    ]
+    storage.write_json(cache.manifest_url(cdir), manifest.model_dump())
+    with pytest.raises(
+        train.TrainingError, match=r"non-finite loss at epoch 2, step 1 \(rank 0, first bad term kd=nan"
+    ) as e:
+        train.fit(cfg, meta, str(tmp_path / "runs"), "nan")
+    assert "last good checkpoint is kept" in str(e.value)
+    kept = tmp_path / "runs" / "nan" / "checkpoint_epoch_0001" / "state.pt"
+    state = torch.load(kept, weights_only=True)
+    assert state["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in state["distiller"].values() if v.is_floating_point()
+    )
+    assert not (tmp_path / "runs" / "nan" / "checkpoint_epoch_0002").exists()
+
+
+def test_storage_not_writable_fails_before_training(cached):
+    cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None})
+    started = time.time()
+    with pytest.raises(StorageError, match=r"cannot create folder '/proc/camkd-runs/ce'|not writable"):
+        train.fit(cfg, cached[2], "/proc/camkd-runs", "ce")
+    assert time.time() - started < 30
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if rc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {rc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path: Path) -> None:
+    with open(path / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_full_storage_fails_with_a_clear_message_and_keeps_checkpoints(cached, tiny_disk):
+    cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None, "train.epochs": 3,
+                                   "train.export": False, "train.max_failures": 0})  # fmt: skip
+    _fill(tiny_disk)
+    with pytest.raises(StorageError, match="disk is full"):
+        train.fit(cfg, cached[2], str(tiny_disk), "full-before")
+    os.remove(tiny_disk / "filler")
+    run_dir = tiny_disk / "full-during"
+
+    def fill_after_first_checkpoint():
+        _wait_for(run_dir / "checkpoint_epoch_0001" / "state.pt")
+        time.sleep(0.5)
+        _fill(tiny_disk)
+
+    threading.Thread(target=fill_after_first_checkpoint, daemon=True).start()
+    with pytest.raises(train.TrainingError, match=r"No space left on device|disk is full"):
+        train.fit(cfg, cached[2], str(tiny_disk), "full-during")
+    state = torch.load(run_dir / "checkpoint_epoch_0001" / "state.pt", weights_only=True)
+    assert state["epoch"] == 0
+
+
+def test_gpu_requested_on_a_cpu_cluster_is_a_clear_error(cached):
+    cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None, "scaling.use_gpu": True})
+    started = time.time()
+    with pytest.raises(runtime.ClusterError, match=r"use_gpu is true .* the cluster has 0 GPU\(s\)"):
+        train.fit(cfg, cached[2], "/tmp/unused-gpu-run", "gpu")
+    assert time.time() - started < 30
+
+
+def test_unreachable_cluster_address_is_a_clear_error_not_a_hang():
+    started = time.time()
+    with pytest.raises(runtime.ClusterError, match=r"nothing answers at Ray address '127\.0\.0\.1:1'"):
+        runtime.check_reachable("127.0.0.1:1")
+    assert time.time() - started < 10
+    rc = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline/run.py"), "train", "--address", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert rc.returncode == 2 and "error: nothing answers at Ray address" in rc.stderr
+
+
+def test_pickled_teacher_checkpoint_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /tmp/camkd-pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, path)
+    with pytest.raises(
+        teachers.TeacherError,
+        match="refusing to load .*pickled Python objects.*torch.save\\(model.state_dict",
+    ):
+        teachers.load_state_dict(path.read_bytes(), str(path))
+    assert not os.path.exists("/tmp/camkd-pwned")
+    buf = io.BytesIO()
+    torch.save({"model": {"conv.weight": torch.zeros(2)}}, buf)  # RepDistiller's format is accepted
+    assert set(teachers.load_state_dict(buf.getvalue(), "x")[0]) == {"conv.weight"}

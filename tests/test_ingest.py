@@ -1,0 +1,185 @@
+"""Ingest from every source format (small files generated in the real formats) onto local and memory:// storage."""
+
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import ingest, storage
+from pipeline.config import validate
+
+
+def write_idx(path, array, compress=True):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def make_idx_folder(d, n_train=50, n_test=20, size=28):
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, size, size)))
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return d
+
+
+def make_cifar_folder(d, kind="cifar10", n=30):
+    rng = np.random.default_rng(1)
+    d.mkdir(parents=True, exist_ok=True)
+    key = b"labels" if kind == "cifar10" else b"fine_labels"
+    classes = 10 if kind == "cifar10" else 100
+    files = (
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if kind == "cifar10" else ["train", "test"]
+    )
+    for name in files:
+        batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(np.arange(n) % classes)}
+        pickle.dump(batch, open(d / name, "wb"))
+    meta_name, meta_key = (
+        ("batches.meta", b"label_names") if kind == "cifar10" else ("meta", b"fine_label_names")
+    )
+    pickle.dump({meta_key: [f"c{i}".encode() for i in range(classes)]}, open(d / meta_name, "wb"))
+    return d
+
+
+def make_image_folder(d, classes=("cat", "dog"), per_class=3):
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for c in classes:
+            (d / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8))
+                img.save(d / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return d
+
+
+def read_all(url):
+    fs, path = storage.pyarrow_fs(url)
+    return pq.read_table(path, filesystem=fs)
+
+
+def test_idx_gz_fashion_mnist_layout(tmp_path):
+    src = make_idx_folder(tmp_path / "fm")
+    cfg = validate(
+        {
+            "root": str(tmp_path / "root"),
+            "data": {"source": "fashion-mnist", "path": str(src), "rows_per_part": 16},
+        }
+    )
+    logs = []
+    meta = ingest.ingest(cfg, log=logs.append)
+    assert meta.num_classes == 10 and meta.channels == 1 and meta.image_shape == [28, 28, 1]
+    assert meta.split("train").rows == 50 and [p.rows for p in meta.split("train").parts] == [16, 16, 16, 2]
+    ddir = storage.dataset_dir(cfg.root, "fashion-mnist", meta.fingerprint)
+    t = read_all(storage.join(ddir, "train", "part-00001.parquet"))
+    assert t.schema.names == ["idx", "image", "label"]
+    assert t["idx"].to_pylist() == list(range(16, 32))
+    raw = ingest.read_idx(src / "train-images-idx3-ubyte.gz")
+    assert t["image"][0].as_py() == raw[16].tobytes()
+    # Re-ingesting the same data is a no-op (same fingerprint, nothing rewritten).
+    stamp = os.path.getmtime(storage.join(ddir, "dataset.json"))
+    again = ingest.ingest(cfg, log=logs.append)
+    assert (
+        again.fingerprint == meta.fingerprint
+        and os.path.getmtime(storage.join(ddir, "dataset.json")) == stamp
+    )
+    assert "no-op" in logs[-1]
+    # Changing the content changes the fingerprint.
+    write_idx(src / "t10k-labels-idx1-ubyte.gz", (np.arange(20) + 1) % 10)
+    assert ingest.ingest(cfg, log=logs.append).fingerprint != meta.fingerprint
+
+
+def test_uncompressed_idx_and_memory_filesystem(tmp_path):
+    src = tmp_path / "mnist"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        write_idx(src / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)), compress=False)
+        write_idx(src / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
+    cfg = validate(
+        {"root": "memory://camkd-test", "data": {"source": "mnist", "path": str(src), "rows_per_part": 5}}
+    )
+    meta = ingest.ingest(cfg)
+    url = storage.join(
+        storage.dataset_dir("memory://camkd-test", "mnist", meta.fingerprint), "test", "part-00000.parquet"
+    )
+    assert url.startswith("memory://") and read_all(url).num_rows == 5
+    assert ingest.find_dataset(cfg).fingerprint == meta.fingerprint
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_python_batches(tmp_path, kind):
+    src = make_cifar_folder(tmp_path / kind, kind)
+    cfg = validate(
+        {"root": str(tmp_path / "root"), "data": {"source": kind, "path": str(src), "rows_per_part": 64}}
+    )
+    meta = ingest.ingest(cfg)
+    assert meta.image_shape == [32, 32, 3] and meta.classes[:2] == ["c0", "c1"]
+    assert meta.split("train").rows == (150 if kind == "cifar10" else 30)
+    batch = pickle.load(
+        open(src / ("data_batch_1" if kind == "cifar10" else "train"), "rb"), encoding="bytes"
+    )
+    first = read_all(
+        storage.join(storage.dataset_dir(cfg.root, kind, meta.fingerprint), "train", "part-00000.parquet")
+    )
+    expected = np.asarray(batch[b"data"][0]).reshape(3, 32, 32).transpose(1, 2, 0)
+    assert first["image"][0].as_py() == expected.tobytes()
+
+
+def test_cifar_batch_with_code_is_refused(tmp_path):
+    src = make_cifar_folder(tmp_path / "evil", "cifar100")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    pickle.dump({b"data": Payload(), b"fine_labels": [0]}, open(src / "train", "wb"))
+    cfg = validate({"root": str(tmp_path / "root"), "data": {"source": "cifar100", "path": str(src)}})
+    with pytest.raises(ingest.IngestError, match="refusing to load posix.system"):
+        ingest.ingest(cfg)
+
+
+def test_image_folder(tmp_path):
+    src = make_image_folder(tmp_path / "imgs")
+    cfg = validate(
+        {
+            "root": str(tmp_path / "root"),
+            "data": {"source": "imagefolder", "path": str(src), "image_size": 16},
+        }
+    )
+    meta = ingest.ingest(cfg)
+    assert meta.encoding == "encoded" and meta.classes == ["cat", "dog"] and meta.split("test").rows == 6
+    t = read_all(
+        storage.join(
+            storage.dataset_dir(cfg.root, "imagefolder", meta.fingerprint), "train", "part-00000.parquet"
+        )
+    )
+    assert t["label"].to_pylist() == [0, 0, 0, 1, 1, 1]
+    assert t["image"][0].as_py() == (src / "train" / "cat" / "0.jpg").read_bytes()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    cfg = validate(
+        {"root": str(tmp_path), "data": {"source": "fashion-mnist", "path": str(tmp_path / "nope")}}
+    )
+    with pytest.raises(ingest.IngestError, match="apt-get install dataset-fashion-mnist"):
+        ingest.ingest(cfg)
+    src = make_idx_folder(tmp_path / "trunc")
+    data = gzip.open(src / "train-images-idx3-ubyte.gz").read()
+    gzip.open(src / "train-images-idx3-ubyte.gz", "wb").write(data[:-100])
+    cfg = validate({"root": str(tmp_path), "data": {"source": "idx", "path": str(src)}})
+    with pytest.raises(ingest.IngestError, match="truncated"):
+        ingest.ingest(cfg)
+
+
+def test_balanced_subset():
+    labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
+    keep = ingest.balanced_subset(labels, 30, seed=0)
+    assert len(keep) == 30 and np.all(np.diff(keep) > 0)
+    assert np.bincount(labels[keep]).tolist() == [10, 10, 10]
+    assert np.array_equal(keep, ingest.balanced_subset(labels, 30, seed=0))

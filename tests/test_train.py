@@ -1,0 +1,131 @@
+"""Ray Train student training on real Ray, real Parquet and tiny real models."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMKD_RUN, tiny_config
+
+from camkd import TeacherOutputs, models
+from camkd.training import normalize
+from pipeline import storage, teachers, train
+from pipeline.cache import ReadPlan, TeacherSource, read_training_rows, teacher_outputs_from_batch
+from pipeline.config import with_updates
+from pipeline.ingest import ingest
+
+
+def camkd_config(cached, **updates):
+    """The session's reference CA-MKD run config (see conftest.CAMKD_RUN), with updates."""
+    return with_updates(cached[0], {**CAMKD_RUN, **updates})
+
+
+@pytest.fixture(scope="module")
+def one_worker(undisturbed):
+    return undisturbed
+
+
+def test_one_worker_learns_and_reports_every_term(one_worker):
+    _, _, summary = one_worker
+    h = summary["history"]
+    assert [e["epoch"] for e in h] == [1, 2, 3] and summary["status"] == "finished"
+    assert h[-1]["train_ce"] < h[0]["train_ce"], "loss must go down"
+    assert summary["best_val_top1"] > 0.3, (
+        "10 classes: chance is 0.1"
+    )  # 64 test images: 3σ above chance ≈ 0.21
+    for key in (
+        "train_kd",
+        "train_inter",
+        "weight/t1",
+        "weight/t2",
+        "feat_weight/t1",
+        "val_top5",
+        "samples_per_s",
+    ):
+        assert key in h[-1], key
+    assert h[-1]["weight/t1"] + h[-1]["weight/t2"] == pytest.approx(1.0, abs=1e-5)
+    assert len(h[-1]["class_weight"]["t1"]) == 10
+
+
+def test_two_worker_ddp_matches_one_worker(one_worker, cached, tmp_path):
+    cfg, _, one = one_worker
+    cfg2 = with_updates(cfg, {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1})
+    two = train.fit(cfg2, cached[2], str(tmp_path), "w2")
+    assert two["history"][-1]["train_ce"] < two["history"][0]["train_ce"]
+    assert two["best_val_top1"] > 0.3
+    assert abs(two["final_val_top1"] - one["final_val_top1"]) <= 0.15
+    assert abs(two["history"][-1]["train_ce"] - one["history"][-1]["train_ce"]) <= 0.35
+
+
+def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
+    cfg, out, summary = one_worker
+    logs = []
+    again = train.fit(cfg, cached[2], str(out), "w1", log=logs.append)
+    assert again == summary and "already finished" in logs[-1]
+    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    student = models.create(state["arch"], state["num_classes"], state["in_chans"])
+    student.load_state_dict(state["state_dict"])
+    exported = torch.export.load(summary["exports"]["torch_export"])
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(exported.module()(x), student.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_same_run_name_with_another_config_is_refused(one_worker, cached):
+    cfg, out, _ = one_worker
+    other = with_updates(cfg, {"strategy.beta": 10.0})
+    with pytest.raises(
+        train.TrainingError, match=r"started with a different config \(strategy\.beta: 50\.0 → 10\.0\)"
+    ):
+        train._check_same_run(os.path.join(out, "w1"), other)
+
+
+def test_cached_and_online_first_step_agree(cached):
+    """Identical views: the loss terms computed from the cache equal those of teachers run in the loop."""
+    cfg = camkd_config(cached)
+    meta = cached[2]
+    plan = train.make_plan(cfg, meta, "/nonexistent")
+    read = ReadPlan(plan.dataset_dir, "train", tuple(plan.image_shape), plan.spec,
+                    tuple(TeacherSource(n, c, m) for n, c, m in zip(plan.teacher_names, plan.teacher_caches, plan.manifests)),
+                    True, True)  # fmt: skip
+    rows = read_training_rows({"part": np.array(["part-00000.parquet"])}, read, view=1)
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in rows.items()}
+    images = normalize(batch["image"], plan.spec["mean"], plan.spec["std"])
+    cached_out = teacher_outputs_from_batch(batch, 2, True, True, torch.device("cpu"))
+    online_models = [teachers.build_model(teachers.TeacherRef.from_dict(r)) for r in plan.teacher_refs]
+    with torch.no_grad():
+        fmaps = [t.forward_features(images) for t in online_models]
+        online_out = TeacherOutputs(
+            torch.stack([t.forward_head(f) for t, f in zip(online_models, fmaps)]), fmaps
+        )
+    results = []
+    for outputs in (cached_out, online_out):
+        distiller = train.build_distiller(plan, cfg)
+        distiller.train()
+        _, _, terms, _ = distiller(images, batch["label"], outputs, epoch=1)
+        results.append({k: v.item() for k, v in terms.items()})
+    for name in results[0]:
+        assert results[0][name] == pytest.approx(results[1][name], rel=2e-3, abs=1e-4), name
+
+
+def test_online_mode_trains(cached, tmp_path):
+    cfg = with_updates(
+        camkd_config(cached), {"strategy.mode": "online", "train.epochs": 1, "train.export": False}
+    )
+    summary = train.fit(cfg, cached[2], str(tmp_path), "online")
+    assert summary["epochs"] == 1 and summary["mode"] == "online" and "weight/t2" in summary["history"][0]
+
+
+def test_teacher_trained_here_is_imported_by_precompute(ray_cluster, tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        teachers=[{"name": "mine", "arch": "resnet8", "train": {"epochs": 1, "batch_size": 32}}],
+        train={"export": True},
+    )
+    ingest(cfg)
+    rows = teachers.run_stage(cfg)
+    assert rows[0]["name"] == "mine" and rows[0]["test_top1"] is not None
+    ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
+    model = teachers.build_model(ref)  # weights_only load of the file the trainer wrote
+    assert isinstance(model, models.FeatureClassifier)
+    assert teachers.run_stage(cfg)[0]["id"] == ref.id, "a second `teachers` run must not retrain"
