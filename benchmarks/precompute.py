@@ -21,18 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
-from camkd import models  # noqa: E402
-from camkd.training import normalize  # noqa: E402
-from pipeline import storage, teachers  # noqa: E402
-from pipeline.cache import OutputFormat, encode_view  # noqa: E402
-from pipeline.config import validate  # noqa: E402
-from pipeline.ingest import ingest, read_image_part  # noqa: E402
-from pipeline.views import make_view_spec, render_train_view  # noqa: E402
+from camkd import models
+from camkd.training import normalize
+from pipeline import storage, teachers
+from pipeline.cache import OutputFormat, encode_view
+from pipeline.config import validate
+from pipeline.ingest import ingest, read_image_part
+from pipeline.views import make_view_spec, render_train_view
 
 TEACHER, CLASSES = "resnet32x4", 100
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from pipeline.precompute import precompute_teacher
+    from pipeline.precompute import precompute_teachers
     from pipeline.runtime import quiet_ray_data
 
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def main() -> None:
     ray.init(num_cpus=args.threads, log_to_driver=False)
     quiet_ray_data()
     start = time.perf_counter()
-    row = precompute_teacher(cfg, ref, meta, log=lambda *_: None)
+    (row,) = precompute_teachers(cfg, [ref], meta, log=lambda *_: None)
     wall = time.perf_counter() - start
     ray.shutdown()
     first = row["first_part_seconds"] or 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -22,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from camkd import Distiller, TeacherOutputs, create_strategy, models  # noqa: E402
-from camkd.training import TrainStep, amp_dtype, normalize  # noqa: E402
+from camkd import Distiller, TeacherOutputs, create_strategy, models
+from camkd.training import TrainStep, amp_dtype, normalize
 
 TEACHER, STUDENT, CLASSES, K = "resnet32x4", "resnet8x4", 100, 3
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -45,44 +46,70 @@ def build(strategy: str, device, teachers):
     return distiller, opt
 
 
-def in_memory_rate(
-    mode: str, images, labels, teachers, cached, batch: int, steps: int, device, dtype
-) -> float:
-    """Samples/s of `steps` optimisation steps (after 3 warm-up steps) over in-memory tensors."""
-    strategy = "ce" if mode == "ce" else "camkd"
-    distiller, opt = build(strategy, device, teachers)
-    step = TrainStep(distiller, distiller, opt, device, dtype)
-    n = images.shape[0]
+class InMemoryRun:
+    """One training setup (ce / cached / online) over in-memory tensors, timed in repeated short rounds."""
 
-    def one(i: int) -> None:
-        sl = slice((i * batch) % (n - batch + 1), (i * batch) % (n - batch + 1) + batch)
-        x = normalize(images[sl], MEAN, STD)
-        if mode == "ce":
+    def __init__(self, mode: str, images, labels, teachers, cached, batch: int, device, dtype) -> None:
+        self.mode, self.images, self.labels, self.teachers, self.cached = (
+            mode,
+            images,
+            labels,
+            teachers,
+            cached,
+        )
+        self.batch, self.device, self.dtype = batch, device, dtype
+        distiller, opt = build("ce" if mode == "ce" else "camkd", device, teachers)
+        self.step = TrainStep(distiller, distiller, opt, device, dtype)
+        self.i = 0
+
+    def one(self) -> None:
+        n, b = self.images.shape[0], self.batch
+        start = (self.i * b) % (n - b + 1)
+        sl = slice(start, start + b)
+        self.i += 1
+        x = normalize(self.images[sl], MEAN, STD)
+        if self.mode == "ce":
             out = TeacherOutputs()
-        elif mode == "cached":
-            logits, feats = cached
+        elif self.mode == "cached":
+            logits, feats = self.cached
             out = TeacherOutputs(logits[:, sl].float(), [f[sl].float() for f in feats])
         else:
+            dtype = self.dtype
             with (
                 torch.no_grad(),
-                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+                torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
             ):
-                fm = [t.forward_features(x) for t in teachers]
-                out = TeacherOutputs(torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).float(),
+                fm = [t.forward_features(x) for t in self.teachers]
+                out = TeacherOutputs(torch.stack([t.forward_head(f) for t, f in zip(self.teachers, fm)]).float(),
                                      [f.float() for f in fm])  # fmt: skip
-        loss, *_ = step.forward(x, labels[sl], out, epoch=1)
-        step.backward_and_step(loss, epoch=1)
+        loss, *_ = self.step.forward(x, self.labels[sl], out, epoch=1)
+        self.step.backward_and_step(loss, epoch=1)
 
-    for i in range(3):
-        one(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        one(i + 3)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    def rate(self, steps: int) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.one()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * self.batch / (time.perf_counter() - start)
+
+
+def in_memory_rates(images, labels, teachers, cached, batch: int, steps: int, rounds: int, device, dtype):
+    """Median samples/s per mode; modes are interleaved round by round so drift (clock, caches) hits all alike."""
+    runs = {
+        m: InMemoryRun(m, images, labels, teachers, cached, batch, device, dtype)
+        for m in ("ce", "cached", "online")
+    }
+    for run in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernel selection
+        for _ in range(3):
+            run.one()
+    samples: dict[str, list[float]] = {m: [] for m in runs}
+    for _ in range(rounds):
+        for m, run in runs.items():
+            samples[m].append(run.rate(steps if m != "online" else max(1, steps // 3)))
+    return {m: statistics.median(v) for m, v in samples.items()}
 
 
 def ray_path(n_images: int, epochs: int, threads: int) -> dict[str, float]:
@@ -132,7 +159,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed round (online: a third)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ray-images", type=int, default=1536)
     ap.add_argument("--ray-epochs", type=int, default=3)
@@ -153,11 +181,10 @@ def main() -> None:
             torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half(),
             [f.half() for f in fm],
         )
-    rates = {m: in_memory_rate(m, images, labels, teachers, cached, args.batch, args.steps, device, dtype)
-             for m in ("ce", "cached", "online")}  # fmt: skip
+    rates = in_memory_rates(images, labels, teachers, cached, args.batch, args.steps, args.rounds, device, dtype)  # fmt: skip
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
-        "amp": args.amp, "batch": args.batch,
+        "amp": args.amp, "batch": args.batch, "steps_x_rounds": [args.steps, args.rounds],
         "in_memory_samples_per_s": {k: round(v, 1) for k, v in rates.items()},
         "cached_over_ce": round(rates["cached"] / rates["ce"], 3),
         "cached_over_online": round(rates["cached"] / rates["online"], 2),

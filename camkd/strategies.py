@@ -72,15 +72,7 @@ class Strategy(nn.Module):
     min_teachers: ClassVar[int] = 1
     max_teachers: ClassVar[int | None] = None
 
-    def __init__(
-        self,
-        teacher_names: Sequence[str] = (),
-        params: StrategyParams | None = None,
-        *,
-        student_channels: int | None = None,
-        teacher_feature_shapes: Sequence[Sequence[int]] | None = None,
-        teacher_heads: Sequence[nn.Module] | None = None,
-    ) -> None:
+    def __init__(self, teacher_names: Sequence[str] = (), params: StrategyParams | None = None) -> None:
         super().__init__()
         self.check_teachers(teacher_names)
         self.teacher_names = list(teacher_names)

@@ -28,7 +28,7 @@ HELP = {
     "tune": "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
     "report": "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
     "quickstart": "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",
-    "all": "ingest → teachers → precompute → train → tune (when tune is configured) → report",
+    "all": "ingest → teachers → precompute → train → tune and its report (when tune is configured)",
 }
 
 
@@ -179,8 +179,9 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.ingest import ingest
 
         ingest(cfg)
-        teachers.run_stage(cfg)
-        precompute.run_stage(cfg, overwrite=args.overwrite)
+        if cfg.teachers:
+            teachers.run_stage(cfg)
+            precompute.run_stage(cfg, overwrite=args.overwrite)
         result = {"train": train.run_stage(cfg)}
         if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
             result["tune"] = tune.run_stage(cfg)

@@ -58,6 +58,11 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
                 f"could not start or reach Ray at {where}: {e}. Check the address (ray.address / RAY_ADDRESS), "
                 "that the cluster is up (`ray status`), and RAY_AUTH_MODE=token for token-protected clusters"
             ) from None
+        if address and cfg is not None and "://" not in cfg.root and not cfg.root.startswith("/"):
+            log(
+                f"[ray] warning: root {cfg.root!r} is relative; on a cluster (or under `ray job submit`, which runs "
+                "in a temporary copy of the working dir) use an absolute shared path or a URL such as s3://..."
+            )
         res = ray.cluster_resources()
         log(
             f"[ray] {'attached to ' + address if address else 'started locally'}: "

@@ -171,7 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
 
-    start_epoch, history, best = 0, [], 0.0
+    start_epoch, history, best, resumes = 0, [], 0.0, 0
     checkpoint = ray.train.get_checkpoint()
     step_fn = TrainStep(distiller, distiller, optimizer, device, amp_dtype)
     if checkpoint is not None:
@@ -183,8 +183,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_fn.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        resumes = state.get("resumes", 0) + 1
         if rank == 0:
-            print(f"[train] resuming from the checkpoint of epoch {start_epoch}")
+            print(f"[train] resuming from the checkpoint of epoch {start_epoch} (resume #{resumes})")
     model = ray.train.torch.prepare_model(distiller, move_to_device=False)
     step_fn.model = model
 
@@ -325,6 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": seen_all / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "input_wait_seconds": wait,
+            "resumes": resumes,
         }
         if epoch == start_epoch:
             metrics["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in gathered]
@@ -347,6 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "epoch": epoch,
                         "history": history,
                         "best": best,
+                        "resumes": resumes,
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
@@ -586,6 +589,7 @@ def fit(
         "wall_seconds": round(time.time() - started, 1),
         "checkpoint": result.checkpoint.path,
         "workers": next((h["workers"] for h in reversed(history) if "workers" in h), []),
+        "resumes": history[-1].get("resumes", 0),
         "history": history,
     }
     if cfg.train.export:

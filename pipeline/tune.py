@@ -136,6 +136,7 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
                 max_t=cfg.train.epochs,
                 grace_period=min(t.asha.grace_period, cfg.train.epochs),
                 reduction_factor=t.asha.reduction_factor,
+                stop_last_trials=False,  # a trial at its last epoch finishes itself: summary + export get written
             )
             if t.asha.enabled
             else None

@@ -31,6 +31,7 @@ def test_one_worker_learns_and_reports_every_term(one_worker):
     h = summary["history"]
     assert [e["epoch"] for e in h] == [1, 2, 3] and summary["status"] == "finished"
     assert h[-1]["train_ce"] < h[0]["train_ce"], "loss must go down"
+    assert h[-1]["train_top1"] > 0.5
     assert summary["best_val_top1"] > 0.3, (
         "10 classes: chance is 0.1"
     )  # 64 test images: 3σ above chance ≈ 0.21
@@ -54,8 +55,11 @@ def test_two_worker_ddp_matches_one_worker(one_worker, cached, tmp_path):
     two = train.fit(cfg2, cached[2], str(tmp_path), "w2")
     assert two["history"][-1]["train_ce"] < two["history"][0]["train_ce"]
     assert two["best_val_top1"] > 0.3
-    assert abs(two["final_val_top1"] - one["final_val_top1"]) <= 0.15
+    # Same data, same global batch (2 × 16 vs 1 × 32), gradients averaged by DDP: the runs agree on what the model
+    # learned. Not exactly: BatchNorm normalises per worker (16 vs 32 samples), and 64 test images make val noisy.
+    assert abs(two["history"][-1]["train_top1"] - one["history"][-1]["train_top1"]) <= 0.15
     assert abs(two["history"][-1]["train_ce"] - one["history"][-1]["train_ce"]) <= 0.35
+    assert two["best_val_top1"] > 0.3 and one["best_val_top1"] > 0.3
 
 
 def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
@@ -75,7 +79,7 @@ def test_same_run_name_with_another_config_is_refused(one_worker, cached):
     cfg, out, _ = one_worker
     other = with_updates(cfg, {"strategy.beta": 10.0})
     with pytest.raises(
-        train.TrainingError, match=r"started with a different config \(strategy\.beta: 50\.0 → 10\.0\)"
+        train.TrainingError, match=r"started with a different config \(strategy\.beta: 5\.0 → 10\.0\)"
     ):
         train._check_same_run(os.path.join(out, "w1"), other)
 

@@ -23,6 +23,7 @@ def sweep_config(cached, root, **tune_section):
         cfg,
         {
             "teachers": teachers,
+            "strategy.beta": 5.0,  # see conftest.CAMKD_RUN
             "train.epochs": 2,
             "train.export": False,
             "train.deterministic": False,
@@ -37,30 +38,68 @@ def copy_root(cached, tmp_path):
     return root
 
 
-def test_sweep_with_asha_and_leaderboard(cached, tmp_path):
+@pytest.mark.slow
+def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_path, ray_cluster):
+    """One real sweep exercises it all: 4 trials (2 strategies × 2 learning rates), ASHA stops the useless learning
+    rate, the driver is SIGKILLed after the first trial finished and the re-run resumes without repeating it, and
+    teacher t3 (configured, in no trial) has no cache at all, so reading it would fail."""
+    import ray
+
     root = copy_root(cached, tmp_path)
-    # Two clearly bad learning rates after two good ones: ASHA must stop the bad ones at its first rung.
     cfg = sweep_config(
         cached,
         root,
-        teacher_sets=[["t1", "t2"], ["t1", "t2", "t3"]],
-        strategies=["camkd"],
-        space={"train.lr": [0.05, 1e-6]},
+        teacher_sets=[["t1", "t2"]],
+        strategies=["camkd", "aver"],
+        space={"train.lr": [0.05, 1e-6]},  # 1e-6 cannot learn in 2 epochs: ASHA should stop it
         asha={"grace_period": 1, "reduction_factor": 2},
         max_concurrent_trials=1,
     )
-    result = tune.run_stage(cfg)
+    fp = cached[2].fingerprint
+    t3_dirs = [d for d in storage.listdir(os.path.join(root, "cache", fp)) if d.startswith("wrn_16_1")]
+    assert t3_dirs
+    shutil.rmtree(os.path.join(root, "cache", fp, t3_dirs[0]))
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    cmd = [sys.executable, str(ROOT / "pipeline/run.py"), "tune", "--config", str(cfg_file)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_root = os.path.join(tune.sweep_dir(cfg), "train")
+    deadline = time.time() + 300
+    finished_before: list[str] = []
+    while time.time() < deadline and not finished_before and proc.poll() is None:
+        finished_before = [
+            d
+            for d in storage.listdir(train_root)
+            if storage.exists(os.path.join(train_root, d, "summary.json"))
+        ]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(finished_before) == 1, f"expected exactly one finished trial at kill time: {finished_before}"
+    stamp = os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json"))
+    time.sleep(2)  # let Ray reap the killed driver's actors before resuming
+    logs: list[str] = []
+    result = tune.run_stage(cfg, log=logs.append)
+    assert any("resuming the sweep" in line for line in logs)
+    assert os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json")) == stamp, (
+        "re-ran a finished trial"
+    )
+
     board = result["leaderboard"]
-    assert len(board) == 4
-    assert [r["rank"] for r in board] == [1, 2, 3, 4]
+    assert len(board) == 4 and [r["rank"] for r in board] == [1, 2, 3, 4]
     assert [r["best_top1"] for r in board] == sorted((r["best_top1"] for r in board), reverse=True)
-    assert {r["teachers"] for r in board} == {"t1+t2", "t1+t2+t3"}
-    assert all(r["strategy"] == "camkd" for r in board)
+    assert {(r["strategy"], r["params"]) for r in board} == {
+        (s, f"train.lr={lr}") for s in ("camkd", "aver") for lr in ("0.05", "1e-06")
+    }
+    assert all(r["teachers"] == "t1+t2" for r in board)
     stopped = [r for r in board if r["stopped_early"]]
     assert stopped, f"ASHA stopped no trial: {board}"
     assert all(r["epochs"] < 2 and r["status"] == "stopped" for r in stopped)
+    assert any("1e-06" in r["params"] for r in stopped), "the useless learning rate was never stopped"
     assert all(r["epochs"] == 2 for r in board if r["status"] == "finished")
-    assert all("train.lr=" in r["params"] for r in board)
+    assert not os.path.exists(os.path.join(root, "cache", fp, t3_dirs[0]))
+
     out = result["report_dir"]
     with open(os.path.join(out, "leaderboard.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -74,50 +113,8 @@ def test_sweep_with_asha_and_leaderboard(cached, tmp_path):
     assert [r["trial"] for r in again["leaderboard"]] == [r["trial"] for r in board]
 
 
-@pytest.mark.slow
-def test_killed_sweep_resumes_without_repeating_trials_and_reads_only_its_teachers(
-    cached, tmp_path, ray_cluster
-):
-    import ray
-
-    root = copy_root(cached, tmp_path)
-    cfg = sweep_config(cached, root, teacher_sets=[["t1", "t2"]], strategies=["aver", "camkd_logits", "camkd"],
-                       asha={"enabled": False})  # fmt: skip
-    # t3 is configured but in no trial: delete its cache; trials must never touch it.
-    t3_dirs = [
-        d
-        for d in storage.listdir(os.path.join(root, "cache", cached[2].fingerprint))
-        if d.startswith("wrn_16_1")
-    ]
-    assert t3_dirs
-    shutil.rmtree(os.path.join(root, "cache", cached[2].fingerprint, t3_dirs[0]))
-    cfg_file = tmp_path / "sweep.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    cmd = [sys.executable, str(ROOT / "pipeline/run.py"), "tune", "--config", str(cfg_file)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    train_root = os.path.join(tune.sweep_dir(cfg), "train")
-    deadline = time.time() + 300
-    finished_before = []
-    while time.time() < deadline and not finished_before:
-        finished_before = [
-            d
-            for d in storage.listdir(train_root)
-            if storage.exists(os.path.join(train_root, d, "summary.json"))
-        ]
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(finished_before) == 1, f"expected exactly one finished trial at kill time: {finished_before}"
-    stamp = os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json"))
-    time.sleep(2)  # let Ray reap the killed driver's actors before resuming
-    logs = []
-    result = tune.run_stage(cfg, log=logs.append)
-    assert any("resuming the sweep" in line for line in logs)
-    board = result["leaderboard"]
-    assert sorted(r["strategy"] for r in board) == ["aver", "camkd", "camkd_logits"]
-    assert all(r["status"] == "finished" and r["epochs"] == 2 for r in board), board
-    assert os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json")) == stamp, (
-        "re-ran a finished trial"
-    )
-    assert not os.path.exists(os.path.join(root, "cache", cached[2].fingerprint, t3_dirs[0]))
+def test_arms_skip_combinations_a_strategy_cannot_take(cached):
+    cfg = sweep_config(cached, "/tmp/unused", teacher_set_sizes=[1, 2], strategies=["kd", "camkd", "ce"])
+    got = [(a["strategy"], "+".join(a["teachers"])) for a in tune.arms(cfg)]
+    assert got == [("kd", "t1"), ("kd", "t2"), ("kd", "t3"), ("camkd", "t1+t2"), ("camkd", "t1+t3"),
+                   ("camkd", "t2+t3"), ("ce", "")]  # fmt: skip

@@ -5,6 +5,8 @@ Pure torch; never imports Ray and never downloads weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -13,6 +15,22 @@ def pool_classify(fmap: torch.Tensor, pool: nn.Module, classifier: nn.Module, fl
     """Global pooling, optional flatten, then the classifier: the shared body of every head."""
     x = pool(fmap)
     return classifier(torch.flatten(x, 1) if flatten else x)
+
+
+def init_repdistiller_weights(module: nn.Module) -> None:
+    """RepDistiller's initialisation for VGG and MobileNetV2: He-normal convs (fan-out), unit BN, N(0, 0.01) linear."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / fan))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            m.weight.data.normal_(0, 0.01)
+            m.bias.data.zero_()
 
 
 class GlobalPoolHead(nn.Module):

@@ -5,12 +5,10 @@ Pure torch: never imports Ray, never downloads weights.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .base import FeatureClassifier
+from .base import FeatureClassifier, init_repdistiller_weights
 
 
 def conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
@@ -76,18 +74,7 @@ class MobileNetV2(FeatureClassifier):
         self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_repdistiller_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

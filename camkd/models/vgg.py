@@ -6,13 +6,11 @@ Parameter names match RepDistiller checkpoints. Pure torch: never imports Ray, n
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FeatureClassifier
+from .base import FeatureClassifier, init_repdistiller_weights
 
 CFG: dict[str, list[list[int]]] = {
     "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -54,18 +52,7 @@ class VGG(FeatureClassifier):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_repdistiller_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]

@@ -1,0 +1,584 @@
+"""Running on a cluster: simulated multi-node placement, a real two-host cluster in network namespaces, `ray job submit`
+against a real local head with token authentication, and static checks of the shipped cluster files (cluster/).
+
+Every Ray cluster here is started by the test itself (its own ports, temp dir and process session) and stopped by
+the test, by process id / session / network namespace. Never with a bare `ray stop`, which would kill every Ray
+process on the machine, including other sessions' clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+CLUSTER = REPO / "cluster"
+VENV_BIN = Path(sys.executable).parent
+RAY_BIN = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else (shutil.which("ray") or "ray")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def tiny_raw(root: Path, **scaling) -> dict:
+    """A synthetic 10-class dataset and a teacher-free CE student: the smallest real 2-worker training run."""
+    return {
+        "root": str(root),
+        "experiment": "cluster",
+        "data": {
+            "source": "synthetic",
+            "rows_per_part": 64,
+            "synthetic": {"train": 256, "test": 64, "num_classes": 10, "size": 32, "channels": 3},
+        },
+        "views": {"count": 1, "pad": 2},
+        "student": {"arch": "resnet8"},
+        "strategy": {"name": "ce"},
+        "train": {"epochs": 1, "batch_size": 32, "milestones": [], "shuffle_buffer": 0, "max_failures": 0,
+                  "export": False},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "read_cpus": 0.25, **scaling},
+    }  # fmt: skip
+
+
+def spread_scaling() -> dict:
+    """Two workers that must land on two different nodes (each node has 2 CPUs).
+
+    `scaling.placement_strategy: STRICT_SPREAD` forces it when the config has that field. Without it, 1.5 CPU per
+    worker makes two workers unable to share a 2-CPU node, so Ray's default PACK still has to spread them.
+    """
+    from pipeline.config import ScalingSettings
+
+    if "placement_strategy" in ScalingSettings.model_fields:
+        return {"placement_strategy": "STRICT_SPREAD", "cpus_per_worker": 1}
+    return {"cpus_per_worker": 1.5}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ray_env(**extra) -> dict:
+    """Environment for `ray` CLIs and drivers we start: token auth on, this venv first on PATH, no usage stats."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+def ensure_token() -> None:
+    subprocess.run([RAY_BIN, "get-auth-token", "--generate"], env=ray_env(), capture_output=True, check=True)
+
+
+def session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def kill_session(sid: int, grace: float = 5.0) -> None:
+    """Stop every process of one session (all Ray processes of one node started with `setsid ray start`)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in session_pids(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while time.time() < deadline and session_pids(sid):
+            time.sleep(0.2)
+        if not session_pids(sid):
+            return
+
+
+def run_cli(args: list[str], timeout: float, env=None, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, str(REPO / "pipeline" / "run.py"), *args],
+        cwd=REPO, env=env or ray_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def node_ids(summary: dict) -> list[str]:
+    return [w.split("/", 1)[1] for w in summary["workers"]]
+
+
+# ============================================================================ a. simulated multi-node placement
+SIMULATED = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    raw = json.loads(sys.argv[2])
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        from pipeline import storage, train
+        from pipeline.config import validate
+        from pipeline.ingest import ingest
+
+        cfg = validate(raw)
+        meta = ingest(cfg, log=lambda *a: None)
+        summary = train.fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), "spread", log=print)
+        alive = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+        print("RESULT " + json.dumps({"summary": summary, "nodes": alive}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+def test_simulated_multinode_workers_on_different_nodes(tmp_path):
+    """Head without CPUs + two 2-CPU nodes: the two Train workers run on two nodes and share one storage root."""
+    raw = tiny_raw(tmp_path / "root", **spread_scaling())
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", SIMULATED, str(REPO), json.dumps(raw)],
+        cwd=tmp_path, env=ray_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    summary, nodes = result["summary"], result["nodes"]
+    ids = node_ids(summary)
+    assert len(ids) == 2 and ids[0] != ids[1], f"both workers on one node: {summary['workers']}"
+    worker_nodes = {nid for nid, cpus in nodes.items() if cpus == 2}
+    assert set(ids) == {n[:8] for n in worker_nodes}, (summary["workers"], nodes)
+    # One storage root for all nodes: the checkpoint rank 0 wrote and the summary the driver wrote are both there.
+    run_dir = tmp_path / "root" / "runs" / "cluster" / "spread"
+    assert summary["status"] == "finished" and summary["epochs"] == 1
+    assert Path(summary["checkpoint"]).is_relative_to(run_dir) and Path(summary["checkpoint"]).is_dir()
+    assert json.loads((run_dir / "summary.json").read_text())["workers"] == summary["workers"]
+    print(f"simulated multi-node run: {time.time() - started:.1f} s, workers {summary['workers']}")
+
+
+# ====================================================================== b. two hosts: network namespaces + veth
+def _netns_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (uid 0) for network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (`ip`)"
+    name = f"camkdprobe{uuid.uuid4().hex[:6]}"
+    rc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if rc.returncode != 0:
+        return f"`ip netns add` does not work here: {rc.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+class TwoHosts:
+    """Namespaces A and B joined by a veth pair: A = 198.18.0.1/24, B = 198.18.0.2/24 (RFC 2544 benchmark range)."""
+
+    def __init__(self, tag: str):
+        self.ns = {"A": f"camkdA{tag}", "B": f"camkdB{tag}"}
+        self.veth = {"A": f"ckA{tag}", "B": f"ckB{tag}"}  # interface names: at most 15 characters
+        self.ip = {"A": "198.18.0.1", "B": "198.18.0.2"}
+        self.made: list[tuple[str, str]] = []
+        # Ray temp dirs: short, since Ray's unix socket paths below them must fit in 107 bytes.
+        self.tmp = Path(f"/tmp/ck{tag}")
+
+    def sh(self, *args: str) -> None:
+        subprocess.run(list(args), check=True, capture_output=True, text=True)
+
+    def exec_prefix(self, side: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[side]]
+
+    def up(self) -> None:
+        for side in "AB":
+            self.sh("ip", "netns", "add", self.ns[side])
+            self.made.append(("netns", self.ns[side]))
+        self.sh("ip", "link", "add", self.veth["A"], "type", "veth", "peer", "name", self.veth["B"])
+        self.made.append(("link", self.veth["A"]))
+        for side in "AB":
+            self.sh("ip", "link", "set", self.veth[side], "netns", self.ns[side])
+            ex = self.exec_prefix(side)
+            self.sh(*ex, "ip", "addr", "add", f"{self.ip[side]}/24", "dev", self.veth[side])
+            self.sh(*ex, "ip", "link", "set", self.veth[side], "up")
+            self.sh(*ex, "ip", "link", "set", "lo", "up")
+        # B answers across the veth: a TCP connect to a closed port is refused (not timed out). No `ping` needed.
+        probe = (
+            "import socket, sys\n"
+            "try:\n    socket.create_connection((sys.argv[1], 9), timeout=3)\n"
+            "except ConnectionRefusedError:\n    sys.exit(0)\n"
+            "sys.exit(1)\n"
+        )
+        for _ in range(20):  # the link needs a moment after `up`
+            if (
+                subprocess.run([*self.exec_prefix("A"), sys.executable, "-c", probe, self.ip["B"]]).returncode
+                == 0
+            ):
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.ip['B']} is not reachable from namespace {self.ns['A']}")
+
+    def pids(self, side: str) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.ns[side]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def down(self) -> None:
+        """Kill everything running in both namespaces, then delete the namespaces (which deletes the veth pair)."""
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for side in "AB":
+                for pid in self.pids(side):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+            deadline = time.time() + wait
+            while time.time() < deadline and (self.pids("A") or self.pids("B")):
+                time.sleep(0.2)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for kind, name in reversed(self.made):
+            if kind == "netns":
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            else:  # gone with its namespace; only left behind if moving it into a namespace failed
+                subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def two_hosts():
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    hosts = TwoHosts(uuid.uuid4().hex[:6])
+    try:
+        hosts.up()
+        yield hosts
+    finally:
+        hosts.down()
+        for side in "AB":
+            assert not Path(f"/run/netns/{hosts.ns[side]}").exists(), (
+                f"namespace {hosts.ns[side]} left behind"
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_two_host_cluster_over_veth(two_hosts, tmp_path):
+    """A Ray head in namespace A, a worker node in namespace B: one Train worker on each (STRICT_SPREAD, see
+    spread_scaling), so the DDP (gloo) traffic and Ray's own traffic cross the veth between 198.18.0.1 and .2."""
+    started = time.time()
+    ensure_token()
+    gcs_port, dash_port = 6380, 8266  # each namespace has its own port space: fixed ports cannot collide
+    h = two_hosts
+    # gloo picks its interface from the hostname, which resolves to an address outside the namespaces; name it.
+    env = {s: ray_env(GLOO_SOCKET_IFNAME=h.veth[s]) for s in "AB"}
+    common = ["--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
+              "--disable-usage-stats"]  # fmt: skip
+    head = subprocess.run(
+        [*h.exec_prefix("A"), "setsid", RAY_BIN, "start", "--head", "--node-ip-address", h.ip["A"],
+         "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
+         "--temp-dir", str(h.tmp / "a"), *common],
+        env=env["A"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+    worker = subprocess.run(
+        [*h.exec_prefix("B"), "setsid", RAY_BIN, "start", "--address", f"{h.ip['A']}:{gcs_port}",
+         "--node-ip-address", h.ip["B"], "--temp-dir", str(h.tmp / "b"), *common],
+        env=env["B"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert h.pids("A") and h.pids("B")
+
+    root = tmp_path / "root"
+    raw = tiny_raw(root, **spread_scaling())
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    ingest = run_cli(["ingest", "--config", str(cfg_file)], timeout=120)
+    assert ingest.returncode == 0, ingest.stderr[-3000:]
+    train = run_cli(
+        ["train", "--config", str(cfg_file), "--address", f"{h.ip['A']}:{gcs_port}", "--name", "twohost"],
+        timeout=240, env=env["A"], prefix=h.exec_prefix("A"),
+    )  # fmt: skip
+    out = train.stdout + train.stderr
+    assert train.returncode == 0, out[-6000:]
+    assert "2 node(s)" in out, out[-3000:]
+    summary = json.loads((root / "runs" / "cluster" / "twohost" / "summary.json").read_text())
+    ips = sorted(w.split("/", 1)[0] for w in summary["workers"])
+    assert ips == ["198.18.0.1", "198.18.0.2"], summary["workers"]
+    assert summary["status"] == "finished"
+    print(f"two-host run: {time.time() - started:.1f} s, workers {summary['workers']}")
+
+
+# ================================================================= c. ray job submit against a real local cluster
+def submit_and_check(url: str, tmp_path: Path) -> None:
+    """`ray job submit --working-dir` of a real training run against the job server at `url` (token auth on)."""
+    started = time.time()
+    # An absolute path on this machine: the job driver (on the head) and the workers see the same files.
+    root = tmp_path / "root"
+    sets = [
+        "--set", f"root={root}", "--set", "experiment=jobs", "--set", "data.source=synthetic",
+        "--set", "data.rows_per_part=64", "--set", "data.synthetic.train=256", "--set", "data.synthetic.test=64",
+        "--set", "views.count=1", "--set", "student.arch=resnet8", "--set", "strategy.name=ce",
+        "--set", "train.epochs=1", "--set", "train.batch_size=32", "--set", "train.milestones=[]",
+        "--set", "train.export=false", "--set", "scaling.num_workers=1", "--set", "scaling.read_cpus=0.25",
+    ]  # fmt: skip
+    ingest = run_cli(["ingest", *sets], timeout=120)
+    assert ingest.returncode == 0, ingest.stderr[-3000:]
+
+    # Without the token the job server refuses the submission.
+    denied = subprocess.run(
+        [RAY_BIN, "job", "submit", "--address", url, "--", "echo", "hi"],
+        env=ray_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert denied.returncode != 0, denied.stdout[-2000:]
+    assert "Unauthorized" in denied.stdout + denied.stderr, denied.stdout[-2000:] + denied.stderr[-2000:]
+
+    sub_id = f"camkd-test-{uuid.uuid4().hex[:8]}"
+    submit = subprocess.run(
+        [RAY_BIN, "job", "submit", "--address", url, "--submission-id", sub_id, "--working-dir", str(REPO),
+         "--", "python", "pipeline/run.py", "train", *sets, "--name", "via-job"],
+        cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = submit.stdout + submit.stderr
+    assert submit.returncode == 0, out[-6000:]
+    status = subprocess.run(
+        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", url, sub_id],
+        env=ray_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", status.stdout + status.stderr
+    summary = json.loads((root / "runs" / "jobs" / "via-job" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 1
+    assert "[ray] attached to" in out, "the job must attach to the cluster, not start its own Ray"
+    print(f"ray job submit run: {time.time() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_wrong_address_fails_fast(tmp_path):
+    (port,) = free_ports(1)  # nothing listens there
+    started = time.time()
+    proc = subprocess.run(
+        [RAY_BIN, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--", "echo", "hi"],
+        env=ray_env(), capture_output=True, text=True, timeout=90, cwd=tmp_path,
+    )  # fmt: skip
+    took = time.time() - started
+    assert proc.returncode != 0
+    assert "Failed to connect" in proc.stdout + proc.stderr or "ConnectionError" in proc.stdout + proc.stderr
+    assert took < 60, f"took {took:.0f} s"
+
+
+# ============================================================================ d. static checks of cluster files
+def _yaml_docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _walk(node, path=()):
+    """Yield (path, key, value) for every mapping entry in a YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield path, k, v
+            yield from _walk(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, (*path, i))
+
+
+def _env_lists(node):
+    for _, k, v in _walk(node):
+        if k == "env" and isinstance(v, list):
+            yield v
+
+
+CLUSTER_YAMLS = sorted(CLUSTER.rglob("*.yaml")) + sorted(CLUSTER.rglob("*.yml"))
+
+
+@pytest.mark.fault
+def test_cluster_files_exist_and_parse():
+    names = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER_YAMLS}
+    assert {
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/pvc.yaml",
+        "launcher/aws.yaml",
+    } <= names
+    assert (CLUSTER / "Dockerfile").is_file() and (CLUSTER / "README.md").is_file()
+    assert os.access(CLUSTER / "local-cluster.sh", os.X_OK)
+    for p in CLUSTER_YAMLS:
+        assert _yaml_docs(p), f"{p} is empty"
+    sh = subprocess.run(["bash", "-n", str(CLUSTER / "local-cluster.sh")], capture_output=True, text=True)
+    assert sh.returncode == 0, sh.stderr
+
+
+@pytest.mark.fault
+def test_no_public_exposure_of_ray_ports():
+    for p in CLUSTER_YAMLS:
+        for doc in _yaml_docs(p):
+            kind = doc.get("kind") if isinstance(doc, dict) else None
+            assert kind != "Ingress", f"{p}: no Ingress; use kubectl port-forward"
+            for path, k, v in _walk(doc):
+                if k in ("type", "serviceType") and v in ("LoadBalancer", "NodePort"):
+                    raise AssertionError(
+                        f"{p}: {'.'.join(map(str, path))}.{k} = {v}; only ClusterIP is allowed"
+                    )
+                if k == "enableIngress":
+                    assert v is False, f"{p}: enableIngress must be false"
+    launcher = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+    public_dashboard = re.compile(r"dashboard-host[\s=]+[\"']?(0\.0\.0\.0|::)")
+    for _, k, v in _walk(launcher):  # every command and option the launcher runs (comments are not data)
+        for s in (
+            [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+        ):
+            assert not public_dashboard.search(s), f"aws.yaml: {k}: {s!r} exposes the dashboard"
+        if k == "head_start_ray_commands":
+            assert any("ray start --head" in c for c in v) and not any("dashboard-host" in c for c in v)
+    for _, k, v in _walk(launcher):
+        if k in ("CidrIp", "CidrIpv6") or k == "IpRanges":
+            cidrs = [v] if isinstance(v, str) else [r.get("CidrIp") for r in v]
+            for cidr in cidrs:
+                assert cidr not in ("0.0.0.0/0", "::/0"), (
+                    "the security group must not open ports to the world"
+                )
+
+
+@pytest.mark.fault
+def test_token_auth_enabled_everywhere():
+    for p in [*CLUSTER_YAMLS, CLUSTER / "local-cluster.sh", CLUSTER / "Dockerfile", CLUSTER / "README.md"]:
+        text = p.read_text()
+        assert "RAY_AUTH_MODE=disabled" not in text.replace(" ", ""), f"{p} disables token auth"
+        if p.suffix in (".yaml", ".yml"):
+            for doc in _yaml_docs(p):
+                for env in _env_lists(doc):
+                    for var in env:
+                        if isinstance(var, dict) and var.get("name") == "RAY_AUTH_MODE":
+                            assert var.get("value") == "token", f"{p}: RAY_AUTH_MODE={var.get('value')}"
+                for _, k, v in _walk(doc):
+                    if k == "authOptions":
+                        assert v.get("mode") == "token", f"{p}: authOptions.mode must be token"
+    # Where the format allows it, token auth is switched on explicitly.
+    cluster = _yaml_docs(CLUSTER / "kuberay" / "raycluster.yaml")
+    rc = next(d for d in cluster if d.get("kind") == "RayCluster")
+    assert rc["spec"]["authOptions"]["mode"] == "token"
+    job = next(d for d in _yaml_docs(CLUSTER / "kuberay" / "rayjob.yaml") if d.get("kind") == "RayJob")
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    aws = (CLUSTER / "launcher" / "aws.yaml").read_text()
+    assert "RAY_AUTH_MODE=token" in aws
+    assert "RAY_AUTH_MODE=token" in (CLUSTER / "local-cluster.sh").read_text()
+
+
+@pytest.mark.fault
+def test_kuberay_manifests_shape():
+    rc = next(d for d in _yaml_docs(CLUSTER / "kuberay" / "raycluster.yaml") if d.get("kind") == "RayCluster")
+    job = next(d for d in _yaml_docs(CLUSTER / "kuberay" / "rayjob.yaml") if d.get("kind") == "RayJob")
+    pvc = next(
+        d for d in _yaml_docs(CLUSTER / "kuberay" / "pvc.yaml") if d.get("kind") == "PersistentVolumeClaim"
+    )
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for spec in (rc["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in json.dumps(head["containers"][0].get("resources", {}))
+        assert str(spec["headGroupSpec"]["rayStartParams"].get("num-gpus", "0")) == "0"
+        gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in json.dumps(g["template"])]
+        assert gpu, "a GPU worker group"
+        for g in gpu:
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) == 1
+            assert 0 <= g["minReplicas"] <= g["maxReplicas"]
+        for pod in [head] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+            assert "/data" in mounts, "shared storage mounted at /data on every pod"
+            vol = next(v for v in pod["volumes"] if v["name"] == mounts["/data"])
+            assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    entry = job["spec"]["entrypoint"]
+    assert "pipeline/run.py all" in entry and "root=/data/camkd" in entry
+    cfg_path = entry.split("--config", 1)[1].split()[0]  # the repo lives at /home/ray/camkd-ray in the image
+    in_repo = REPO / cfg_path.removeprefix("/home/ray/camkd-ray/")
+    assert in_repo.is_file(), f"the RayJob's config {cfg_path} is not in the repository"
+    assert "/home/ray/camkd-ray" in (CLUSTER / "Dockerfile").read_text()
+
+
+@pytest.mark.fault
+def test_readme_commands_match_the_cli():
+    readme = (CLUSTER / "README.md").read_text()
+    assert "kubectl port-forward" in readme
+    assert "RAY_AUTH_MODE=token ray job submit" in readme
+    assert "cluster/local-cluster.sh start" in readme and "cluster/local-cluster.sh stop" in readme
+    # Every `pipeline/run.py <stage>` in the README is a real stage and its flags exist.
+    sys.path.insert(0, str(REPO))
+    from pipeline.run import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    seen = set()
+    # `pipeline/run.py <stage> <flags>` up to the end of the line, a quote, `&&` or a comment.
+    for m in re.finditer(r"pipeline/run\.py ([a-z]+)([^\n`\"&|;#]*)", readme):
+        stage, rest = m.group(1), m.group(2)
+        assert stage in sub.choices, f"README uses unknown stage {stage!r}"
+        flags = {f for a in sub.choices[stage]._actions for f in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest):
+            assert flag in flags, f"README: `{stage} {flag}` is not a flag of that stage"
+        seen.add(stage)
+    assert {"all", "quickstart"} <= seen
+    # Every file the README tells people to apply exists.
+    for path in re.findall(r"cluster/[\w./-]+\.(?:yaml|sh)", readme):
+        assert (REPO / path).is_file(), f"README names {path}, which does not exist"
+
+
+# ============================================================================== the local multi-node script
+@pytest.mark.slow
+def test_local_cluster_script_and_ray_job_submit(tmp_path):
+    """cluster/local-cluster.sh starts a head + 1 worker node (2 nodes registered); a training run submitted with
+    `ray job submit --working-dir .` (token auth) succeeds there; `stop` leaves nothing behind."""
+    state = Path(f"/tmp/cklc{uuid.uuid4().hex[:6]}")
+    env = ray_env(CAMKD_CLUSTER_DIR=str(state), RAY=RAY_BIN, WORKER_CPUS="2")
+    script = str(CLUSTER / "local-cluster.sh")
+    sessions: list[int] = []
+    try:
+        start = subprocess.run([script, "start", "1"], env=env, capture_output=True, text=True, timeout=180)
+        assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+        m = re.search(
+            r"RAY_AUTH_MODE=token ray job submit --address (http://127\.0\.0\.1:\d+) --working-dir \.",
+            start.stdout,
+        )
+        assert m, start.stdout
+        sessions = [
+            int(x)
+            for x in re.search(r'SESSIONS="([^"]*)"', (state / "cluster.env").read_text()).group(1).split()
+        ]
+        assert len(sessions) == 2 and all(session_pids(s) for s in sessions)
+        nodes = subprocess.run(
+            [RAY_BIN, "list", "nodes", "--address", m.group(1), "--filter", "state=ALIVE", "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert len(json.loads(nodes.stdout)) == 2, nodes.stdout + nodes.stderr
+        status = subprocess.run([script, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "w1: session" in status.stdout, status.stdout + status.stderr
+        submit_and_check(m.group(1), tmp_path)
+        again = subprocess.run([script, "start", "1"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "is running" in again.stderr
+        stop = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert not any(session_pids(s) for s in sessions), "stop left processes behind"
+        assert not (state / "cluster.env").exists()
+    finally:
+        for sid in sessions:
+            kill_session(sid)
+        shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""The quickstart end to end on a tiny subset of the real Fashion-MNIST files (the Debian package)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import run
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+TINY = [
+    "data.limit_train=600", "data.limit_test=200", "data.rows_per_part=300",
+    "teachers.0.train.epochs=1", "teachers.1.train.epochs=1",
+    "train.epochs=1", "train.milestones=[]", "tune.teacher_set_sizes=[3]",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION.is_dir(), reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)"
+)
+def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster, capsys):
+    args = ["quickstart", "--root", str(tmp_path)] + [x for item in TINY for x in ("--set", item)]
+    assert run.main(args) == 0
+    out = capsys.readouterr().out
+    report_dir = tmp_path / "runs" / "quickstart" / "report"
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert [t["teacher"] for t in summary["teachers"]] == ["good-a", "good-b", "weak"]
+    assert all(0 <= t["test_top1"] <= 1 for t in summary["teachers"])
+    assert [s["strategy"] for s in summary["students"]] == ["ce", "aver", "ebkd", "camkd"]
+    assert {s["seed"] for s in summary["students"]} == {0} and {s["epochs"] for s in summary["students"]} == {
+        1
+    }
+    assert set(summary["camkd_mean_weight"]) == {"good-a", "good-b", "weak"}
+    assert sum(summary["camkd_mean_weight"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert len(summary["camkd_class_weight"]["weak"]) == 10
+    assert len(summary["leaderboard"]) == 1 and summary["leaderboard"][0]["teachers"] == "good-a+good-b+weak"
+    for name in ("accuracy_per_strategy.png", "confidence_weight_over_epochs.png", "per_class_weight.png"):
+        assert (report_dir / name).read_bytes()[:4] == b"\x89PNG", name
+    text = (report_dir / "report.md").read_text()
+    assert "## Students" in text and "| camkd |" in text and "per_class_weight.png" in text
+    assert "Teachers" in out and "Sweep leaderboard" in out  # the tables are printed
+
+    # A second run reuses everything: no training, no precompute, the same report.
+    stamp = os.path.getmtime(tmp_path / "runs" / "quickstart" / "student-camkd" / "summary.json")
+    assert run.main(args) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "cache up to date" in out and "no-op" in out
+    assert os.path.getmtime(tmp_path / "runs" / "quickstart" / "student-camkd" / "summary.json") == stamp
