@@ -42,16 +42,23 @@ def problem(device, seed=0, b=64, k=3):
     x = normalize(images, MEAN, STD)
     with torch.no_grad():
         fm = [t.forward_features(x) for t in teachers]
-        out = TeacherOutputs(torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half().float(),
-                             [f.half().float() for f in fm])  # fmt: skip
+        out = TeacherOutputs(
+            torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half().float(),
+            [f.half().float() for f in fm],
+        )
     return teachers, x, labels, out
 
 
 def distiller(teachers, device, seed=1):
     torch.manual_seed(seed)
     student = models.create("resnet8x4", 100, 3)
-    strategy = create_strategy("camkd", [f"t{i}" for i in range(len(teachers))], student_channels=student.feature_channels,
-                               teacher_feature_shapes=[[256, 8, 8]] * len(teachers), teacher_heads=[t.head for t in teachers])  # fmt: skip
+    strategy = create_strategy(
+        "camkd",
+        [f"t{i}" for i in range(len(teachers))],
+        student_channels=student.feature_channels,
+        teacher_feature_shapes=[[256, 8, 8]] * len(teachers),
+        teacher_heads=[t.head for t in teachers],
+    )
     return Distiller(student, strategy).to(device)
 
 
@@ -92,8 +99,12 @@ def amp_checks(device) -> None:
             step.backward_and_step(loss, epoch=0 if i < 3 else 1)
             losses.append(loss.item())
         ok = all(map(lambda v: v == v and abs(v) != float("inf"), losses)) and losses[-1] < losses[3]
-        check(f"amp_{name}_training_overfits_a_batch", ok, f"loss {losses[3]:.3f} → {losses[-1]:.3f}"
-              + (f", scaler scale {step.scaler.get_scale():.0f}" if dtype == torch.float16 else ""))  # fmt: skip
+        check(
+            f"amp_{name}_training_overfits_a_batch",
+            ok,
+            f"loss {losses[3]:.3f} → {losses[-1]:.3f}"
+            + (f", scaler scale {step.scaler.get_scale():.0f}" if dtype == torch.float16 else ""),
+        )
 
 
 def _ddp_worker(rank: int, world: int, backend: str, port: int, q) -> None:
@@ -151,8 +162,10 @@ def inference_throughput(device) -> None:
         RESULTS[f"teacher_inference_images_per_s_{'bf16' if dtype else 'fp32'}"] = round(
             20 * 512 / (time.perf_counter() - t)
         )
-        print(f"resnet32x4 inference ({'bf16' if dtype else 'fp32'}, batch 512): "
-              f"{RESULTS['teacher_inference_images_per_s_' + ('bf16' if dtype else 'fp32')]} images/s")  # fmt: skip
+        print(
+            f"resnet32x4 inference ({'bf16' if dtype else 'fp32'}, batch 512): "
+            f"{RESULTS['teacher_inference_images_per_s_' + ('bf16' if dtype else 'fp32')]} images/s"
+        )
 
 
 def main() -> None:

@@ -102,14 +102,19 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="camkd-precompute-bench-"))
     torch.manual_seed(0)
     teachers.save_model_file(str(root / "t.pt"), models.create(TEACHER, CLASSES, 3))
-    cfg = validate({
-        "root": str(root),
-        "data": {"source": "synthetic", "rows_per_part": args.rows_per_part,
-                 "synthetic": {"train": args.images, "test": 64, "num_classes": CLASSES, "size": 32}},
-        "views": {"count": 1},
-        "teachers": [{"name": "t", "arch": TEACHER, "checkpoint": str(root / "t.pt")}],
-        "cache": {"features": "fp16", "batch_size": args.batch, "eval_test": False, "cpus_per_actor": 1},
-    })  # fmt: skip
+    cfg = validate(
+        {
+            "root": str(root),
+            "data": {
+                "source": "synthetic",
+                "rows_per_part": args.rows_per_part,
+                "synthetic": {"train": args.images, "test": 64, "num_classes": CLASSES, "size": 32},
+            },
+            "views": {"count": 1},
+            "teachers": [{"name": "t", "arch": TEACHER, "checkpoint": str(root / "t.pt")}],
+            "cache": {"features": "fp16", "batch_size": args.batch, "eval_test": False, "cpus_per_actor": 1},
+        }
+    )
     meta = ingest(cfg, log=lambda *_: None)
     ref = teachers.resolve(cfg, cfg.teachers[0], CLASSES, 3)
     plain = plain_loop(cfg, meta, ref, args.batch)
@@ -124,7 +129,10 @@ def main() -> None:
     steady = (args.images - args.rows_per_part) / max(wall - first, 1e-9)
     sizes = bytes_per_sample(ref)
     result = {
-        "teacher": TEACHER, "images": args.images, "views": 1, "threads": args.threads,
+        "teacher": TEACHER,
+        "images": args.images,
+        "views": 1,
+        "threads": args.threads,
         "plain_no_grad_images_per_s": round(plain, 1),
         "ray_images_per_s_end_to_end": round(e2e, 1),
         "ray_images_per_s_steady": round(steady, 1),
@@ -133,13 +141,15 @@ def main() -> None:
         "ratio_steady": round(steady / plain, 3),
         "bytes_per_sample_per_view": sizes,
         "manifest_bytes_per_sample": row["bytes_per_sample"],
-    }  # fmt: skip
+    }
     print(f"plain torch.no_grad loop           {plain:8.1f} images/s")
     print(
         f"Ray Data precompute, end to end    {e2e:8.1f} images/s   ratio {result['ratio_end_to_end']:.3f} (goal ≥ 0.8)"
     )
-    print(f"Ray Data precompute, steady state  {steady:8.1f} images/s   ratio {result['ratio_steady']:.3f}"
-          f"   (first part after {first:.1f} s)")  # fmt: skip
+    print(
+        f"Ray Data precompute, steady state  {steady:8.1f} images/s   ratio {result['ratio_steady']:.3f}"
+        f"   (first part after {first:.1f} s)"
+    )
     print("cache bytes per image and view (resnet32x4: 100 logits, 256×8×8 map)")
     for k, v in sizes.items():
         print(f"  {k:<34} {v:10.1f}")

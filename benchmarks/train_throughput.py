@@ -37,12 +37,19 @@ def build(strategy: str, device, teachers):
     names = [f"t{i}" for i in range(K)] if strategy != "ce" else []
     kwargs = {}
     if strategy == "camkd":
-        kwargs = {"student_channels": student.feature_channels,
-                  "teacher_feature_shapes": [[t.feature_channels, 8, 8] for t in teachers],
-                  "teacher_heads": [t.head for t in teachers]}  # fmt: skip
+        kwargs = {
+            "student_channels": student.feature_channels,
+            "teacher_feature_shapes": [[t.feature_channels, 8, 8] for t in teachers],
+            "teacher_heads": [t.head for t in teachers],
+        }
     distiller = Distiller(student, create_strategy(strategy, names, **kwargs)).to(device)
-    opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
-                          nesterov=True, weight_decay=5e-4)  # fmt: skip
+    opt = torch.optim.SGD(
+        [p for p in distiller.parameters() if p.requires_grad],
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+    )
     return distiller, opt
 
 
@@ -80,8 +87,10 @@ class InMemoryRun:
                 torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
             ):
                 fm = [t.forward_features(x) for t in self.teachers]
-                out = TeacherOutputs(torch.stack([t.forward_head(f) for t, f in zip(self.teachers, fm)]).float(),
-                                     [f.float() for f in fm])  # fmt: skip
+                out = TeacherOutputs(
+                    torch.stack([t.forward_head(f) for t, f in zip(self.teachers, fm)]).float(),
+                    [f.float() for f in fm],
+                )
         loss, *_ = self.step.forward(x, self.labels[sl], out, epoch=1)
         self.step.backward_and_step(loss, epoch=1)
 
@@ -128,23 +137,42 @@ def ray_path(n_images: int, epochs: int, threads: int) -> dict[str, float]:
         path = root / f"t{i}.pt"
         teachers.save_model_file(str(path), models.create(TEACHER, CLASSES, 3))
         files.append({"name": f"t{i}", "arch": TEACHER, "checkpoint": str(path)})
-    cfg = validate({
-        "root": str(root), "experiment": "bench",
-        "data": {"source": "synthetic", "rows_per_part": 512,
-                 "synthetic": {"train": n_images, "test": 256, "num_classes": CLASSES, "size": 32}},
-        "views": {"count": 1}, "teachers": files, "student": {"arch": STUDENT},
-        "cache": {"features": "fp16", "eval_test": False},
-        "train": {"epochs": epochs, "batch_size": 64, "milestones": [], "export": False, "shuffle_buffer": 0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": threads},
-    })  # fmt: skip
+    cfg = validate(
+        {
+            "root": str(root),
+            "experiment": "bench",
+            "data": {
+                "source": "synthetic",
+                "rows_per_part": 512,
+                "synthetic": {"train": n_images, "test": 256, "num_classes": CLASSES, "size": 32},
+            },
+            "views": {"count": 1},
+            "teachers": files,
+            "student": {"arch": STUDENT},
+            "cache": {"features": "fp16", "eval_test": False},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "milestones": [],
+                "export": False,
+                "shuffle_buffer": 0,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": threads},
+        }
+    )
     ray.init(num_cpus=max(2, threads), log_to_driver=False)
     quiet_ray_data()
     meta = ingest(cfg, log=lambda *_: None)
     precompute.run_stage(cfg, log=lambda *_: None)
     out = {}
     for strategy in ("ce", "camkd"):
-        s = train.fit(with_updates(cfg, {"strategy.name": strategy}), meta, str(root / "runs"), strategy,
-                      log=lambda *_: None)  # fmt: skip
+        s = train.fit(
+            with_updates(cfg, {"strategy.name": strategy}),
+            meta,
+            str(root / "runs"),
+            strategy,
+            log=lambda *_: None,
+        )
         steady = [h["samples_per_s"] for h in s["history"][1:]]
         out[strategy] = sum(steady) / len(steady)
         out[f"{strategy}_input_wait_s_per_epoch"] = sum(
@@ -181,14 +209,20 @@ def main() -> None:
             torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half(),
             [f.half() for f in fm],
         )
-    rates = in_memory_rates(images, labels, teachers, cached, args.batch, args.steps, args.rounds, device, dtype)  # fmt: skip
+    rates = in_memory_rates(
+        images, labels, teachers, cached, args.batch, args.steps, args.rounds, device, dtype
+    )
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
-        "amp": args.amp, "batch": args.batch, "steps_x_rounds": [args.steps, args.rounds],
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+        "amp": args.amp,
+        "batch": args.batch,
+        "steps_x_rounds": [args.steps, args.rounds],
         "in_memory_samples_per_s": {k: round(v, 1) for k, v in rates.items()},
         "cached_over_ce": round(rates["cached"] / rates["ce"], 3),
         "cached_over_online": round(rates["cached"] / rates["online"], 2),
-    }  # fmt: skip
+    }
     print(f"{'in-memory (' + result['device'] + ', amp ' + args.amp + ')':<52} samples/s")
     for k, v in rates.items():
         print(f"  {k:<50} {v:10.1f}")

@@ -29,8 +29,14 @@ class TrainStep:
     says which parameters sit out the current epoch).
     """
 
-    def __init__(self, model: nn.Module, distiller: Distiller, optimizer: torch.optim.Optimizer,
-                 device: torch.device, dtype: torch.dtype | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        distiller: Distiller,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
         self.model, self.distiller, self.optimizer = model, distiller, optimizer
         self.device, self.dtype = device, dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

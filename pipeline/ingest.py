@@ -386,6 +386,7 @@ def ingest(cfg: Config, log=print) -> DatasetMeta:
         meta = DatasetMeta.model_validate(storage.read_json(meta_url))
         log(f"[ingest] {data.dataset_name}-{fp} is already ingested at {out} (no-op)")
         return meta
+    started = time.time()
     limits = {"train": data.limit_train, "test": data.limit_test}
     infos = {}
     for split_name, split in splits.items():
@@ -416,7 +417,16 @@ def ingest(cfg: Config, log=print) -> DatasetMeta:
         created=time.time(),
     )
     storage.write_json(meta_url, meta.model_dump())
-    log(f"[ingest] wrote {out}")
+    summary = {
+        "dataset": f"{meta.name}-{fp}",
+        "dir": out,
+        "num_classes": meta.num_classes,
+        "rows": {k: v.rows for k, v in infos.items()},
+        "parts": {k: len(v.parts) for k, v in infos.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    log(f"[ingest] wrote {out} (summary.json)")
     return meta
 
 

@@ -144,9 +144,11 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
         )
     if class_weights:
         plots["per_class_weights"] = report.plot_class_weights(
-            class_weights, classes, storage.join(out, "per_class_weight.png"),
+            class_weights,
+            classes,
+            storage.join(out, "per_class_weight.png"),
             "CA-MKD mean confidence weight per class (last epoch)",
-        )  # fmt: skip
+        )
     t_md = report.markdown_table(t_rows, ["teacher", "arch", "test_top1", "cached_view_top1", "cache_MiB"])
     s_md = report.markdown_table(
         s_rows,
@@ -156,6 +158,12 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
     lb_md = report.markdown_table(
         lb, ["rank", "teachers", "strategy", "best_top1", "epochs", "stopped_early", "wall_s"]
     )
+    all_names = "+".join(r["teacher"] for r in t_rows)
+    if camkd_runs and lb and all(r["teachers"] != all_names for r in lb):
+        lb_md += (
+            f"\n\nAll three teachers ({all_names}) with CA-MKD is the `camkd` student above "
+            f"(same config): best top-1 {camkd_runs[0]['best_val_top1']:.4f}."
+        )
     text = (
         "# camkd-ray quickstart report\n\n"
         f"Data: {cfg.data.dataset_name} ({cfg.data.limit_train or 'all'} training / {cfg.data.limit_test or 'all'} "

@@ -15,9 +15,18 @@ from pipeline import storage
 from pipeline.config import Config
 
 LEADERBOARD_COLUMNS = [
-    "rank", "trial", "teachers", "strategy", "params", "best_top1", "final_top1", "epochs", "stopped_early",
-    "status", "wall_s",
-]  # fmt: skip
+    "rank",
+    "trial",
+    "teachers",
+    "strategy",
+    "params",
+    "best_top1",
+    "final_top1",
+    "epochs",
+    "stopped_early",
+    "status",
+    "wall_s",
+]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -245,9 +254,11 @@ def write_sweep_report(cfg: Config, sweep: str, log=print) -> dict[str, Any]:
         )
         ca = [r for r in rows if r["strategy"].startswith("camkd") and r["history"]][:4]
         if ca:
-            plots["weights"] = plot_weights_over_epochs([(f"#{r['rank']} {r['teachers']}", r["history"]) for r in ca],
-                                                        storage.join(out, "camkd_weights.png"),
-                                                        "CA-MKD mean confidence weight per teacher")  # fmt: skip
+            plots["weights"] = plot_weights_over_epochs(
+                [(f"#{r['rank']} {r['teachers']}", r["history"]) for r in ca],
+                storage.join(out, "camkd_weights.png"),
+                "CA-MKD mean confidence weight per teacher",
+            )
     log(f"[report] leaderboard ({len(rows)} trials):\n{md}")
     log(f"[report] written to {out}")
     return {

@@ -49,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply without"
         )
         p.add_argument(
-            "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            "-s",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a field by dotted path, e.g. --set train.epochs=5 (repeatable; VALUE is YAML)",
-        )  # fmt: skip
+        )
         p.add_argument(
             "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
         )

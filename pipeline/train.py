@@ -9,6 +9,7 @@ not trained again. `online` mode runs the teachers in the loop on the same views
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 import time
@@ -38,7 +39,9 @@ from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.views import ViewSpec, make_view_spec, uniforms, view_for_epoch
 
 STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
 
@@ -338,6 +341,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record["class_weight"] = {name: per_class[i] for i, name in enumerate(plan.teacher_names)}
         history.append(record)
         if rank == 0:
+            terms = ", ".join(
+                f"{n} {v:.3f}" for n, v in metrics.items() if n.startswith("train_") and n != "train_top1"
+            )
+            print(
+                f"[train] epoch {epoch + 1}/{cfg.train.epochs}: {terms}; top-1 train {metrics['train_top1']:.4f} "
+                f"val {val_top1:.4f} (best {best:.4f}); {metrics['samples_per_s']:.0f} samples/s, {epoch_seconds:.1f} s",
+                flush=True,
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(
                     {
@@ -353,10 +364,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
+                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                    json.dump(plan.cfg, f, indent=1)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
+                    checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch + 1:04d}",
                 )
         else:
             ray.train.report(metrics)
@@ -419,7 +432,7 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
 
 
 def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
@@ -457,6 +470,7 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line replaces its report dumps
         ),
         datasets=datasets,
         dataset_config=_data_config(cfg.train.deterministic),
@@ -495,12 +509,12 @@ def _data_config(deterministic: bool):
     return ExactEvalDataConfig()
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{key}.")
+            out += config_diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} → {b!r}")
     return out
@@ -515,7 +529,7 @@ def _check_same_run(run_dir: str, cfg: Config) -> None:
     new = cfg.model_dump(mode="json")
     if storage.exists(url):
         old = storage.read_json(url)["config"]
-        diff = [d for d in _config_diff(old, new) if not d.startswith(RESUME_NEUTRAL)]
+        diff = [d for d in config_diff(old, new) if not d.startswith(RESUME_NEUTRAL)]
         if diff:
             raise TrainingError(
                 f"run {run_dir} was started with a different config ({'; '.join(diff[:6])}). "
@@ -523,6 +537,16 @@ def _check_same_run(run_dir: str, cfg: Config) -> None:
             )
     else:
         storage.write_json(url, {"config": new, "created": time.time()})
+
+
+def checkpointed_epochs(run_dir: str) -> int:
+    """The last epoch that has a checkpoint under `run_dir` (0 when none): where a resumed run starts."""
+    epochs = [
+        int(d[len(CHECKPOINT_PREFIX) :])
+        for d in storage.listdir(run_dir)
+        if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(epochs, default=0)
 
 
 def fit(

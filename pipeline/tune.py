@@ -16,8 +16,18 @@ from pipeline import storage
 from pipeline.config import Config, Domain, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.report import write_sweep_report
+from pipeline.train import TrainingError, config_diff
 
 TRIAL_TRAINABLE = "camkd_trial"
+SWEEP_FILE = "sweep.json"
+# Fields a sweep may resume under changed: where Ray runs and how many trials run at once.
+SWEEP_NEUTRAL = (
+    "ray",
+    "train.max_failures",
+    "scaling.check_resources",
+    "train.export",
+    "tune.max_concurrent_trials",
+)
 
 
 def sweep_dir(cfg: Config) -> str:
@@ -95,11 +105,36 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import fit
+    from pipeline.train import checkpointed_epochs, fit
 
     cfg = trial_config(validate(base, "sweep base config"), trial)
     trial_id = ray.tune.get_context().get_trial_id()
-    fit(cfg, DatasetMeta.model_validate(meta), train_root, trial_id, callbacks=[TuneReportCallback()])
+    done_before = checkpointed_epochs(storage.join(train_root, trial_id))
+    summary = fit(
+        cfg, DatasetMeta.model_validate(meta), train_root, trial_id, callbacks=[TuneReportCallback()]
+    )
+    if summary["epochs"] <= done_before:
+        # The run had trained every epoch before this attempt (the driver died between the last epoch and Tune
+        # recording it): nothing was reported this time, so hand Tune the last epoch's metrics from the record.
+        last = {k: v for k, v in summary["history"][-1].items() if k not in ("class_weight", "workers")}
+        ray.tune.report(last)
+
+
+def check_same_sweep(out: str, cfg: Config) -> None:
+    """A sweep folder is bound to its config: resuming it under another one would mix two sweeps silently."""
+    url = storage.join(out, SWEEP_FILE)
+    new = cfg.model_dump(mode="json")
+    if storage.exists(url):
+        diff = [
+            d for d in config_diff(storage.read_json(url)["config"], new) if not d.startswith(SWEEP_NEUTRAL)
+        ]
+        if diff:
+            raise TrainingError(
+                f"the sweep at {out} was started with a different config ({'; '.join(diff[:6])}). Use another "
+                f"`experiment` name for the new sweep, or delete {out} to start it over"
+            )
+    else:
+        storage.write_json(url, {"config": new, "created": time.time()})
 
 
 def run_stage(cfg: Config, log=print) -> dict[str, Any]:
@@ -114,6 +149,7 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
     check_resources(cfg)
     out = sweep_dir(cfg)
     storage.check_writable(out)
+    check_same_sweep(out, cfg)
     fs, path = storage.pyarrow_fs(storage.join(out, "tune"))
     base = cfg.model_dump(mode="json")
     base["tune"] = {}
@@ -143,8 +179,10 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
         )
         space = param_space(cfg)
         n_arms = len(arms(cfg))
-        log(f"[tune] sweep of {n_arms} (strategy, teacher set) arm(s) × space {list(t.space)}; "
-            f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → {exp_path}")  # fmt: skip
+        log(
+            f"[tune] sweep of {n_arms} (strategy, teacher set) arm(s) × space {list(t.space)}; "
+            f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → {exp_path}"
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=space,

@@ -98,10 +98,29 @@ def test_int8_features_and_topk_logits_within_stated_bounds(cached):
     assert m.bytes_per_sample["features"] < 0.6 * 2 * 2 * 64 * 8 * 8
 
 
-def test_second_run_and_added_teacher_compute_only_whats_missing(cached, teacher_files):
+def test_second_run_and_added_teacher_compute_only_whats_missing(cached, tmp_path):
     cfg, *_ = cached
     again = precompute.run_stage(cfg)
     assert [t["computed_parts"] for t in again["teachers"]] == [0, 0]
+    root = tmp_path / "root"
+    shutil.copytree(cfg.root, root)
+    new = make_teacher_file(tmp_path / "t4.pt", "resnet8", seed=9)
+    added = with_updates(
+        cfg,
+        {
+            "root": str(root),
+            "teachers": [
+                *(t.model_dump() for t in cfg.teachers),
+                {"name": "t4", "arch": "resnet8", "checkpoint": str(new)},
+            ],
+        },
+    )
+    rows = precompute.run_stage(added)["teachers"]
+    assert [(t["teacher"], t["computed_parts"], t["reused_parts"]) for t in rows] == [
+        ("t1", 0, 4),
+        ("t2", 0, 4),
+        ("t4", 4, 0),
+    ]
 
 
 def _copy_cache(cfg, meta, tmp_path):
@@ -201,8 +220,12 @@ def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline/run.py"), "precompute", "--config", str(cfg_file)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline/run.py"), "precompute", "--config", str(cfg_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     meta = ingest(cfg)
     ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
     cdir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)

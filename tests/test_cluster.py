@@ -47,10 +47,16 @@ def tiny_raw(root: Path, **scaling) -> dict:
         "views": {"count": 1, "pad": 2},
         "student": {"arch": "resnet8"},
         "strategy": {"name": "ce"},
-        "train": {"epochs": 1, "batch_size": 32, "milestones": [], "shuffle_buffer": 0, "max_failures": 0,
-                  "export": False},
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "milestones": [],
+            "shuffle_buffer": 0,
+            "max_failures": 0,
+            "export": False,
+        },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "read_cpus": 0.25, **scaling},
-    }  # fmt: skip
+    }
 
 
 def spread_scaling() -> dict:
@@ -117,8 +123,12 @@ def kill_session(sid: int, grace: float = 5.0) -> None:
 def run_cli(args: list[str], timeout: float, env=None, prefix: list[str] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*prefix, sys.executable, str(REPO / "pipeline" / "run.py"), *args],
-        cwd=REPO, env=env or ray_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env or ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def node_ids(summary: dict) -> list[str]:
@@ -162,8 +172,12 @@ def test_simulated_multinode_workers_on_different_nodes(tmp_path):
     started = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", SIMULATED, str(REPO), json.dumps(raw)],
-        cwd=tmp_path, env=ray_env(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
@@ -290,20 +304,59 @@ def test_two_host_cluster_over_veth(two_hosts, tmp_path):
     h = two_hosts
     # gloo picks its interface from the hostname, which resolves to an address outside the namespaces; name it.
     env = {s: ray_env(GLOO_SOCKET_IFNAME=h.veth[s]) for s in "AB"}
-    common = ["--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
-              "--disable-usage-stats"]  # fmt: skip
+    common = [
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(200 * 1024**2),
+        "--disable-usage-stats",
+    ]
     head = subprocess.run(
-        [*h.exec_prefix("A"), "setsid", RAY_BIN, "start", "--head", "--node-ip-address", h.ip["A"],
-         "--port", str(gcs_port), "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--temp-dir", str(h.tmp / "a"), *common],
-        env=env["A"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            *h.exec_prefix("A"),
+            "setsid",
+            RAY_BIN,
+            "start",
+            "--head",
+            "--node-ip-address",
+            h.ip["A"],
+            "--port",
+            str(gcs_port),
+            "--dashboard-port",
+            str(dash_port),
+            "--include-dashboard",
+            "true",
+            "--temp-dir",
+            str(h.tmp / "a"),
+            *common,
+        ],
+        env=env["A"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
     worker = subprocess.run(
-        [*h.exec_prefix("B"), "setsid", RAY_BIN, "start", "--address", f"{h.ip['A']}:{gcs_port}",
-         "--node-ip-address", h.ip["B"], "--temp-dir", str(h.tmp / "b"), *common],
-        env=env["B"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            *h.exec_prefix("B"),
+            "setsid",
+            RAY_BIN,
+            "start",
+            "--address",
+            f"{h.ip['A']}:{gcs_port}",
+            "--node-ip-address",
+            h.ip["B"],
+            "--temp-dir",
+            str(h.tmp / "b"),
+            *common,
+        ],
+        env=env["B"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     assert h.pids("A") and h.pids("B")
 
@@ -315,8 +368,10 @@ def test_two_host_cluster_over_veth(two_hosts, tmp_path):
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     train = run_cli(
         ["train", "--config", str(cfg_file), "--address", f"{h.ip['A']}:{gcs_port}", "--name", "twohost"],
-        timeout=240, env=env["A"], prefix=h.exec_prefix("A"),
-    )  # fmt: skip
+        timeout=240,
+        env=env["A"],
+        prefix=h.exec_prefix("A"),
+    )
     out = train.stdout + train.stderr
     assert train.returncode == 0, out[-6000:]
     assert "2 node(s)" in out, out[-3000:]
@@ -334,36 +389,93 @@ def submit_and_check(url: str, tmp_path: Path) -> None:
     # An absolute path on this machine: the job driver (on the head) and the workers see the same files.
     root = tmp_path / "root"
     sets = [
-        "--set", f"root={root}", "--set", "experiment=jobs", "--set", "data.source=synthetic",
-        "--set", "data.rows_per_part=64", "--set", "data.synthetic.train=256", "--set", "data.synthetic.test=64",
-        "--set", "views.count=1", "--set", "student.arch=resnet8", "--set", "strategy.name=ce",
-        "--set", "train.epochs=1", "--set", "train.batch_size=32", "--set", "train.milestones=[]",
-        "--set", "train.export=false", "--set", "scaling.num_workers=1", "--set", "scaling.read_cpus=0.25",
-    ]  # fmt: skip
+        "--set",
+        f"root={root}",
+        "--set",
+        "experiment=jobs",
+        "--set",
+        "data.source=synthetic",
+        "--set",
+        "data.rows_per_part=64",
+        "--set",
+        "data.synthetic.train=256",
+        "--set",
+        "data.synthetic.test=64",
+        "--set",
+        "views.count=1",
+        "--set",
+        "student.arch=resnet8",
+        "--set",
+        "strategy.name=ce",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "train.milestones=[]",
+        "--set",
+        "train.export=false",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "scaling.read_cpus=0.25",
+    ]
     ingest = run_cli(["ingest", *sets], timeout=120)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
 
     # Without the token the job server refuses the submission.
     denied = subprocess.run(
         [RAY_BIN, "job", "submit", "--address", url, "--", "echo", "hi"],
-        env=ray_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
+        env=ray_env(RAY_AUTH_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert denied.returncode != 0, denied.stdout[-2000:]
     assert "Unauthorized" in denied.stdout + denied.stderr, denied.stdout[-2000:] + denied.stderr[-2000:]
 
     sub_id = f"camkd-test-{uuid.uuid4().hex[:8]}"
     submit = subprocess.run(
-        [RAY_BIN, "job", "submit", "--address", url, "--submission-id", sub_id, "--working-dir", str(REPO),
-         "--", "python", "pipeline/run.py", "train", *sets, "--name", "via-job"],
-        cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            RAY_BIN,
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--submission-id",
+            sub_id,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "pipeline/run.py",
+            "train",
+            *sets,
+            "--name",
+            "via-job",
+        ],
+        cwd=REPO,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0, out[-6000:]
     status = subprocess.run(
-        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-         "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", url, sub_id],
-        env=ray_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)",
+            url,
+            sub_id,
+        ],
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", status.stdout + status.stderr
     summary = json.loads((root / "runs" / "jobs" / "via-job" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs"] == 1
@@ -377,8 +489,12 @@ def test_ray_job_submit_wrong_address_fails_fast(tmp_path):
     started = time.time()
     proc = subprocess.run(
         [RAY_BIN, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--", "echo", "hi"],
-        env=ray_env(), capture_output=True, text=True, timeout=90, cwd=tmp_path,
-    )  # fmt: skip
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
     took = time.time() - started
     assert proc.returncode != 0
     assert "Failed to connect" in proc.stdout + proc.stderr or "ConnectionError" in proc.stdout + proc.stderr
@@ -565,9 +681,22 @@ def test_local_cluster_script_and_ray_job_submit(tmp_path):
         ]
         assert len(sessions) == 2 and all(session_pids(s) for s in sessions)
         nodes = subprocess.run(
-            [RAY_BIN, "list", "nodes", "--address", m.group(1), "--filter", "state=ALIVE", "--format", "json"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                RAY_BIN,
+                "list",
+                "nodes",
+                "--address",
+                m.group(1),
+                "--filter",
+                "state=ALIVE",
+                "--format",
+                "json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert len(json.loads(nodes.stdout)) == 2, nodes.stdout + nodes.stderr
         status = subprocess.run([script, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "w1: session" in status.stdout, status.stdout + status.stderr

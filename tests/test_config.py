@@ -12,26 +12,52 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 BAD = [
     ({"train": {"lr": -1}}, r"train\.lr = -1: Input should be greater than 0"),
-    ({"student": {"arch": "resnet9"}}, r"student\.arch = 'resnet9': unknown architecture 'resnet9'; did you mean"),
+    (
+        {"student": {"arch": "resnet9"}},
+        r"student\.arch = 'resnet9': unknown architecture 'resnet9'; did you mean",
+    ),
     ({"strategy": {"name": "camdk"}}, r"strategy\.name = 'camdk': Input should be 'ce', 'kd'"),
     ({"trian": {"epochs": 3}}, r"trian: unknown field; did you mean 'train'\?"),
     ({"train": {"epohcs": 3}}, r"train\.epohcs: unknown field; did you mean 'epochs'\?"),
     ({"views": {"count": 0}}, r"views\.count = 0: Input should be greater than or equal to 1"),
-    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x.pt", "train": {"epochs": 1}}]},
-     r"teachers\.0: .*exactly one of `checkpoint`"),
-    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x"}, {"name": "a", "arch": "resnet8", "checkpoint": "y"}]},
-     r"teacher names must be unique; repeated: \['a'\]"),
-    ({"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x"}], "strategy": {"teachers": ["b"]}},
-     r"strategy\.teachers names unknown teachers \['b'\]"),
-    ({"train": {"batch_size": 63}, "scaling": {"num_workers": 2}}, r"train\.batch_size \(63\) is global and must divide"),
-    ({"cache": {"features": "int4"}}, r"cache\.features = 'int4': Input should be 'auto', 'fp16', 'int8' or 'none'"),
+    (
+        {"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x.pt", "train": {"epochs": 1}}]},
+        r"teachers\.0: .*exactly one of `checkpoint`",
+    ),
+    (
+        {
+            "teachers": [
+                {"name": "a", "arch": "resnet8", "checkpoint": "x"},
+                {"name": "a", "arch": "resnet8", "checkpoint": "y"},
+            ]
+        },
+        r"teacher names must be unique; repeated: \['a'\]",
+    ),
+    (
+        {"teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "x"}], "strategy": {"teachers": ["b"]}},
+        r"strategy\.teachers names unknown teachers \['b'\]",
+    ),
+    (
+        {"train": {"batch_size": 63}, "scaling": {"num_workers": 2}},
+        r"train\.batch_size \(63\) is global and must divide",
+    ),
+    (
+        {"cache": {"features": "int4"}},
+        r"cache\.features = 'int4': Input should be 'auto', 'fp16', 'int8' or 'none'",
+    ),
     ({"data": {"source": "cifar100"}}, r"data: data\.path is required for source 'cifar100'"),
     ({"tune": {"space": {"foo.bar": [1, 2]}}}, r"tune\.space key 'foo\.bar' must start with one of"),
     ({"train": {"milestones": [20, 10]}}, r"train\.milestones = \[20, 10\]: .*strictly increasing"),
-    ({"scaling": {"num_workers": 0}}, r"scaling\.num_workers = 0: Input should be greater than or equal to 1"),
-    ({"teachers": [{"name": "bad name!", "arch": "resnet8", "checkpoint": "x"}]}, r"teachers\.0\.name = 'bad name!'"),
+    (
+        {"scaling": {"num_workers": 0}},
+        r"scaling\.num_workers = 0: Input should be greater than or equal to 1",
+    ),
+    (
+        {"teachers": [{"name": "bad name!", "arch": "resnet8", "checkpoint": "x"}]},
+        r"teachers\.0\.name = 'bad name!'",
+    ),
     ({"tune": {"space": {"strategy.beta": {"uniform": [5, 1]}}}}, r"uniform needs lo < hi"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.fault

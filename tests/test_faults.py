@@ -122,8 +122,16 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
     """A corrupted cache value (NaN logits in view 1 only) reaches the loss in epoch 2."""
     root = tmp_path / "root"
     shutil.copytree(cached[0].root, root)
-    cfg = with_updates(cached[0], {"root": str(root), "strategy.name": "aver", "strategy.teachers": ["t1", "t2"],
-                                   "train.epochs": 3, "train.export": False})  # fmt: skip
+    cfg = with_updates(
+        cached[0],
+        {
+            "root": str(root),
+            "strategy.name": "aver",
+            "strategy.teachers": ["t1", "t2"],
+            "train.epochs": 3,
+            "train.export": False,
+        },
+    )
     meta = cached[2]
     ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
     cdir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)
@@ -185,8 +193,16 @@ def _fill(path: Path) -> None:
 
 
 def test_full_storage_fails_with_a_clear_message_and_keeps_checkpoints(cached, tiny_disk):
-    cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None, "train.epochs": 3,
-                                   "train.export": False, "train.max_failures": 0})  # fmt: skip
+    cfg = with_updates(
+        cached[0],
+        {
+            "strategy.name": "ce",
+            "strategy.teachers": None,
+            "train.epochs": 3,
+            "train.export": False,
+            "train.max_failures": 0,
+        },
+    )
     _fill(tiny_disk)
     with pytest.raises(StorageError, match="disk is full"):
         train.fit(cfg, cached[2], str(tiny_disk), "full-before")
@@ -220,8 +236,11 @@ def test_unreachable_cluster_address_is_a_clear_error_not_a_hang():
     assert time.time() - started < 10
     rc = subprocess.run(
         [sys.executable, str(ROOT / "pipeline/run.py"), "train", "--address", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert rc.returncode == 2 and "error: nothing answers at Ray address" in rc.stderr
 
 

@@ -149,13 +149,26 @@ def test_camkd_feature_loss_matches_reference_and_is_not_detached(seed):
 def test_aver_ebkd_kd_match_reference(seed):
     student, teachers, labels = random_problem(seed=seed)
     for ours_fn, ref_fn in [
-        (lambda s: losses.aver_kd_loss(s, teachers.float(), 4.0),
-         lambda s: torch.stack([F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
-                                for t in teachers]).mean()),
-        (lambda s: losses.ebkd_kd_loss(s, teachers.float(), labels, 4.0), lambda s: ref_ebkd(s, teachers, 4.0)),
-        (lambda s: losses.kd_loss(s, teachers[0].float(), 4.0),
-         lambda s: F.kl_div(F.log_softmax(s / 4, 1), F.softmax(teachers[0] / 4, 1), reduction="batchmean") * 16),
-    ]:  # fmt: skip
+        (
+            lambda s: losses.aver_kd_loss(s, teachers.float(), 4.0),
+            lambda s: torch.stack(
+                [
+                    F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
+                    for t in teachers
+                ]
+            ).mean(),
+        ),
+        (
+            lambda s: losses.ebkd_kd_loss(s, teachers.float(), labels, 4.0),
+            lambda s: ref_ebkd(s, teachers, 4.0),
+        ),
+        (
+            lambda s: losses.kd_loss(s, teachers[0].float(), 4.0),
+            lambda s: (
+                F.kl_div(F.log_softmax(s / 4, 1), F.softmax(teachers[0] / 4, 1), reduction="batchmean") * 16
+            ),
+        ),
+    ]:
         s1, s2 = student.clone().float().requires_grad_(), student.clone().requires_grad_()
         ours, ref = ours_fn(s1), ref_fn(s2)
         ours.backward()

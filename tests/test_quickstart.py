@@ -11,10 +11,15 @@ from pipeline import run
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 TINY = [
-    "data.limit_train=600", "data.limit_test=200", "data.rows_per_part=300",
-    "teachers.0.train.epochs=1", "teachers.1.train.epochs=1",
-    "train.epochs=1", "train.milestones=[]", "tune.teacher_set_sizes=[3]",
-]  # fmt: skip
+    "data.limit_train=600",
+    "data.limit_test=200",
+    "data.rows_per_part=300",
+    "teachers.0.train.epochs=1",
+    "teachers.1.train.epochs=1",
+    "train.epochs=1",
+    "train.milestones=[]",
+    "tune.teacher_set_sizes=[3]",
+]
 
 
 @pytest.mark.slow

@@ -89,9 +89,17 @@ def test_cached_and_online_first_step_agree(cached):
     cfg = camkd_config(cached)
     meta = cached[2]
     plan = train.make_plan(cfg, meta, "/nonexistent")
-    read = ReadPlan(plan.dataset_dir, "train", tuple(plan.image_shape), plan.spec,
-                    tuple(TeacherSource(n, c, m) for n, c, m in zip(plan.teacher_names, plan.teacher_caches, plan.manifests)),
-                    True, True)  # fmt: skip
+    read = ReadPlan(
+        plan.dataset_dir,
+        "train",
+        tuple(plan.image_shape),
+        plan.spec,
+        tuple(
+            TeacherSource(n, c, m) for n, c, m in zip(plan.teacher_names, plan.teacher_caches, plan.manifests)
+        ),
+        True,
+        True,
+    )
     rows = read_training_rows({"part": np.array(["part-00000.parquet"])}, read, view=1)
     batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in rows.items()}
     images = normalize(batch["image"], plan.spec["mean"], plan.spec["std"])

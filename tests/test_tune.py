@@ -73,7 +73,7 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
             for d in storage.listdir(train_root)
             if storage.exists(os.path.join(train_root, d, "summary.json"))
         ]
-        time.sleep(0.5)
+        time.sleep(0.05)  # kill as soon as it lands, often before Tune records the trial as finished
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(finished_before) == 1, f"expected exactly one finished trial at kill time: {finished_before}"
@@ -116,5 +116,28 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
 def test_arms_skip_combinations_a_strategy_cannot_take(cached):
     cfg = sweep_config(cached, "/tmp/unused", teacher_set_sizes=[1, 2], strategies=["kd", "camkd", "ce"])
     got = [(a["strategy"], "+".join(a["teachers"])) for a in tune.arms(cfg)]
-    assert got == [("kd", "t1"), ("kd", "t2"), ("kd", "t3"), ("camkd", "t1+t2"), ("camkd", "t1+t3"),
-                   ("camkd", "t2+t3"), ("ce", "")]  # fmt: skip
+    assert got == [
+        ("kd", "t1"),
+        ("kd", "t2"),
+        ("kd", "t3"),
+        ("camkd", "t1+t2"),
+        ("camkd", "t1+t3"),
+        ("camkd", "t2+t3"),
+        ("ce", ""),
+    ]
+
+
+@pytest.mark.fault
+def test_a_sweep_folder_is_bound_to_its_config(cached, tmp_path):
+    """Re-running `tune` after editing the sweep must not silently resume the old sweep under the new config."""
+    cfg = sweep_config(cached, tmp_path / "root", teacher_sets=[["t1", "t2"]], space={"train.lr": [0.05]})
+    out = tune.sweep_dir(cfg)
+    tune.check_same_sweep(out, cfg)  # first time: binds the folder
+    assert os.path.exists(os.path.join(out, tune.SWEEP_FILE))
+    tune.check_same_sweep(out, with_updates(cfg, {"tune.max_concurrent_trials": 2}))  # scheduling only: fine
+    edited = with_updates(cfg, {"tune.space": {"train.lr": [0.05, 0.1]}, "train.epochs": 3})
+    with pytest.raises(
+        tune.TrainingError, match=r"different config \(train\.epochs: 2 → 3; tune\.space"
+    ) as e:
+        tune.check_same_sweep(out, edited)
+    assert "another `experiment` name" in str(e.value) and out in str(e.value)
