@@ -69,7 +69,12 @@ def run_quickstart(cfg: Config, overwrite: bool = False, log=print) -> dict[str,
     _step(6, n, "report", log)
     summary = write_quickstart_report(cfg, meta.classes, teacher_rows, cache, students, sweep, log=log)
     summary["wall_seconds"] = round(time.time() - started, 1)
-    storage.write_json(storage.join(runs_root, "report", "summary.json"), summary)
+    # Keep every invocation's wall time: a second run reuses everything, and its few seconds must not hide what
+    # the first run cost.
+    url = storage.join(runs_root, "report", "summary.json")
+    earlier = storage.read_json(url).get("invocations", []) if storage.exists(url) else []
+    summary["invocations"] = [*earlier, {"started": round(started), "wall_seconds": summary["wall_seconds"]}]
+    storage.write_json(url, summary)
     log(
         f"\nquickstart finished in {summary['wall_seconds']:.0f} s; report: {storage.join(runs_root, 'report')}"
     )

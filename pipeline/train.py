@@ -523,20 +523,27 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 RESUME_NEUTRAL = ("ray", "tune", "train.max_failures", "scaling.check_resources", "train.export")
 
 
-def _check_same_run(run_dir: str, cfg: Config) -> None:
-    """A run name is bound to its config: resuming under a different config would mix two experiments."""
-    url = storage.join(run_dir, RUN_FILE)
+def bind_config(url: str, cfg: Config, neutral: tuple[str, ...], what: str, fix: str) -> None:
+    """Bind a folder to the config that started it (the JSON file at `url`): resuming it under a different
+    config would mix two experiments, so that is refused, listing the differences (fields under `neutral` may
+    change)."""
     new = cfg.model_dump(mode="json")
     if storage.exists(url):
-        old = storage.read_json(url)["config"]
-        diff = [d for d in config_diff(old, new) if not d.startswith(RESUME_NEUTRAL)]
+        diff = [d for d in config_diff(storage.read_json(url)["config"], new) if not d.startswith(neutral)]
         if diff:
-            raise TrainingError(
-                f"run {run_dir} was started with a different config ({'; '.join(diff[:6])}). "
-                "Pass another --name (or experiment), or delete that folder to start over"
-            )
+            raise TrainingError(f"{what} was started with a different config ({'; '.join(diff[:6])}). {fix}")
     else:
         storage.write_json(url, {"config": new, "created": time.time()})
+
+
+def _check_same_run(run_dir: str, cfg: Config) -> None:
+    bind_config(
+        storage.join(run_dir, RUN_FILE),
+        cfg,
+        RESUME_NEUTRAL,
+        f"run {run_dir}",
+        "Pass another --name (or experiment), or delete that folder to start over",
+    )
 
 
 def checkpointed_epochs(run_dir: str) -> int:

@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.config import Config, Domain, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.report import write_sweep_report
-from pipeline.train import TrainingError, config_diff
+from pipeline.train import bind_config
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"
@@ -122,19 +122,13 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
 
 def check_same_sweep(out: str, cfg: Config) -> None:
     """A sweep folder is bound to its config: resuming it under another one would mix two sweeps silently."""
-    url = storage.join(out, SWEEP_FILE)
-    new = cfg.model_dump(mode="json")
-    if storage.exists(url):
-        diff = [
-            d for d in config_diff(storage.read_json(url)["config"], new) if not d.startswith(SWEEP_NEUTRAL)
-        ]
-        if diff:
-            raise TrainingError(
-                f"the sweep at {out} was started with a different config ({'; '.join(diff[:6])}). Use another "
-                f"`experiment` name for the new sweep, or delete {out} to start it over"
-            )
-    else:
-        storage.write_json(url, {"config": new, "created": time.time()})
+    bind_config(
+        storage.join(out, SWEEP_FILE),
+        cfg,
+        SWEEP_NEUTRAL,
+        f"the sweep at {out}",
+        f"Use another `experiment` name for the new sweep, or delete {out} to start it over",
+    )
 
 
 def run_stage(cfg: Config, log=print) -> dict[str, Any]:

@@ -313,51 +313,35 @@ def test_two_host_cluster_over_veth(two_hosts, tmp_path):
         str(200 * 1024**2),
         "--disable-usage-stats",
     ]
-    head = subprocess.run(
-        [
-            *h.exec_prefix("A"),
-            "setsid",
-            RAY_BIN,
-            "start",
-            "--head",
-            "--node-ip-address",
-            h.ip["A"],
-            "--port",
-            str(gcs_port),
-            "--dashboard-port",
-            str(dash_port),
-            "--include-dashboard",
-            "true",
-            "--temp-dir",
-            str(h.tmp / "a"),
-            *common,
-        ],
-        env=env["A"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+    def ray_start(host: str, *args: str) -> None:
+        done = subprocess.run(
+            [
+                *h.exec_prefix(host),
+                "setsid",
+                RAY_BIN,
+                "start",
+                "--node-ip-address",
+                h.ip[host],
+                *args,
+                *common,
+            ],
+            env=env[host],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"ray start on host {host}: " + done.stdout[-3000:] + done.stderr[-3000:]
+
+    ray_start(
+        "A",
+        "--head",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dash_port}",
+        "--include-dashboard=true",
+        f"--temp-dir={h.tmp / 'a'}",
     )
-    assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
-    worker = subprocess.run(
-        [
-            *h.exec_prefix("B"),
-            "setsid",
-            RAY_BIN,
-            "start",
-            "--address",
-            f"{h.ip['A']}:{gcs_port}",
-            "--node-ip-address",
-            h.ip["B"],
-            "--temp-dir",
-            str(h.tmp / "b"),
-            *common,
-        ],
-        env=env["B"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    ray_start("B", f"--address={h.ip['A']}:{gcs_port}", f"--temp-dir={h.tmp / 'b'}")
     assert h.pids("A") and h.pids("B")
 
     root = tmp_path / "root"
@@ -483,6 +467,7 @@ def submit_and_check(url: str, tmp_path: Path) -> None:
     print(f"ray job submit run: {time.time() - started:.1f} s")
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 def test_ray_job_submit_wrong_address_fails_fast(tmp_path):
     (port,) = free_ports(1)  # nothing listens there

@@ -131,6 +131,7 @@ def test_cifar_python_batches(tmp_path, kind):
     assert first["image"][0].as_py() == expected.tobytes()
 
 
+@pytest.mark.fault
 def test_cifar_batch_with_code_is_refused(tmp_path):
     src = make_cifar_folder(tmp_path / "evil", "cifar100")
 

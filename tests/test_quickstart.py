@@ -54,3 +54,5 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster
     out = capsys.readouterr().out
     assert "already finished" in out and "cache up to date" in out and "no-op" in out
     assert os.path.getmtime(tmp_path / "runs" / "quickstart" / "student-camkd" / "summary.json") == stamp
+    again = json.loads((report_dir / "summary.json").read_text())
+    assert [i["wall_seconds"] for i in again["invocations"]] == [summary["wall_seconds"], again["wall_seconds"]]

@@ -14,6 +14,7 @@ from conftest import ROOT, teacher_entries
 
 from pipeline import report, storage, tune
 from pipeline.config import with_updates
+from pipeline.train import TrainingError
 
 
 def sweep_config(cached, root, **tune_section):
@@ -38,6 +39,7 @@ def copy_root(cached, tmp_path):
     return root
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_path, ray_cluster):
     """One real sweep exercises it all: 4 trials (2 strategies × 2 learning rates), ASHA stops the useless learning
@@ -136,8 +138,6 @@ def test_a_sweep_folder_is_bound_to_its_config(cached, tmp_path):
     assert os.path.exists(os.path.join(out, tune.SWEEP_FILE))
     tune.check_same_sweep(out, with_updates(cfg, {"tune.max_concurrent_trials": 2}))  # scheduling only: fine
     edited = with_updates(cfg, {"tune.space": {"train.lr": [0.05, 0.1]}, "train.epochs": 3})
-    with pytest.raises(
-        tune.TrainingError, match=r"different config \(train\.epochs: 2 → 3; tune\.space"
-    ) as e:
+    with pytest.raises(TrainingError, match=r"different config \(train\.epochs: 2 → 3; tune\.space") as e:
         tune.check_same_sweep(out, edited)
     assert "another `experiment` name" in str(e.value) and out in str(e.value)
