@@ -7,6 +7,7 @@ allowed. Stages receive validated `Config` objects and never read the environmen
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +38,19 @@ SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (field path, bad value, what is allowed)."""
+
+
+def absolute_location(value: str) -> str:
+    """A local path made absolute against the current working directory (`~` expanded); a URL kept as it is.
+
+    Config fields that name files or folders are resolved this way when the config is validated, which happens
+    first on the driver: Ray runs trials, jobs and workers in other working directories, so a relative path
+    that reached them would point somewhere else (a sweep's trials once looked for `./camkd-runs` inside their
+    own Tune trial folders).
+    """
+    if "://" in value:
+        return value.rstrip("/")
+    return os.path.abspath(os.path.expanduser(value))
 
 
 class Strict(BaseModel):
@@ -75,6 +89,11 @@ class DataConfig(Strict):
     mean: list[float] | None = None
     std: list[float] | None = None
     synthetic: SyntheticData = SyntheticData()
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, v: str | None) -> str | None:
+        return None if v is None else absolute_location(v)
 
     @property
     def dataset_name(self) -> str:
@@ -146,6 +165,11 @@ class TeacherConfig(Strict):
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str | None) -> str | None:
+        return None if v is None else absolute_location(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
@@ -352,6 +376,13 @@ class Config(Strict):
     scaling: ScalingSettings = ScalingSettings()
     tune: TuneSettings = TuneSettings()
     ray: RaySettings = RaySettings()
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("root must name a folder or a URL (s3://bucket/prefix, gs://...)")
+        return absolute_location(v)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

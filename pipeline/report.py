@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from typing import Any
 
 from pipeline import storage
@@ -26,10 +27,24 @@ LEADERBOARD_COLUMNS = [
     "stopped_early",
     "status",
     "wall_s",
+    "error",
 ]
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def error_summary(text: str) -> str:
+    """The one line of a traceback a user needs: `CacheError: teacher 't1' has no cache at ...` (the module
+    path dropped), or the last non-empty line when no exception line is found."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        m = re.match(
+            r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt|Failure)): (.*)$", line
+        )
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    return lines[-1] if lines else "unknown error"
+
+
 def _read_lines_json(url: str) -> list[dict[str, Any]]:
     if not storage.exists(url):
         return []
@@ -55,11 +70,22 @@ def load_trials(sweep: str) -> list[dict[str, Any]]:
             continue
         params = storage.read_json(params_url)
         results = [r for r in _read_lines_json(storage.join(tdir, "result.json")) if "val_top1" in r]
-        errored = storage.exists(storage.join(tdir, "error.txt")) or storage.exists(
-            storage.join(tdir, "error.pkl")
-        )
-        trials.append({"dir": tdir, "params": params, "results": results, "errored": errored})
+        error = None
+        if storage.exists(storage.join(tdir, "error.txt")):
+            error = error_summary(
+                storage.read_bytes(storage.join(tdir, "error.txt")).decode(errors="replace")
+            )
+        elif storage.exists(storage.join(tdir, "error.pkl")):
+            error = "the trial failed (see error.pkl in its folder)"
+        trials.append({"dir": tdir, "params": params, "results": results, "error": error})
     return trials
+
+
+def _trial_id(trial_dir: str) -> str:
+    """Tune's trial id from a trial folder name (`run_trial_e07ca_00000_0_arm=...` → `e07ca_00000`)."""
+    name = trial_dir.rstrip("/").rsplit("/", 1)[-1]
+    m = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
+    return m.group(1) if m else name[:24]
 
 
 def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
@@ -70,12 +96,11 @@ def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
         res = t["results"]
         epochs = max((r["epoch"] for r in res), default=0)
         best = max((r["val_top1"] for r in res), default=float("nan"))
-        status = "error" if t["errored"] else ("finished" if epochs >= cfg.train.epochs else "stopped")
+        # A trial that errored and then finished on a resumed sweep keeps Tune's old error.txt: finished wins.
+        status = "finished" if epochs >= cfg.train.epochs else ("error" if t["error"] else "stopped")
         rows.append(
             {
-                "trial": res[-1]["trial_id"]
-                if res and "trial_id" in res[-1]
-                else t["dir"].rsplit("/", 1)[-1][:24],
+                "trial": res[-1]["trial_id"] if res and "trial_id" in res[-1] else _trial_id(t["dir"]),
                 "teachers": "+".join(arm.get("teachers") or []) or "-",
                 "strategy": arm.get("strategy", "?"),
                 "params": ", ".join(
@@ -87,6 +112,7 @@ def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
                 "stopped_early": status == "stopped",
                 "status": status,
                 "wall_s": round(res[-1].get("time_total_s", 0.0), 1) if res else 0.0,
+                "error": t["error"] or "",
                 "history": res,
             }
         )
@@ -163,7 +189,8 @@ def plot_best_per_arm(rows: list[dict[str, Any]], url: str, title: str) -> str:
     lo = min([v for v in best.values()] or [0])
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(best.values() or [1]) + 0.03))
     ax.set_title(title + " (ASHA-stopped trials marked)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     url = _save_png(fig, url)
     plt.close(fig)
     return url
@@ -181,7 +208,8 @@ def plot_curves(runs: list[tuple[str, list[dict[str, Any]]]], url: str, title: s
     ax.set_ylabel("val top-1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     url = _save_png(fig, url)
     plt.close(fig)
     return url
@@ -206,7 +234,8 @@ def plot_weights_over_epochs(runs: list[tuple[str, list[dict[str, Any]]]], url: 
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("mean confidence weight")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     url = _save_png(fig, url)
@@ -227,7 +256,8 @@ def plot_class_weights(class_weight: dict[str, list[float]], classes: list[str],
     )
     ax.set_ylabel("mean confidence weight")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     url = _save_png(fig, url)
     plt.close(fig)
     return url

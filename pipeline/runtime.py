@@ -58,10 +58,11 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
                 f"could not start or reach Ray at {where}: {e}. Check the address (ray.address / RAY_ADDRESS), "
                 "that the cluster is up (`ray status`), and RAY_AUTH_MODE=token for token-protected clusters"
             ) from None
-        if address and cfg is not None and "://" not in cfg.root and not cfg.root.startswith("/"):
+        cwd = os.getcwd()
+        if cfg is not None and "runtime_resources" in cwd and cfg.root.startswith(cwd + os.sep):
             log(
-                f"[ray] warning: root {cfg.root!r} is relative; on a cluster (or under `ray job submit`, which runs "
-                "in a temporary copy of the working dir) use an absolute shared path or a URL such as s3://..."
+                f"[ray] warning: root {cfg.root} lies inside this job's temporary copy of the working dir "
+                f"({cwd}), which Ray deletes; pass an absolute shared path or a URL such as s3://... as root"
             )
         res = ray.cluster_resources()
         log(

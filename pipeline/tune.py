@@ -15,8 +15,8 @@ from camkd import strategy_class
 from pipeline import storage
 from pipeline.config import Config, Domain, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
-from pipeline.report import write_sweep_report
-from pipeline.train import bind_config
+from pipeline.report import error_summary, write_sweep_report
+from pipeline.train import TrainingError, bind_config
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"
@@ -192,9 +192,34 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
             ),
         )
     grid = tuner.fit()
-    errors = [r.error for r in grid if r.error is not None]
+    errors = [r for r in grid if r.error is not None]
     log(f"[tune] {len(grid)} trial(s) done in {time.time() - started:.0f} s ({len(errors)} errored)")
     report = write_sweep_report(cfg, out, log=log)
     report["seconds"] = round(time.time() - started, 1)
     storage.write_json(storage.join(out, "summary.json"), report)
+    if errors:
+        raise SweepError(failure_message(out, len(grid), errors, report["leaderboard"]))
     return report
+
+
+class SweepError(TrainingError):
+    """Trials of a sweep failed; the message names each one and why, one line per trial."""
+
+
+def failure_message(out: str, total: int, errors: list, board: list[dict[str, Any]]) -> str:
+    """One line per failed trial (trial, arm, parameters, the exception line), then where to look and the fix."""
+    by_trial = {r["trial"]: r for r in board if r["status"] == "error"}
+    lines = []
+    for result in errors:
+        name = (result.path or "").rstrip("/").rsplit("/", 1)[-1]
+        row = next((r for t, r in by_trial.items() if t in name), None)
+        why = row["error"] if row and row["error"] else error_summary(str(result.error))
+        arm = f"{row['strategy']}, teachers {row['teachers']}" if row else "?"
+        params = f", {row['params']}" if row and row["params"] else ""
+        lines.append(f"  - trial {row['trial'] if row else name} ({arm}{params}): {why}")
+    return (
+        f"the sweep at {out}: {len(errors)} of {total} trial(s) failed:\n"
+        + "\n".join(lines)
+        + f"\nThe leaderboard ({storage.join(out, 'report', 'leaderboard.md')}) lists every trial. Fix the cause "
+        "and run `tune` again: finished trials are kept, failed ones run again."
+    )

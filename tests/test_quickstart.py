@@ -26,10 +26,14 @@ TINY = [
 @pytest.mark.skipif(
     not FASHION.is_dir(), reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)"
 )
-def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster, capsys):
-    args = ["quickstart", "--root", str(tmp_path)] + [x for item in TINY for x in ("--set", item)]
+def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster, capsys, monkeypatch):
+    # A relative root, as a new user's default `./camkd-runs`: resolved once on the driver, never inside the Tune
+    # trials' own working directories (where it once made every sweep trial fail while the command exited 0).
+    monkeypatch.chdir(tmp_path)
+    args = ["quickstart", "--root", "qs-runs"] + [x for item in TINY for x in ("--set", item)]
     assert run.main(args) == 0
     out = capsys.readouterr().out
+    tmp_path = tmp_path / "qs-runs"
     report_dir = tmp_path / "runs" / "quickstart" / "report"
     summary = json.loads((report_dir / "summary.json").read_text())
     assert [t["teacher"] for t in summary["teachers"]] == ["good-a", "good-b", "weak"]
@@ -42,6 +46,7 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster
     assert sum(summary["camkd_mean_weight"].values()) == pytest.approx(1.0, abs=1e-4)
     assert len(summary["camkd_class_weight"]["weak"]) == 10
     assert len(summary["leaderboard"]) == 1 and summary["leaderboard"][0]["teachers"] == "good-a+good-b+weak"
+    assert summary["leaderboard"][0]["status"] == "finished", summary["leaderboard"]
     for name in ("accuracy_per_strategy.png", "confidence_weight_over_epochs.png", "per_class_weight.png"):
         assert (report_dir / name).read_bytes()[:4] == b"\x89PNG", name
     text = (report_dir / "report.md").read_text()
@@ -55,4 +60,7 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster
     assert "already finished" in out and "cache up to date" in out and "no-op" in out
     assert os.path.getmtime(tmp_path / "runs" / "quickstart" / "student-camkd" / "summary.json") == stamp
     again = json.loads((report_dir / "summary.json").read_text())
-    assert [i["wall_seconds"] for i in again["invocations"]] == [summary["wall_seconds"], again["wall_seconds"]]
+    assert [i["wall_seconds"] for i in again["invocations"]] == [
+        summary["wall_seconds"],
+        again["wall_seconds"],
+    ]

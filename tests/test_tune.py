@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, teacher_entries
 
-from pipeline import report, storage, tune
+from pipeline import report, run, storage, tune
 from pipeline.config import with_updates
 from pipeline.train import TrainingError
 
@@ -113,6 +113,24 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
     # `report` regenerates the same leaderboard from the stored results alone.
     again = report.write_sweep_report(cfg, tune.sweep_dir(cfg))
     assert [r["trial"] for r in again["leaderboard"]] == [r["trial"] for r in board]
+
+
+@pytest.mark.fault
+def test_a_sweep_whose_trials_fail_exits_non_zero_naming_each(cached, tmp_path, capsys):
+    root = copy_root(cached, tmp_path)
+    cfg = sweep_config(cached, root, teacher_sets=[["t1", "t2"]])
+    cfg = with_updates(cfg, {"train.epochs": 1})
+    fp = cached[2].fingerprint
+    t1_dir = next(d for d in os.listdir(os.path.join(root, "cache", fp)) if d.startswith("resnet8-"))
+    shutil.rmtree(os.path.join(root, "cache", fp, t1_dir))
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert run.main(["tune", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 1 trial(s) failed" in err, err
+    assert "(camkd, teachers t1+t2): CacheError: teacher 't1' has no cache" in err, err
+    board = (root / "runs" / cfg.experiment / "sweep" / "report" / "leaderboard.md").read_text()
+    assert "| error | " in board and "CacheError" in board
 
 
 def test_arms_skip_combinations_a_strategy_cannot_take(cached):
