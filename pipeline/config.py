@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,10 @@ def absolute_location(value: str) -> str:
     if "://" in value:
         return value.rstrip("/")
     return os.path.abspath(os.path.expanduser(value))
+
+
+class BindingError(ConfigError):
+    """A run or sweep folder was started with another config; resuming it would mix two experiments."""
 
 
 class Strict(BaseModel):
@@ -568,3 +573,31 @@ def with_updates(cfg: Config, updates: Mapping[str, Any]) -> Config:
         else:
             node[parts[-1]] = value
     return validate(raw, "derived config")
+
+
+# ----------------------------------------------------------------------------------------------- binding folders
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`a.b: old → new` for every leaf that differs between two config dumps."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
+
+
+def bind_config(url: str, cfg: Config, neutral: tuple[str, ...], what: str, fix: str) -> None:
+    """Bind a folder to the config that started it (the JSON file at `url`): resuming it under a different
+    config would mix two experiments, so that is refused, listing the differences (fields under `neutral` may
+    change)."""
+    from pipeline import storage
+
+    new = cfg.model_dump(mode="json")
+    if storage.exists(url):
+        diff = [d for d in config_diff(storage.read_json(url)["config"], new) if not d.startswith(neutral)]
+        if diff:
+            raise BindingError(f"{what} was started with a different config ({'; '.join(diff[:6])}). {fix}")
+    else:
+        storage.write_json(url, {"config": new, "created": time.time()})

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import precompute, report, storage, teachers, train, tune
+from pipeline import precompute, report, storage, teacher_stage, train, tune
 from pipeline.config import Config, load_config, with_updates
 from pipeline.ingest import ingest
 
@@ -55,7 +55,7 @@ def run_quickstart(cfg: Config, overwrite: bool = False, log=print) -> dict[str,
     ensure_ray(cfg, log=log)
     meta = ingest(cfg, log=log)
     _step(2, n, "train 3 teachers (two good, one deliberately weak)", log)
-    teacher_rows = teachers.run_stage(cfg, log=log)
+    teacher_rows = teacher_stage.run_stage(cfg, log=log)
     _step(3, n, "precompute teacher logits + feature maps once", log)
     cache = precompute.run_stage(cfg, overwrite=overwrite, log=log)
     _step(4, n, f"distill the same student with {', '.join(STUDENT_STRATEGIES)}", log)

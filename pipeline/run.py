@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> object:
     if stage != "report":
         ensure_ray(cfg)
     if stage == "teachers":
-        from pipeline.teachers import run_stage
+        from pipeline.teacher_stage import run_stage
 
         return run_stage(cfg)
     if stage == "precompute":
@@ -180,12 +180,12 @@ def run(args: argparse.Namespace) -> object:
             )
         return done
     if stage == "all":
-        from pipeline import precompute, teachers, train, tune
+        from pipeline import precompute, teacher_stage, train, tune
         from pipeline.ingest import ingest
 
         ingest(cfg)
         if cfg.teachers:
-            teachers.run_stage(cfg)
+            teacher_stage.run_stage(cfg)
             precompute.run_stage(cfg, overwrite=args.overwrite)
         result = {"train": train.run_stage(cfg)}
         if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:

@@ -1,14 +1,14 @@
 """Teachers: import a checkpoint file or train one here; identify it by architecture + sha256 of the file.
 
 Checkpoints are loaded with `torch.load(..., weights_only=True)` only: a file that holds pickled Python objects
-is refused. A teacher trained by this project is written as a checkpoint that precompute imports directly.
+is refused. A teacher trained by this project (`pipeline/teacher_stage.py`) is written as a checkpoint that
+precompute imports directly. This module never trains and never imports Ray: workers and actors load teachers here.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -159,30 +159,6 @@ def resolve_all(
 ) -> list[TeacherRef]:
     chosen = cfg.teachers if names is None else [t for t in cfg.teachers if t.name in names]
     return [resolve(cfg, t, num_classes, in_chans) for t in chosen]
-
-
-def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
-    """Train the teachers that have `train:` and no checkpoint yet; check the imported ones load. Returns rows."""
-    from pipeline import ingest, train  # train imports Ray; keep this module light for workers
-
-    meta = ingest.require_dataset(cfg, log=log)
-    rows = []
-    for teacher in cfg.teachers:
-        start = time.time()
-        if teacher.train is not None and not storage.exists(trained_checkpoint_url(cfg, teacher)):
-            log(f"[teachers] training {teacher.name} ({teacher.arch}, {teacher.train.epochs} epochs)")
-            train.train_teacher(cfg, teacher, meta, log=log)
-        ref = resolve(cfg, teacher, meta.num_classes, meta.channels)
-        build_model(ref)  # fails here, not in precompute, if the file does not fit the architecture
-        info = teacher_info(cfg, teacher)
-        rows.append(
-            ref.to_dict() | {"test_top1": info.get("test_top1"), "seconds": round(time.time() - start, 1)}
-        )
-        log(f"[teachers] {teacher.name}: {ref.id} test_top1={info.get('test_top1')}")
-    summary_url = storage.join(cfg.root, "teachers", "summary.json")
-    storage.write_json(summary_url, {"teachers": rows})
-    log(f"[teachers] summary: {summary_url}")
-    return rows
 
 
 def teacher_info(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any
 
 from camkd import strategy_class
 from pipeline import storage
-from pipeline.config import Config, Domain, validate, with_updates
+from pipeline.config import Config, Domain, bind_config, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.report import error_summary, write_sweep_report
-from pipeline.train import TrainingError, bind_config
+from pipeline.train import TrainingError
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"

@@ -10,9 +10,9 @@ from conftest import CAMKD_RUN, tiny_config
 
 from camkd import TeacherOutputs, models
 from camkd.training import normalize
-from pipeline import storage, teachers, train
+from pipeline import storage, teacher_stage, teachers, train, worker
 from pipeline.cache import ReadPlan, TeacherSource, read_training_rows, teacher_outputs_from_batch
-from pipeline.config import with_updates
+from pipeline.config import BindingError, with_updates
 from pipeline.ingest import ingest
 
 
@@ -80,7 +80,7 @@ def test_same_run_name_with_another_config_is_refused(one_worker, cached):
     cfg, out, _ = one_worker
     other = with_updates(cfg, {"strategy.beta": 10.0})
     with pytest.raises(
-        train.TrainingError, match=r"started with a different config \(strategy\.beta: 5\.0 → 10\.0\)"
+        BindingError, match=r"started with a different config \(strategy\.beta: 5\.0 → 10\.0\)"
     ):
         train._check_same_run(os.path.join(out, "w1"), other)
 
@@ -113,7 +113,7 @@ def test_cached_and_online_first_step_agree(cached):
         )
     results = []
     for outputs in (cached_out, online_out):
-        distiller = train.build_distiller(plan, cfg)
+        distiller = worker.build_distiller(plan, cfg)
         distiller.train()
         _, _, terms, _ = distiller(images, batch["label"], outputs, epoch=1)
         results.append({k: v.item() for k, v in terms.items()})
@@ -136,9 +136,9 @@ def test_teacher_trained_here_is_imported_by_precompute(ray_cluster, tmp_path):
         train={"export": True},
     )
     ingest(cfg)
-    rows = teachers.run_stage(cfg)
+    rows = teacher_stage.run_stage(cfg)
     assert rows[0]["name"] == "mine" and rows[0]["test_top1"] is not None
     ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
     model = teachers.build_model(ref)  # weights_only load of the file the trainer wrote
     assert isinstance(model, models.FeatureClassifier)
-    assert teachers.run_stage(cfg)[0]["id"] == ref.id, "a second `teachers` run must not retrain"
+    assert teacher_stage.run_stage(cfg)[0]["id"] == ref.id, "a second `teachers` run must not retrain"

@@ -13,8 +13,7 @@ import yaml
 from conftest import ROOT, teacher_entries
 
 from pipeline import report, run, storage, tune
-from pipeline.config import with_updates
-from pipeline.train import TrainingError
+from pipeline.config import BindingError, with_updates
 
 
 def sweep_config(cached, root, **tune_section):
@@ -156,6 +155,6 @@ def test_a_sweep_folder_is_bound_to_its_config(cached, tmp_path):
     assert os.path.exists(os.path.join(out, tune.SWEEP_FILE))
     tune.check_same_sweep(out, with_updates(cfg, {"tune.max_concurrent_trials": 2}))  # scheduling only: fine
     edited = with_updates(cfg, {"tune.space": {"train.lr": [0.05, 0.1]}, "train.epochs": 3})
-    with pytest.raises(TrainingError, match=r"different config \(train\.epochs: 2 → 3; tune\.space") as e:
+    with pytest.raises(BindingError, match=r"different config \(train\.epochs: 2 → 3; tune\.space") as e:
         tune.check_same_sweep(out, edited)
     assert "another `experiment` name" in str(e.value) and out in str(e.value)

@@ -1,0 +1,93 @@
+"""The `teachers` stage: train the teachers that have `train:` (CE, with the student trainer) and check that
+imported checkpoints load.
+
+It sits above both `pipeline/train.py` (the trainer it uses) and `pipeline/teachers.py` (checkpoint files and
+teacher identity), so neither of those imports the other's stage.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import torch
+
+from camkd import models
+from pipeline import storage, teachers
+from pipeline.config import Config, TeacherConfig, with_updates
+from pipeline.ingest import DatasetMeta, require_dataset
+from pipeline.train import fit
+
+
+def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
+    """Train the teachers that have `train:` and no checkpoint yet; check the imported ones load. Returns rows."""
+    meta = require_dataset(cfg, log=log)
+    rows = []
+    for teacher in cfg.teachers:
+        start = time.time()
+        if teacher.train is not None and not storage.exists(teachers.trained_checkpoint_url(cfg, teacher)):
+            log(f"[teachers] training {teacher.name} ({teacher.arch}, {teacher.train.epochs} epochs)")
+            train_teacher(cfg, teacher, meta, log=log)
+        ref = teachers.resolve(cfg, teacher, meta.num_classes, meta.channels)
+        teachers.build_model(ref)  # fails here, not in precompute, if the file does not fit the architecture
+        info = teachers.teacher_info(cfg, teacher)
+        rows.append(
+            ref.to_dict() | {"test_top1": info.get("test_top1"), "seconds": round(time.time() - start, 1)}
+        )
+        log(f"[teachers] {teacher.name}: {ref.id} test_top1={info.get('test_top1')}")
+    summary_url = storage.join(cfg.root, "teachers", "summary.json")
+    storage.write_json(summary_url, {"teachers": rows})
+    log(f"[teachers] summary: {summary_url}")
+    return rows
+
+
+def teacher_config(cfg: Config, teacher: TeacherConfig) -> Config:
+    """The config that trains `teacher` with strategy ce (the same trainer as students)."""
+    t = teacher.train
+    assert t is not None
+    return with_updates(
+        cfg,
+        {
+            "student.arch": teacher.arch,
+            "strategy.name": "ce",
+            "strategy.mode": "cached",
+            "strategy.teachers": None,
+            "train.epochs": t.epochs,
+            "train.lr": t.lr,
+            "train.batch_size": t.batch_size,
+            "train.label_noise": t.label_noise,
+            "train.limit_train": t.limit_train,
+            "train.seed": t.seed,
+            "train.milestones": [m for m in (int(t.epochs * 0.5), int(t.epochs * 0.75)) if 0 < m < t.epochs]
+            if t.epochs >= 4
+            else [],
+            "tune": {},
+        },
+    )
+
+
+def train_teacher(cfg: Config, teacher: TeacherConfig, meta: DatasetMeta, log=print) -> dict[str, Any]:
+    """Train a teacher with CE and write `<root>/teachers/<name>/model.pt`, which precompute imports directly."""
+    tcfg = teacher_config(cfg, teacher)
+    tdir = storage.teachers_dir(cfg.root, teacher.name)
+    summary = fit(tcfg, meta, tdir, "run", log=log)
+    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    student = models.create(teacher.arch, meta.num_classes, meta.channels)
+    student.load_state_dict(state["state_dict"])
+    url = teachers.trained_checkpoint_url(cfg, teacher)
+    sha = teachers.save_model_file(
+        url, student, {"trained_by": "camkd-ray", "test_top1": summary["final_val_top1"]}
+    )
+    info = {
+        "name": teacher.name,
+        "arch": teacher.arch,
+        "sha256": sha,
+        "test_top1": summary["final_val_top1"],
+        "best_val_top1": summary["best_val_top1"],
+        "epochs": summary["epochs"],
+        "train": teacher.train.model_dump(),
+        "checkpoint": url,
+    }
+    storage.write_json(storage.join(tdir, "teacher.json"), info)
+    return info
