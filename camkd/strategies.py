@@ -28,6 +28,10 @@ class StrategyParams:
     alpha: float = 1.0
     beta: float = 50.0
     normalize: losses.Normalize = "official"
+    # Weights of the feature term: "official" = confidence of each teacher's frozen head applied to the connected
+    # student map, with gradient (the authors' code); "detached" = the same without gradient; "logit" = the logit
+    # confidence weights of step 1.
+    feature_weights: str = "official"
     inter_warmup_epochs: int = 1
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
@@ -267,7 +271,15 @@ class CAMKD(CAMKDLogits):
             raise ValueError("strategy 'camkd' needs one feature map per teacher")
         connected = [c(student_features) for c in self.connectors]
         head_logits = torch.stack([h(e) for h, e in zip(self.heads, connected)])
-        feat_weights = losses.confidence_weights(head_logits, labels)
+        mode = self.params.feature_weights
+        if mode == "official":
+            feat_weights = losses.confidence_weights(head_logits, labels)
+        elif mode == "detached":
+            feat_weights = losses.confidence_weights(head_logits.detach(), labels)
+        elif mode == "logit":
+            feat_weights = out.weights
+        else:
+            raise ValueError(f"feature_weights must be 'official', 'detached' or 'logit', got {mode!r}")
         inter = losses.camkd_feature_loss(
             connected, teachers.features, head_logits, labels, self.params.normalize, weights=feat_weights
         )

@@ -1,32 +1,43 @@
-"""The teacher knowledge cache: manifest, part encoding, validation, and the shard-aligned training reader.
+"""The teacher knowledge cache: layout, output encodings, manifests, receipts and checks.
 
-Layout: `<root>/cache/<dataset-fp>/<teacher-id>/part-NNNNN.parquet` holds, row for row with image part NNNNN,
-`idx` and one column group per view (`logits_v{v}`, `feat_v{v}`, ...), so an epoch (one view) reads only that
-view's columns. `manifest.json` is written last and says what made the cache. A stale, missing, corrupt or
-misaligned part is never read silently: every such case raises `CacheError` naming the file and the fix.
+Layout (format 2):
+
+    <root>/cache/<dataset-fp>/<teacher-id>/head.pt                          the teacher's frozen head
+    <root>/cache/<dataset-fp>/<teacher-id>/<family>-<format>/manifest.json  one store per (view family, format)
+    <root>/cache/<dataset-fp>/<teacher-id>/<family>-<format>/view-0003/part-00007.parquet
+    <root>/cache/<dataset-fp>/<teacher-id>/<family>-<format>/view-0003/part-00007.receipt.json
+
+A store holds one folder per view; its part i holds, row for row (same row groups), what image part i holds:
+`idx`, then `logits` (fp16 [C]) or `topk_values`/`topk_index`/`tail_logit`, then `feat` (fp16 or int8 [C·H·W])
+and `feat_scale` (int8 only). Stores of other view specs or formats of one teacher live side by side; since view
+v is a pure function of (seed, idx, v), growing V adds view folders and recomputes nothing. Each part is followed
+by its receipt (rows, bytes, xxh3-128 of the file, hits): a resumed precompute trusts a part whose receipt and
+size agree, without reading it again. `manifest.json` is written last and lists every complete view. A stale,
+missing, corrupt or misaligned part is never read silently: each such case raises `CacheError` naming the file,
+the teacher and the fix.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipeline import storage
-from pipeline.ingest import DatasetMeta, read_image_part
-from pipeline.views import ViewSpec, render_eval_view, render_train_view
+from pipeline import storage, tables
+from pipeline.ingest import DatasetMeta
+from pipeline.views import ViewSpec
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 META_KEY = b"camkd"
+RECEIPT_SUFFIX = ".receipt.json"
 # Stated error bounds of the compressed encodings (checked by tests against a direct teacher forward):
 #   fp16 (logits, features): |x − x̂| ≤ 2^-11·|x| for |x| ≥ 6.1e-5 (float16 rounding; smaller values ≤ 3e-8).
-#   int8 features, per-sample per-channel scale s_c = max|x_c|/127: |x − x̂| ≤ s_c/2 ≈ max|x_c|/254.
+#   int8 features, per-sample per-channel scale s_c = max|x_c|/127: |x − x̂| ≤ s_c/2 ≈ max|x_c|/254, plus
+#   2^-11·|x| because feature maps travel from the inference actors to the writers as float16.
 FP16_REL_ERROR = 2.0**-11
 INT8_MAX = 127
 
@@ -35,30 +46,107 @@ class CacheError(RuntimeError):
     """A cache that must not be read as it is; the message names the file and the fix."""
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a teacher's outputs are stored: logits fp16 or top-k, features fp16 / int8 / none, and the precision
+    the teacher ran in. All of it is part of a store's identity."""
+
+    logits: str  # "fp16" | "topk"
+    topk: int
+    features: str  # "fp16" | "int8" | "none"
+    num_classes: int
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+
+    @property
+    def key(self) -> str:
+        """`fp16-int8`, `topk200-int8-bf16`, ...: the format half of a store's folder name."""
+        logits = "fp16" if self.logits == "fp16" else f"topk{self.topk}"
+        return f"{logits}-{self.features}" + ("" if self.precision == "fp32" else f"-{self.precision}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "logits": self.logits,
+            "topk": self.topk if self.logits == "topk" else None,
+            "features": self.features,
+            "precision": self.precision,
+        }
+
+    def columns(self, logits: bool, features: bool) -> list[str]:
+        """The columns a reader needs for logits and/or features."""
+        cols = ["idx"]
+        if logits:
+            cols += ["logits"] if self.logits == "fp16" else ["topk_values", "topk_index", "tail_logit"]
+        if features:
+            cols += ["feat"] + (["feat_scale"] if self.features == "int8" else [])
+        return cols
+
+
+def output_format(cfg, meta: DatasetMeta, needs_features: bool = False) -> OutputFormat:
+    """The cache format a `Config` reads and writes (features on when a strategy in use needs them)."""
+    features = cfg.feature_dtype()
+    if features == "none" and needs_features:
+        features = "fp16"
+    k = min(cfg.cache.topk, meta.num_classes - 1)
+    return OutputFormat(cfg.cache.logits, k, features, meta.num_classes, cfg.cache.precision)
+
+
+# --------------------------------------------------------------------------------------------- layout
+def store_name(spec: ViewSpec, fmt: OutputFormat) -> str:
+    return f"{spec.family}-{fmt.key}"
+
+
+def store_dir(teacher_dir: str, spec: ViewSpec, fmt: OutputFormat) -> str:
+    return storage.join(teacher_dir, store_name(spec, fmt))
+
+
+def view_dir(store: str, view: int) -> str:
+    return storage.join(store, f"view-{view:04d}")
+
+
+def head_url(teacher_dir: str) -> str:
+    return storage.join(teacher_dir, "head.pt")
+
+
+def manifest_url(store: str) -> str:
+    return storage.join(store, "manifest.json")
+
+
+def receipt_url(part_url: str) -> str:
+    return part_url + RECEIPT_SUFFIX
+
+
+# --------------------------------------------------------------------------------------------- records
 class CachePart(BaseModel):
     name: str
     rows: int
     bytes: int
-    sha256: str
-    correct: int  # teacher top-1 hits over this part's rows × views
+    digest: str  # xxh3-128 of the file
+    correct: int  # teacher top-1 hits over this part's rows (this view)
+
+
+class ViewRecord(BaseModel):
+    view: int
+    parts: list[CachePart]
+
+    @property
+    def correct(self) -> int:
+        return sum(p.correct for p in self.parts)
 
 
 class Manifest(BaseModel):
     format: int = CACHE_FORMAT
     teacher: dict[str, Any]  # TeacherRef.to_dict()
     dataset: dict[str, Any]  # name, fingerprint
-    split: str = "train"
-    view_spec: dict[str, Any]
-    view_digest: str
-    logits: dict[str, Any]  # {"format": "fp16"|"topk", "k": int|None, "num_classes": C}
-    features: dict[str, Any]  # {"dtype": "fp16"|"int8"|"none", "shape": [C,H,W]|None}
+    view_spec: dict[str, Any]  # the family's spec; its `count` is the number of views stored
+    family: str
+    output: dict[str, Any]  # OutputFormat.describe() + num_classes + feature_shape
+    views: list[ViewRecord]
     rows: int
-    parts: list[CachePart]
-    bytes_per_sample: dict[str, float]
+    bytes_per_sample: dict[str, float]  # per view
     total_bytes: int
     accuracy: float  # teacher top-1 over all cached training views
     test_accuracy: float | None = None
-    head: dict[str, Any]  # {"file": "head.pt", "sha256": ...}
+    head: dict[str, Any]  # {"file": "../head.pt", "sha256": ...}
     seconds: float = 0.0
     created: float = 0.0
 
@@ -67,30 +155,29 @@ class Manifest(BaseModel):
         return self.teacher["id"]
 
     @property
+    def view_numbers(self) -> list[int]:
+        return [v.view for v in self.views]
+
+    @property
     def has_features(self) -> bool:
-        return self.features["dtype"] != "none"
+        return self.output["features"] != "none"
 
+    @property
+    def feature_shape(self) -> list[int] | None:
+        return self.output.get("feature_shape")
 
-@dataclass(frozen=True)
-class OutputFormat:
-    """How a teacher's outputs are stored: logits fp16 or top-k, features fp16 / int8 / none."""
+    @property
+    def num_classes(self) -> int:
+        return int(self.output["num_classes"])
 
-    logits: str  # "fp16" | "topk"
-    topk: int
-    features: str  # "fp16" | "int8" | "none"
-    num_classes: int
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "logits": self.logits,
-            "topk": self.topk if self.logits == "topk" else None,
-            "features": self.features,
-        }
+    def fmt(self) -> OutputFormat:
+        o = self.output
+        return OutputFormat(o["logits"], o.get("topk") or 0, o["features"], o["num_classes"], o["precision"])
 
 
 def part_metadata(
-    teacher_id: str, dataset_fp: str, view_digest: str, fmt: OutputFormat, part: str, rows: int, correct: int
-):
+    teacher_id: str, dataset_fp: str, spec: ViewSpec, fmt: OutputFormat, view: int, part: str, rows: int
+) -> dict[bytes, bytes]:
     """Parquet key-value metadata that makes a part self-identifying (teacher, dataset, views, which part)."""
     return {
         META_KEY: json.dumps(
@@ -98,11 +185,11 @@ def part_metadata(
                 "format": CACHE_FORMAT,
                 "teacher_id": teacher_id,
                 "dataset_fp": dataset_fp,
-                "view_digest": view_digest,
-                "output": fmt.describe(),
+                "family": spec.family,
+                "output": fmt.key,
+                "view": view,
                 "part": part,
                 "rows": rows,
-                "correct": correct,
             }
         ).encode()
     }
@@ -118,7 +205,8 @@ def _tensor_column(values: np.ndarray) -> pa.FixedSizeBinaryArray:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)])
 
 
-def _tensor_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
+def tensor_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A fixed-width binary column → [N, *shape] array of `dtype`, without copying when it is one chunk."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     width = arr.type.byte_width
     data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
@@ -166,33 +254,34 @@ def topk_index_dtype(num_classes: int):
 
 
 def topk_decode(values: np.ndarray, index: np.ndarray, fill: np.ndarray, num_classes: int) -> np.ndarray:
+    """The dense logits of `topk_encode` (NumPy; training decodes on the device, `pipeline/reader.py`)."""
     dense = np.repeat(fill.astype(np.float32)[:, None], num_classes, axis=1)
     np.put_along_axis(dense, index.astype(np.int64), values.astype(np.float32), axis=1)
     return dense
 
 
-def encode_view(
-    view: int, logits: np.ndarray, feats: np.ndarray | None, fmt: OutputFormat
-) -> dict[str, pa.Array]:
-    """The Arrow columns of one view of a part."""
-    cols: dict[str, pa.Array] = {}
+def encode_outputs(
+    idx: np.ndarray, logits: np.ndarray, feats: np.ndarray | None, fmt: OutputFormat
+) -> pa.Table:
+    """One view of one part as an Arrow table in the store's format."""
+    cols: dict[str, pa.Array] = {"idx": pa.array(idx, pa.int64())}
     if fmt.logits == "fp16":
-        cols[f"logits_v{view}"] = _tensor_column(_fp16(logits, "logits"))
+        cols["logits"] = _tensor_column(_fp16(logits, "logits"))
     else:
         values, index, fill = topk_encode(logits, fmt.topk)
-        cols[f"topk_values_v{view}"] = _tensor_column(values)
-        cols[f"topk_index_v{view}"] = _tensor_column(index)
-        cols[f"tail_logit_v{view}"] = pa.array(fill)
+        cols["topk_values"] = _tensor_column(values)
+        cols["topk_index"] = _tensor_column(index)
+        cols["tail_logit"] = pa.array(fill)
     if fmt.features != "none":
         if feats is None:
             raise ValueError("features requested but not computed")
         if fmt.features == "fp16":
-            cols[f"feat_v{view}"] = _tensor_column(_fp16(feats, "features"))
+            cols["feat"] = _tensor_column(_fp16(feats, "features"))
         else:
-            q, scale = quantize_int8(feats)
-            cols[f"feat_v{view}"] = _tensor_column(q)
-            cols[f"feat_scale_v{view}"] = _tensor_column(scale)
-    return cols
+            q, scale = quantize_int8(feats.astype(np.float32, copy=False))
+            cols["feat"] = _tensor_column(q)
+            cols["feat_scale"] = _tensor_column(scale)
+    return pa.table(cols)
 
 
 def _fp16(x: np.ndarray, what: str) -> np.ndarray:
@@ -205,260 +294,206 @@ def _fp16(x: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-def view_columns(manifest: Manifest, view: int, logits: bool, features: bool) -> list[str]:
-    cols = ["idx"]
-    if logits:
-        if manifest.logits["format"] == "fp16":
-            cols.append(f"logits_v{view}")
-        else:
-            cols += [f"topk_values_v{view}", f"topk_index_v{view}", f"tail_logit_v{view}"]
-    if features:
-        cols.append(f"feat_v{view}")
-        if manifest.features["dtype"] == "int8":
-            cols.append(f"feat_scale_v{view}")
-    return cols
-
-
-def decode_view(
-    table: pa.Table, manifest: Manifest, view: int, logits: bool, features: bool
+def decode_outputs(
+    table: pa.Table, manifest: Manifest, logits: bool, features: bool
 ) -> dict[str, np.ndarray]:
-    """Arrow columns of one view → {'logits': float16/float32 [N,C], 'feat': fp16|int8 [N,C,H,W], 'feat_scale'}."""
+    """A view part's columns → raw arrays, as stored: `logits` fp16 [N,C], or `topk_values` fp16 [N,k],
+    `topk_index` int16/32 [N,k], `tail_logit` f32 [N]; `feat` fp16|int8 [N,C,H,W] and `feat_scale` fp16 [N,C].
+    Top-k logits and int8 features are expanded on the training device (`pipeline/reader.py`)."""
     out: dict[str, np.ndarray] = {}
-    c = manifest.logits["num_classes"]
+    c = manifest.num_classes
+    fmt = manifest.fmt()
     if logits:
-        if manifest.logits["format"] == "fp16":
-            out["logits"] = _tensor_numpy(table[f"logits_v{view}"], (c,), np.float16)
+        if fmt.logits == "fp16":
+            out["logits"] = tensor_numpy(table["logits"], (c,), np.float16)
         else:
-            k = manifest.logits["k"]
-            values = _tensor_numpy(table[f"topk_values_v{view}"], (k,), np.float16)
-            index = _tensor_numpy(table[f"topk_index_v{view}"], (k,), topk_index_dtype(c))
-            fill = table[f"tail_logit_v{view}"].to_numpy()
-            out["logits"] = topk_decode(values, index, fill, c)
+            out["topk_values"] = tensor_numpy(table["topk_values"], (fmt.topk,), np.float16)
+            out["topk_index"] = tensor_numpy(table["topk_index"], (fmt.topk,), topk_index_dtype(c))
+            out["tail_logit"] = table["tail_logit"].to_numpy()
     if features:
-        shape = tuple(manifest.features["shape"])
-        if manifest.features["dtype"] == "fp16":
-            out["feat"] = _tensor_numpy(table[f"feat_v{view}"], shape, np.float16)
+        shape = tuple(manifest.feature_shape)
+        if fmt.features == "fp16":
+            out["feat"] = tensor_numpy(table["feat"], shape, np.float16)
         else:
-            out["feat"] = _tensor_numpy(table[f"feat_v{view}"], shape, np.int8)
-            out["feat_scale"] = _tensor_numpy(table[f"feat_scale_v{view}"], (shape[0],), np.float16)
+            out["feat"] = tensor_numpy(table["feat"], shape, np.int8)
+            out["feat_scale"] = tensor_numpy(table["feat_scale"], (shape[0],), np.float16)
     return out
 
 
 # --------------------------------------------------------------------------------------------- manifests
-def manifest_url(cache_dir: str) -> str:
-    return storage.join(cache_dir, "manifest.json")
-
-
-def load_manifest(cache_dir: str, teacher_name: str = "?") -> Manifest:
-    url = manifest_url(cache_dir)
-    if not storage.exists(url):
+def load_manifest(store: str, teacher_name: str = "?") -> Manifest:
+    url = manifest_url(store)
+    try:
+        raw = storage.read_json(url)
+    except FileNotFoundError:
         raise CacheError(
-            f"teacher {teacher_name!r} has no cache at {cache_dir} (no manifest.json); "
+            f"teacher {teacher_name!r} has no cache at {store} (no manifest.json); "
             "run `python pipeline/run.py precompute --config ...` first"
+        ) from None
+    except ValueError as e:
+        raise CacheError(
+            f"{url} is not a valid cache manifest ({e}); delete it and re-run precompute"
+        ) from None
+    if raw.get("format") != CACHE_FORMAT:
+        raise CacheError(
+            f"the cache at {store} of teacher {teacher_name!r} was written by an older camkd-ray (cache format "
+            f"{raw.get('format')}, this version reads {CACHE_FORMAT}); rebuild it: delete {store} and re-run "
+            "precompute"
         )
     try:
-        return Manifest.model_validate(storage.read_json(url))
+        return Manifest.model_validate(raw)
     except Exception as e:
         raise CacheError(
             f"{url} is not a valid cache manifest ({e}); delete it and re-run precompute"
         ) from None
 
 
-def check_manifest(
-    manifest: Manifest,
-    cache_dir: str,
-    teacher_ref: dict[str, Any],
-    meta: DatasetMeta,
-    spec: ViewSpec,
-    needs_features: bool = False,
-) -> None:
-    """Refuse a stale cache: another checkpoint, dataset or view spec, or features missing for the strategy."""
-    problems = []
-    if (
-        manifest.teacher.get("sha256") != teacher_ref["sha256"]
-        or manifest.teacher.get("arch") != teacher_ref["arch"]
-    ):
-        problems.append(
-            f"checkpoint: cache made from {manifest.teacher.get('arch')} sha256 {manifest.teacher.get('sha256', '')[:12]}, "
-            f"config has {teacher_ref['arch']} sha256 {teacher_ref['sha256'][:12]}"
+def describe_stores(teacher_dir: str) -> list[str]:
+    """`<store> (views 0-3)` for every store of a teacher, for 'not found' messages."""
+    out = []
+    for name in storage.listdir(teacher_dir):
+        if name == "head.pt" or name.startswith("."):
+            continue
+        url = manifest_url(storage.join(teacher_dir, name))
+        try:
+            views = storage.read_json(url).get("views", [])
+            out.append(f"{name} (views {', '.join(str(v['view']) for v in views) or 'none'})")
+        except (OSError, ValueError):
+            out.append(f"{name} (incomplete: no manifest)")
+    return out
+
+
+def find_store(
+    teacher_dir: str, teacher_ref: dict[str, Any], spec: ViewSpec, fmt: OutputFormat, views: list[int]
+) -> tuple[str, Manifest]:
+    """The store of this teacher holding `views` of this view family and format, checked; else a CacheError
+    saying which stores exist and what to run."""
+    store = store_dir(teacher_dir, spec, fmt)
+    name = teacher_ref["name"]
+    if not storage.exists(manifest_url(store)):
+        if storage.exists(manifest_url(teacher_dir)):
+            raise CacheError(
+                f"the cache at {teacher_dir} of teacher {name!r} was written by an older camkd-ray (cache format "
+                f"1); rebuild it: delete {teacher_dir} and re-run precompute"
+            )
+        others = describe_stores(teacher_dir)
+        raise CacheError(
+            f"teacher {name!r} has no cache for view family {spec.family} (views.count={spec.count}, seed "
+            f"{spec.seed}) in format {fmt.key} at {store}"
+            + (f"; this teacher has: {', '.join(others)}" if others else "")
+            + ". Run `python pipeline/run.py precompute` with this config"
         )
+    manifest = load_manifest(store, name)
+    missing = sorted(set(views) - set(manifest.view_numbers))
+    if missing:
+        raise CacheError(
+            f"the cache of teacher {name!r} at {store} holds views {manifest.view_numbers}, the run needs "
+            f"{missing} too (views.count={spec.count}). Run precompute: it computes only the missing views"
+        )
+    if manifest.teacher.get("sha256") != teacher_ref["sha256"]:
+        raise CacheError(
+            f"the cache at {store} was made from checkpoint sha256 {manifest.teacher.get('sha256', '')[:12]}, "
+            f"teacher {name!r} is now {teacher_ref['sha256'][:12]}; delete {store} and re-run precompute"
+        )
+    return store, manifest
+
+
+def check_manifest_dataset(manifest: Manifest, store: str, meta: DatasetMeta) -> None:
+    """The store was made from this dataset, part for part."""
+    problems = []
     if manifest.dataset.get("fingerprint") != meta.fingerprint:
         problems.append(
             f"dataset: cache of {manifest.dataset.get('fingerprint')}, config uses {meta.fingerprint}"
         )
-    if manifest.view_digest != spec.digest:
-        diff = ViewSpec.from_dict(manifest.view_spec).diff(spec)
-        problems.append("view spec: " + "; ".join(diff or [f"{manifest.view_digest} vs {spec.digest}"]))
-    expected_parts = [p.name for p in meta.split("train").parts]
-    if [p.name for p in manifest.parts] != expected_parts:
-        problems.append(f"parts: cache has {len(manifest.parts)} parts, dataset has {len(expected_parts)}")
+    expected = [(p.name, p.rows) for p in meta.split("train").parts]
+    for record in manifest.views:
+        if [(p.name, p.rows) for p in record.parts] != expected:
+            problems.append(f"view {record.view}: {len(record.parts)} parts, the dataset has {len(expected)}")
+            break
     if problems:
         raise CacheError(
-            f"stale cache for teacher {teacher_ref['name']!r} at {cache_dir}: "
-            + " | ".join(problems)
-            + ". Re-run precompute with the current config (add --overwrite to replace this cache), "
-            "or change the config back"
-        )
-    if needs_features and not manifest.has_features:
-        raise CacheError(
-            f"cache of teacher {teacher_ref['name']!r} at {cache_dir} holds no feature maps, but the strategy needs "
-            "them; re-run precompute with cache.features: fp16 (or int8) and --overwrite"
+            f"stale cache of teacher {manifest.teacher['name']!r} at {store}: {' | '.join(problems)}. Delete it "
+            "and re-run precompute"
         )
 
 
-def check_parts_present(manifest: Manifest, cache_dir: str) -> None:
-    """Cheap pre-flight: every part exists with the size the manifest recorded (catches missing/truncated)."""
-    fs, _base = storage.get_fs(cache_dir)
-    for part in manifest.parts:
-        url = storage.join(cache_dir, part.name)
-        _, path = storage.get_fs(url)
-        if not fs.exists(path):
-            raise CacheError(
-                f"cache part {url} of teacher {manifest.teacher['name']!r} is missing; re-run precompute "
-                "(it recomputes only missing parts)"
-            )
-        size = fs.size(path)
-        if size != part.bytes:
-            raise CacheError(
-                f"cache part {url} of teacher {manifest.teacher['name']!r} has {size} bytes, the manifest recorded "
-                f"{part.bytes}: it is truncated or was replaced. Delete it and re-run precompute"
-            )
+def check_parts_present(manifest: Manifest, store: str, views: list[int]) -> None:
+    """Cheap pre-flight, one listing per view: every part exists with the size its receipt recorded."""
+    records = {r.view: r for r in manifest.views}
+    for view in views:
+        vdir = view_dir(store, view)
+        sizes = storage.list_sizes(vdir)
+        for part in records[view].parts:
+            url = storage.join(vdir, part.name)
+            if part.name not in sizes:
+                raise CacheError(
+                    f"cache part {url} of teacher {manifest.teacher['name']!r} is missing; re-run precompute "
+                    "(it recomputes only missing parts)"
+                )
+            if sizes[part.name] != part.bytes:
+                raise CacheError(
+                    f"cache part {url} of teacher {manifest.teacher['name']!r} has {sizes[part.name]} bytes, the "
+                    f"manifest recorded {part.bytes}: it is truncated or was replaced. Delete it and re-run "
+                    "precompute"
+                )
 
 
-def read_cache_part(
-    cache_dir: str, manifest: Manifest, part: str, columns: list[str], expected_idx: np.ndarray
-) -> pa.Table:
-    """Read a cache part's columns and check it belongs to this teacher/dataset and aligns with the image part."""
-    url = storage.join(cache_dir, part)
+def open_cache_part(url: str, manifest: Manifest, view: int, part: str) -> tables.OpenTable:
+    """A cache part opened for row-group reads, checked to belong to this teacher, dataset, view and part."""
     who = f"cache part {url} of teacher {manifest.teacher['name']!r}"
-    fs, path = storage.pyarrow_fs(url)
     try:
-        pf = pq.ParquetFile(path, filesystem=fs)
-        kv = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
-        table = pf.read(columns=columns)
+        table = tables.open_table(url, META_KEY)
     except FileNotFoundError:
         raise CacheError(f"{who} is missing; re-run precompute (it recomputes only missing parts)") from None
-    except (OSError, pa.ArrowException, ValueError) as e:
+    except tables.CorruptTable as e:
+        raise CacheError(corrupt_message(who, e.detail)) from None
+    kv = table.metadata
+    mine = (
+        kv.get("teacher_id") == manifest.teacher_id
+        and kv.get("dataset_fp") == manifest.dataset["fingerprint"]
+        and kv.get("family") == manifest.family
+        and kv.get("output") == manifest.fmt().key
+    )
+    if not mine:
         raise CacheError(
-            f"{who} is corrupt ({e}); delete it and re-run precompute (only that part is recomputed)"
-        ) from None
-    if kv.get("teacher_id") != manifest.teacher_id or kv.get("dataset_fp") != manifest.dataset["fingerprint"]:
-        raise CacheError(
-            f"{who} was written for teacher {kv.get('teacher_id')!r} / dataset {kv.get('dataset_fp')!r}, not "
-            f"{manifest.teacher_id!r} / {manifest.dataset['fingerprint']!r}; it was copied from another cache. "
-            "Delete it and re-run precompute"
+            f"{who} was written for teacher {kv.get('teacher_id')!r} / dataset {kv.get('dataset_fp')!r} / views "
+            f"{kv.get('family')!r} / format {kv.get('output')!r}, not {manifest.teacher_id!r} / "
+            f"{manifest.dataset['fingerprint']!r} / {manifest.family!r} / {manifest.fmt().key!r}: it was copied "
+            "from another cache. Delete it and re-run precompute"
         )
-    idx = table["idx"].to_numpy()
-    if len(idx) != len(expected_idx) or not np.array_equal(idx, expected_idx):
-        row = int(np.argmax(idx[: len(expected_idx)] != expected_idx[: len(idx)])) if len(idx) else 0
+    if kv.get("view") != view or kv.get("part") != part:
         raise CacheError(
-            f"{who} does not match its image part ({len(idx)} vs {len(expected_idx)} rows, idx differs at row {row}); "
+            f"{who} holds view {kv.get('view')} of {kv.get('part')}, not view {view} of {part} (misplaced); "
             "delete it and re-run precompute"
         )
     return table
 
 
-# --------------------------------------------------------------------------------------------- training reader
-@dataclass(frozen=True)
-class TeacherSource:
-    """What the reader needs to know about one teacher's cache (picklable, sent to Ray tasks)."""
-
-    name: str
-    cache_dir: str
-    manifest: dict[str, Any]
+def corrupt_message(who: str, detail: str) -> str:
+    return (
+        f"{who} is corrupt ({detail}); delete it and re-run precompute (only that part is recomputed). The data "
+        "on storage changed after it was written: check the disk or the object store"
+    )
 
 
-@dataclass(frozen=True)
-class ReadPlan:
-    """Everything a read task needs to build training rows of one part: image part + chosen teachers' columns."""
-
-    dataset_dir: str
-    split: str
-    image_shape: tuple[int, ...] | None
-    spec: dict[str, Any]
-    teachers: tuple[TeacherSource, ...] = ()
-    logits: bool = False
-    features: bool = False
-
-
-def read_training_rows(
-    batch: dict[str, np.ndarray], plan: ReadPlan, view: int | None
-) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` body: part names → joined rows (image of view `view`, label, teacher outputs).
-
-    `view=None` renders the deterministic evaluation view and reads no teacher columns.
-    """
-    spec = ViewSpec.from_dict(plan.spec)
-    manifests = [Manifest.model_validate(t.manifest) for t in plan.teachers]
-    outs: list[dict[str, np.ndarray]] = []
-    for part in batch["part"]:
-        part = str(part)
-        images = read_image_part(plan.dataset_dir, plan.split, part)
-        idx = images["idx"].to_numpy()
-        raw = images["image"].to_pylist()
-        if view is None:
-            pixels = render_eval_view(raw, spec, plan.image_shape)
-        else:
-            pixels = render_train_view(raw, idx, view, spec, plan.image_shape)
-        row: dict[str, np.ndarray] = {
-            "idx": idx,
-            "image": pixels,
-            "label": images["label"].to_numpy().astype(np.int64),
-        }
-        if view is not None:
-            for k, (src, manifest) in enumerate(zip(plan.teachers, manifests)):
-                cols = view_columns(manifest, view, plan.logits, plan.features)
-                table = read_cache_part(src.cache_dir, manifest, part, cols, idx)
-                for key, value in decode_view(table, manifest, view, plan.logits, plan.features).items():
-                    row[f"t{k}_{key}"] = value
-        outs.append(row)
-    return {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
-
-
-def build_datasets(
-    plan: ReadPlan, parts: list[str], views: list[int] | None, read_cpus: float
-) -> dict[str, Any]:
-    """Ray Datasets keyed `train_v{v}` (one per view) or `test` (views=None): a dataset of part names mapped
-    through `read_training_rows`, so parts are read in parallel, streamed, and never fully materialised."""
-    import ray.data
-
-    def one(view: int | None):
-        ds = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
-        return ds.map_batches(
-            read_training_rows,
-            fn_kwargs={"plan": plan, "view": view},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=read_cpus,
+def read_cache_rows(
+    part: tables.OpenTable,
+    manifest: Manifest,
+    row_groups: list[int],
+    columns: list[str],
+    expected_idx: np.ndarray,
+) -> pa.Table:
+    """Row groups of a cache part, checksums verified, aligned row for row with the image rows `expected_idx`."""
+    who = f"cache part {part.url} of teacher {manifest.teacher['name']!r}"
+    try:
+        table = part.read(row_groups, columns)
+    except tables.CorruptTable as e:
+        raise CacheError(corrupt_message(who, e.detail)) from None
+    idx = table["idx"].to_numpy()
+    if len(idx) != len(expected_idx) or not np.array_equal(idx, expected_idx):
+        row = int(np.argmax(idx[: len(expected_idx)] != expected_idx[: len(idx)])) if len(idx) else 0
+        raise CacheError(
+            f"{who} does not match its image part ({len(idx)} vs {len(expected_idx)} rows, idx differs at row "
+            f"{row}); delete it and re-run precompute"
         )
-
-    if views is None:
-        return {"test": one(None)}
-    return {f"train_v{v}": one(v) for v in views}
-
-
-def teacher_outputs_from_batch(batch: dict, num_teachers: int, logits: bool, features: bool, device):
-    """Batch tensors of `read_training_rows` → camkd.TeacherOutputs on `device` (int8 features dequantised)."""
-    import torch
-
-    from camkd import TeacherOutputs
-
-    t_logits = None
-    if logits:
-        t_logits = torch.stack(
-            [batch[f"t{k}_logits"].to(device, non_blocking=True).float() for k in range(num_teachers)]
-        )
-    t_feats = None
-    if features:
-        t_feats = []
-        for k in range(num_teachers):
-            f = batch[f"t{k}_feat"].to(device, non_blocking=True)
-            if f.dtype == torch.int8:
-                scale = batch[f"t{k}_feat_scale"].to(device, non_blocking=True).float()
-                f = f.float() * scale[:, :, None, None]
-            t_feats.append(f.float())
-    return TeacherOutputs(t_logits, t_feats)
-
-
-def now() -> float:
-    return time.time()
+    return table

@@ -34,7 +34,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "imagefolder": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
     "synthetic": {"mean": [0.5], "std": [0.25], "path": None},
 }
-SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+SMALL_LR_ARCHS = ("MobileNetV2", "MobileNetV2_conv2", "ShuffleV1", "ShuffleV2")
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,17 @@ class DataConfig(Strict):
         False, description="fetch with torchvision when the files are absent (needs internet)"
     )
     rows_per_part: int = Field(2048, ge=1, le=1_000_000)
+    row_group_rows: int = Field(
+        256, ge=1, le=1_000_000, description="rows per Parquet row group: the unit a read task yields"
+    )
+    order_seed: int = Field(0, description="seed of the stored, class-stratified random row order")
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="tail of the (stratified) training split held out for validation; 0: validate on the test "
+        "split (then model selection sees test data)",
+    )
     limit_train: int | None = Field(None, ge=1, description="keep a class-balanced subset of this many rows")
     limit_test: int | None = Field(None, ge=1)
     subset_seed: int = 0
@@ -135,6 +146,11 @@ class ViewConfig(Strict):
     flip: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    decode: Literal["full", "draft"] = Field(
+        "full",
+        description="encoded images: full-size decode, or JPEG draft mode (DCT-scaled to the size the crop needs; "
+        "faster, slightly different pixels)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ViewConfig:
@@ -154,6 +170,10 @@ class TeacherTraining(Strict):
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of training labels replaced at random")
     limit_train: int | None = Field(
         None, ge=1, description="train on the first N rows only (a weaker teacher)"
+    )
+    label_swaps: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="class pairs whose labels are exchanged for training: a confidently wrong teacher",
     )
     seed: int = 0
 
@@ -191,12 +211,23 @@ class CacheConfig(Strict):
     features: Literal["auto", "fp16", "int8", "none"] = Field(
         "auto", description="auto: fp16 when a configured strategy needs features, else none"
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="teacher inference precision (bf16/fp16: autocast on GPU); part of the cache's identity",
+    )
     batch_size: int = Field(256, ge=1, description="teacher inference batch size")
     actors: int | Literal["auto"] = Field(
-        "auto", description="teacher replicas; auto: one per GPU or per 1 CPU"
+        "auto", description="teacher replicas (each runs every teacher); auto: one per GPU or per CPU slot"
     )
+    min_actors: int = Field(1, ge=1, description="autoscaling pool: replicas kept while work remains")
     cpus_per_actor: float = Field(1.0, gt=0)
+    render_cpus: float = Field(0.5, gt=0, description="CPUs per view-rendering task (decode + augment)")
+    write_cpus: float = Field(0.5, gt=0, description="CPUs per quantise/encode/write task")
     use_gpu: bool | Literal["auto"] = "auto"
+    wait_for_gpus: bool = Field(
+        False,
+        description="with use_gpu true and no GPU in the cluster: wait for an autoscaler instead of failing",
+    )
     eval_test: bool = Field(True, description="also measure each teacher's top-1 on the test split")
     compression: Literal["none", "snappy", "zstd", "lz4"] = "none"
 
@@ -219,6 +250,12 @@ class StrategyConfig(Strict):
     alpha: float = Field(1.0, ge=0, description="weight of the KD term")
     beta: float = Field(50.0, ge=0, description="weight of the intermediate (feature) term")
     normalize: Literal["official", "mean"] = "official"
+    feature_weights: Literal["official", "detached", "logit"] = Field(
+        "official",
+        description="weights of the feature term: official = each teacher's frozen head on the connected student "
+        "map (gradient flows through them, as upstream); detached = the same, without gradient; logit = the "
+        "logit confidence weights",
+    )
     inter_warmup_epochs: int = Field(
         1, ge=0, description="epochs without the intermediate term (official: 1)"
     )
@@ -246,12 +283,32 @@ class TrainConfig(Strict):
     )
     seed: int = 0
     label_noise: float = Field(0.0, ge=0, le=1)
+    label_swaps: list[tuple[int, int]] = Field(
+        default_factory=list, description="class pairs whose training labels are exchanged (teacher training)"
+    )
     limit_train: int | None = Field(None, ge=1)
     shuffle_buffer: int = Field(4096, ge=0, description="rows in the local shuffle buffer (0: no shuffle)")
     deterministic: bool = Field(
         False,
         description="keep Ray Data's row order: the same batches on every run and after a resume (slower)",
     )
+    nan_check_every: int = Field(
+        50, ge=1, description="steps between checks for a non-finite loss (each check is one host sync)"
+    )
+    prefetch_batches: int = Field(4, ge=0, description="batches each worker's reader prepares ahead")
+    pin_memory: bool | Literal["auto"] = Field("auto", description="pinned host batches; auto: on with GPUs")
+    eval_memory_mb: int = Field(
+        2048,
+        ge=0,
+        description="per worker: keep the evaluation split in memory when it fits, else re-read it",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="SyncBatchNorm across GPU workers (torch has no CPU SyncBatchNorm)"
+    )
+    channels_last: bool = Field(
+        False, description="GPU: channels_last memory format for student + connectors"
+    )
+    compile: bool = Field(False, description="torch.compile the student + strategy")
     max_failures: int = Field(
         3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
     )
@@ -279,6 +336,12 @@ class ScalingSettings(Strict):
         None, ge=1, description="intra-op threads per worker; default: cpus_per_worker"
     )
     read_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each Ray Data read task")
+    read_tasks: int | None = Field(
+        None, ge=1, description="concurrent read tasks per worker (default: as many as fit)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Train workers go: STRICT_SPREAD puts each on its own node"
+    )
     check_resources: bool = Field(
         True, description="fail fast when the cluster lacks the requested CPUs/GPUs"
     )
@@ -408,6 +471,16 @@ class Config(Strict):
             )
         if self.cache.logits == "topk" and self.cache.topk < 2:
             raise ValueError("cache.topk must be at least 2 when cache.logits is 'topk'")
+        if self.train.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm has no CPU kernels); set "
+                "scaling.use_gpu: true, or leave train.sync_batchnorm: false (each CPU worker then normalises "
+                "its own share of the batch)"
+            )
+        if self.cache.min_actors > (self.cache.actors if isinstance(self.cache.actors, int) else 10**9):
+            raise ValueError(
+                f"cache.min_actors ({self.cache.min_actors}) exceeds cache.actors ({self.cache.actors})"
+            )
         return self
 
     # Derived views of the config, used by several stages.

@@ -1,8 +1,12 @@
-"""Ingest: a dataset source → Parquet image parts per split (`idx:int64, image:binary, label:int32`).
+"""Ingest: a dataset source → Parquet image parts per split (`idx, source_idx, image, label`).
 
 Sources: MNIST/Fashion-MNIST idx(.gz) files, CIFAR-10/100 "python version" batches, a class-per-subfolder image
-folder, and a synthetic generator for tests. The dataset fingerprint hashes the source content and the layout, so
-re-ingesting the same data is a no-op. This stage never runs a model.
+folder, and a synthetic generator for tests. Rows are stored in a seeded, class-stratified random order, so every
+part, every prefix and the tail of a split hold the classes in proportion (a class-sorted source never gives
+class-sorted parts), and `idx` is the row's position in that order. The validation hold-out is the tail of the
+training split (`data.val_fraction`), so it needs no second copy of the data. Parts are written in row groups of
+`data.row_group_rows` rows with checksums (`pipeline/tables.py`). The fingerprint hashes the source content and
+the layout, so re-ingesting the same data is a no-op. This stage never runs a model.
 """
 
 from __future__ import annotations
@@ -21,16 +25,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipeline import storage
+from pipeline import storage, tables
 
 if TYPE_CHECKING:  # the read path (Ray Data tasks) imports this module; keep torch out of it
     from pipeline.config import Config, DataConfig
 
-FORMAT_VERSION = 1
-IMAGE_SCHEMA = pa.schema([("idx", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
+FORMAT_VERSION = 2  # 2: stratified row order, idx = position, source_idx, row groups, column checksums
+META_KEY = b"camkd"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -41,11 +44,13 @@ class IngestError(RuntimeError):
 class PartInfo(BaseModel):
     name: str
     rows: int
+    first_idx: int  # the part holds idx first_idx .. first_idx + rows - 1
 
 
 class SplitInfo(BaseModel):
     rows: int
     parts: list[PartInfo]
+    class_counts: list[int]
 
 
 class DatasetMeta(BaseModel):
@@ -61,6 +66,8 @@ class DatasetMeta(BaseModel):
     encoding: str  # "raw": H×W×C uint8 bytes of `image_shape`; "encoded": PNG/JPEG file bytes
     image_shape: list[int] | None
     rows_per_part: int
+    row_group_rows: int
+    order_seed: int
     splits: dict[str, SplitInfo]
     created: float = 0.0
 
@@ -299,12 +306,28 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(picked))
 
 
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation of the rows in which every prefix (and so every part and the tail) holds each class
+    in proportion to its frequency, ±1 row: within each class the rows are shuffled, and the r-th row of a class
+    of n rows is placed at fractional position (r + u)/n, u uniform in [0, 1)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x5EED])
+    keys = np.empty(len(labels), dtype=np.float64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank = rng.permutation(len(members))
+        keys[members] = (rank + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
 def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
     h = hashlib.sha256()
     spec = {
         "format": FORMAT_VERSION,
         "source": cfg.source,
         "rows_per_part": cfg.rows_per_part,
+        "row_group_rows": cfg.row_group_rows,
+        "order_seed": cfg.order_seed,
         "limit_train": cfg.limit_train,
         "limit_test": cfg.limit_test,
         "subset_seed": cfg.subset_seed,
@@ -322,29 +345,38 @@ def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ ingest
-def _write_split(out_dir: str, split: RawSplit, rows_per_part: int, encoding: str) -> SplitInfo:
+def _write_split(
+    out_dir: str, split: RawSplit, rows_per_part: int, row_group_rows: int, encoding: str, seed: int
+) -> SplitInfo:
+    """Write a split in its stratified order: part p holds positions [p·rows_per_part, ...), idx = position."""
     n = len(split.labels)
+    order = stratified_order(split.labels, seed)
     parts = []
     for p, start in enumerate(range(0, n, rows_per_part)):
         stop = min(start + rows_per_part, n)
-        if encoding == "raw":
-            block = split.images[start:stop]
-            images = pa.array([row.tobytes() for row in block], type=pa.binary())
+        rows = order[start:stop]
+        if encoding == "raw":  # H×W×C uint8 pixels as fixed-width values: read back as one memcpy
+            block = np.ascontiguousarray(split.images[rows])
+            width = block[0].nbytes
+            images = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), len(block), [None, pa.py_buffer(block)]
+            )
         else:
-            images = pa.array([Path(f).read_bytes() for f in split.images[start:stop]], type=pa.binary())
-        table = pa.Table.from_arrays(
-            [
-                pa.array(np.arange(start, stop), pa.int64()),
-                images,
-                pa.array(split.labels[start:stop], pa.int32()),
-            ],
-            schema=IMAGE_SCHEMA,
+            images = pa.array([Path(split.images[i]).read_bytes() for i in rows], type=pa.binary())
+        table = pa.table(
+            {
+                "idx": pa.array(np.arange(start, stop), pa.int64()),
+                "source_idx": pa.array(rows, pa.int64()),
+                "image": images,
+                "label": pa.array(split.labels[rows], pa.int32()),
+            }
         )
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes_atomic(storage.join(out_dir, storage.part_name(p)), buf.getvalue().to_pybytes())
-        parts.append(PartInfo(name=storage.part_name(p), rows=stop - start))
-    return SplitInfo(rows=n, parts=parts)
+        meta = {META_KEY: json.dumps({"format": FORMAT_VERSION, "part": storage.part_name(p)}).encode()}
+        encoded = tables.encode_table(table, row_group_rows, meta, compression="zstd")
+        tables.write_table(storage.join(out_dir, storage.part_name(p)), encoded)
+        parts.append(PartInfo(name=storage.part_name(p), rows=stop - start, first_idx=start))
+    counts = np.bincount(split.labels, minlength=int(split.labels.max()) + 1 if n else 0)
+    return SplitInfo(rows=n, parts=parts, class_counts=counts.tolist())
 
 
 def find_dataset(cfg: Config) -> DatasetMeta | None:
@@ -356,7 +388,10 @@ def find_dataset(cfg: Config) -> DatasetMeta | None:
         if entry.startswith(f"{name}-"):
             meta_url = storage.join(root, entry, "dataset.json")
             if storage.exists(meta_url):
-                meta = DatasetMeta.model_validate(storage.read_json(meta_url))
+                raw = storage.read_json(meta_url)
+                if raw.get("format") != FORMAT_VERSION:
+                    continue  # an older layout: a new ingest writes the current one beside it (another fingerprint)
+                meta = DatasetMeta.model_validate(raw)
                 if meta.source == _source_spec(cfg.data):
                     found.append(meta)
     # Several matches mean the source files changed between ingests: the newest ingest wins.
@@ -368,6 +403,8 @@ def _source_spec(cfg: DataConfig) -> dict[str, Any]:
         "kind": cfg.source,
         "path": cfg.source_path,
         "rows_per_part": cfg.rows_per_part,
+        "row_group_rows": cfg.row_group_rows,
+        "order_seed": cfg.order_seed,
         "limit_train": cfg.limit_train,
         "limit_test": cfg.limit_test,
         "subset_seed": cfg.subset_seed,
@@ -398,7 +435,14 @@ def ingest(cfg: Config, log=print) -> DatasetMeta:
                 else [split.images[i] for i in keep]
             )
             split = RawSplit(images, split.labels[keep])
-        infos[split_name] = _write_split(storage.join(out, split_name), split, data.rows_per_part, encoding)
+        infos[split_name] = _write_split(
+            storage.join(out, split_name),
+            split,
+            data.rows_per_part,
+            data.row_group_rows,
+            encoding,
+            data.order_seed,
+        )
         log(f"[ingest] {split_name}: {infos[split_name].rows} rows in {len(infos[split_name].parts)} part(s)")
     first = splits["train"].images
     image_shape = list(first.shape[1:]) if encoding == "raw" else None
@@ -413,6 +457,8 @@ def ingest(cfg: Config, log=print) -> DatasetMeta:
         encoding=encoding,
         image_shape=image_shape,
         rows_per_part=data.rows_per_part,
+        row_group_rows=data.row_group_rows,
+        order_seed=data.order_seed,
         splits=infos,
         created=time.time(),
     )
@@ -435,17 +481,28 @@ def require_dataset(cfg: Config, log=print) -> DatasetMeta:
     return find_dataset(cfg) or ingest(cfg, log=log)
 
 
-def read_image_part(
-    root_dataset_dir: str, split: str, part: str, columns: list[str] | None = None
-) -> pa.Table:
-    url = storage.join(root_dataset_dir, split, part)
-    fs, path = storage.pyarrow_fs(url)
+def image_part_url(dataset_dir: str, split: str, part: str) -> str:
+    return storage.join(dataset_dir, split, part)
+
+
+def open_image_part(dataset_dir: str, split: str, part: str) -> tables.OpenTable:
+    """An image part opened for row-group reads; a missing or corrupt part is an IngestError with the fix."""
+    url = image_part_url(dataset_dir, split, part)
     try:
-        return pq.read_table(path, columns=columns, filesystem=fs)
-    except (OSError, pa.ArrowException) as e:
-        raise IngestError(
-            f"image part {url} cannot be read ({e}); delete the dataset folder and re-run `ingest`"
-        ) from e
+        return tables.open_table(url, META_KEY)
+    except FileNotFoundError:
+        raise IngestError(f"image part {url} is missing; delete {dataset_dir} and re-run `ingest`") from None
+    except tables.CorruptTable as e:
+        raise IngestError(f"image part {e}; delete {dataset_dir} and re-run `ingest`") from None
+
+
+def read_image_rows(
+    part: tables.OpenTable, row_groups: list[int] | None, columns: list[str] | None = None
+) -> pa.Table:
+    try:
+        return part.read(row_groups, columns or ["idx", "image", "label"])
+    except tables.CorruptTable as e:
+        raise IngestError(f"image part {e}; delete the dataset folder and re-run `ingest`") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,26 +1,30 @@
-"""Precompute: run each teacher once over every training image and view; write shard-aligned cache parts.
+"""Precompute: every teacher once over every training image and view, into the cache; resumable.
 
-Ray Data streams the missing parts through an actor pool of teacher replicas (one per GPU, or per CPU slot). Each
-part is written to a temporary name and renamed; the manifest is written last. An interrupted run resumes with the
-missing parts only; adding a teacher computes only that teacher. Training and sweeps never run teachers again.
+One Ray Data pipeline of three stages, one item per (image part, view) that any teacher still lacks:
+
+1. render (CPU tasks): read the image part, decode and augment view v once, whatever the number of teachers;
+2. infer (an autoscaling pool of actors, one GPU each when GPUs are used): run every teacher that needs this
+   item on the rendered pixels, in `cache.precision`;
+3. write (CPU tasks): quantise / encode each teacher's outputs, write its part and then its receipt.
+
+Test-split items go through stages 1-2 only, for each teacher's test accuracy. A resumed run trusts every part
+whose receipt and size agree (one listing per view folder, one small receipt per part): finished parts are not
+read or hashed again. Adding a teacher or growing `views.count` computes only what is new. Training and sweeps
+never run teachers again.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
-from camkd.training import normalize
-from pipeline import storage, teachers
+from pipeline import storage, tables, teachers
 from pipeline.cache import (
     CACHE_FORMAT,
     META_KEY,
@@ -28,184 +32,50 @@ from pipeline.cache import (
     CachePart,
     Manifest,
     OutputFormat,
-    check_manifest,
+    ViewRecord,
+    check_manifest_dataset,
     check_parts_present,
-    encode_view,
+    head_url,
     load_manifest,
     manifest_url,
-    part_metadata,
+    output_format,
+    receipt_url,
+    store_dir,
+    view_dir,
 )
 from pipeline.config import Config
-from pipeline.ingest import DatasetMeta, read_image_part, require_dataset
-from pipeline.views import ViewSpec, make_view_spec, render_eval_view, render_train_view
+from pipeline.ingest import DatasetMeta, require_dataset
+from pipeline.precompute_stages import TEST, PrecomputeSpec, TeacherPool, render_item, write_item
+from pipeline.views import ViewSpec, make_view_spec
 
 
-@dataclass(frozen=True)
-class WriterSpec:
-    """What a teacher replica needs (picklable): the teachers, the data, the views, the output format."""
-
-    teachers: tuple[dict[str, Any], ...]  # TeacherRef.to_dict() per teacher index
-    cache_dirs: tuple[str, ...]
-    dataset_dir: str
-    dataset_fp: str
-    image_shape: tuple[int, ...] | None
-    spec: dict[str, Any]
-    fmt: OutputFormat
-    batch_size: int
-    compression: str
-    threads: int
-
-
-class TeacherReplica:
-    """A Ray Data actor serving every teacher of one precompute run: turns (teacher, part) into a written cache
-    part (or test-split hits). Items arrive grouped by teacher; the last two models used stay loaded."""
-
-    def __init__(self, ws: WriterSpec) -> None:
-        torch.set_num_threads(max(1, ws.threads))
-        self.ws = ws
-        self.spec = ViewSpec.from_dict(ws.spec)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.models: dict[int, torch.nn.Module] = {}
-
-    def model(self, k: int) -> torch.nn.Module:
-        if k not in self.models:
-            if len(self.models) >= 2:
-                self.models.pop(next(iter(self.models)))
-            ref = teachers.TeacherRef.from_dict(self.ws.teachers[k])
-            self.models[k] = teachers.build_model(ref).to(self.device)
-        return self.models[k]
-
-    @torch.no_grad()
-    def infer(self, k: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        logits, feats = [], []
-        model = self.model(k)
-        want_feats = self.ws.fmt.features != "none"
-        for start in range(0, len(pixels), self.ws.batch_size):
-            x = torch.from_numpy(pixels[start : start + self.ws.batch_size]).to(self.device)
-            fmap = model.forward_features(normalize(x, self.spec.mean, self.spec.std))
-            logits.append(model.forward_head(fmap).float().cpu().numpy())
-            if want_feats:
-                feats.append(fmap.float().cpu().numpy())
-        return np.concatenate(logits), (np.concatenate(feats) if want_feats else None)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = ("teacher", "task", "part", "rows", "bytes", "sha256", "correct", "seconds")
-        out: dict[str, list] = {key: [] for key in keys}
-        for k, task, part in zip(batch["teacher"], batch["task"], batch["part"]):
-            start = time.time()
-            k, task, part = int(k), str(task), str(part)
-            if task == "eval":
-                rows, correct, size, digest = self._eval(k, part)
-            else:
-                rows, correct, size, digest = self._write(k, part)
-            for key, value in zip(keys, (k, task, part, rows, size, digest, correct, time.time() - start)):
-                out[key].append(value)
-        return {key: np.asarray(v) for key, v in out.items()}
-
-    def _eval(self, k: int, part: str) -> tuple[int, int, int, str]:
-        table = read_image_part(self.ws.dataset_dir, "test", part)
-        pixels = render_eval_view(table["image"].to_pylist(), self.spec, self.ws.image_shape)
-        logits, _ = self.infer(k, pixels)
-        correct = int((logits.argmax(1) == table["label"].to_numpy()).sum())
-        return len(pixels), correct, 0, ""
-
-    def _write(self, k: int, part: str) -> tuple[int, int, int, str]:
-        ws = self.ws
-        teacher = ws.teachers[k]
-        table = read_image_part(ws.dataset_dir, "train", part)
-        idx = table["idx"].to_numpy()
-        labels = table["label"].to_numpy()
-        raw = table["image"].to_pylist()
-        columns: dict[str, pa.Array] = {"idx": pa.array(idx, pa.int64())}
-        correct = 0
-        for view in range(self.spec.count):
-            pixels = render_train_view(raw, idx, view, self.spec, ws.image_shape)
-            logits, feats = self.infer(k, pixels)
-            if not np.isfinite(logits).all():
-                raise CacheError(
-                    f"teacher {teacher['name']!r} produced non-finite logits on {part}, view {view}"
-                )
-            correct += int((logits.argmax(1) == labels).sum())
-            columns.update(encode_view(view, logits, feats, ws.fmt))
-        meta = part_metadata(teacher["id"], ws.dataset_fp, self.spec.digest, ws.fmt, part, len(idx), correct)
-        out_table = pa.table(columns).replace_schema_metadata(meta)
-        buf = pa.BufferOutputStream()
-        pq.write_table(
-            out_table, buf, compression=ws.compression, use_dictionary=False, row_group_size=len(idx) or 1
-        )
-        data = buf.getvalue().to_pybytes()
-        storage.write_bytes_atomic(storage.join(ws.cache_dirs[k], part), data)
-        return len(idx), correct, len(data), storage.sha256_bytes(data)
-
-
-# ------------------------------------------------------------------------------------------------ driver side
-def _existing_part(
-    cache_dir: str, part: str, rows: int, teacher_id: str, dataset_fp: str, digest: str, fmt: OutputFormat
-) -> tuple[str, CachePart | str | None]:
-    """Classify what sits at a part's final name from an earlier (interrupted) run:
-    ("absent", None), ("reuse", CachePart), ("recompute", why) for our own unusable output, or
-    ("foreign", why) for a part of another teacher / dataset / view spec / format (never overwritten silently)."""
-    url = storage.join(cache_dir, part)
-    if not storage.exists(url):
-        return "absent", None
-    fs, path = storage.pyarrow_fs(url)
-    try:
-        md = pq.read_metadata(path, filesystem=fs)
-        kv = json.loads((md.metadata or {}).get(META_KEY, b"{}"))
-    except (OSError, pa.ArrowException, ValueError) as e:
-        return "recompute", f"unreadable ({type(e).__name__})"
-    mine = (
-        kv.get("teacher_id") == teacher_id
-        and kv.get("dataset_fp") == dataset_fp
-        and kv.get("view_digest") == digest
-        and kv.get("output") == fmt.describe()
-        and kv.get("format") == CACHE_FORMAT
-    )
-    if not mine:
-        return "foreign", (
-            f"{url} was written for {kv.get('teacher_id')!r}, view spec {kv.get('view_digest')!r}, {kv.get('output')}"
-        )
-    if kv.get("part") != part:
-        return "recompute", f"it holds the rows of {kv.get('part')} (misaligned)"
-    if md.num_rows != rows or kv.get("rows") != rows:
-        return "recompute", f"{md.num_rows} rows instead of {rows}"
-    data = storage.read_bytes(url)
-    return "reuse", CachePart(
-        name=part, rows=rows, bytes=len(data), sha256=storage.sha256_bytes(data), correct=kv["correct"]
-    )
-
-
-def _auto_actors(cfg: Config, use_gpu: bool, todo: int) -> int:
-    import ray
-
-    if cfg.cache.actors != "auto":
-        return max(1, min(int(cfg.cache.actors), todo))
-    res = ray.available_resources()
-    slots = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1) // cfg.cache.cpus_per_actor)
-    return max(1, min(slots, todo))
-
-
-def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
-    model = teachers.build_model(ref)
-    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
-    with torch.no_grad():
-        return list(model.forward_features(torch.zeros(1, meta.channels, h, w)).shape[1:])
-
-
+# ------------------------------------------------------------------------------------------------ planning
 @dataclass
 class TeacherPlan:
-    """One teacher's state before the pipeline runs: reusable parts, parts to compute, or already complete."""
+    """One teacher's store before the pipeline runs: what is done (by view), what to compute."""
 
     ref: teachers.TeacherRef
-    cache_dir: str
-    done: dict[str, CachePart]
-    todo: list[str]
-    complete: dict[str, Any] | None = None  # the summary row when the cache is already up to date
+    teacher_dir: str
+    store: str
+    done: dict[int, dict[str, CachePart]]  # view → part → record
+    todo: list[tuple[str, int]]  # (part, view)
+    previous: Manifest | None = None
+    needs_test: bool = False
+    test: list[int] = field(default_factory=lambda: [0, 0])  # rows, correct
+    complete: dict[str, Any] | None = None  # the summary row when the store is already up to date
 
 
-def _output_format(cfg: Config, meta: DatasetMeta) -> OutputFormat:
-    k = min(cfg.cache.topk, meta.num_classes - 1)
-    return OutputFormat(cfg.cache.logits, k, cfg.feature_dtype(), meta.num_classes)
+def _receipts(urls: list[str]) -> list[dict[str, Any] | None]:
+    """Read many small receipts at once (object stores answer each GET in tens of ms)."""
+
+    def one(url: str) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(url)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(one, urls))
 
 
 def _plan_teacher(
@@ -217,209 +87,342 @@ def _plan_teacher(
     overwrite: bool,
     log,
 ) -> TeacherPlan:
-    cache_dir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)
-    train_parts = meta.split("train").parts
-    if storage.exists(manifest_url(cache_dir)):
-        manifest = load_manifest(cache_dir, ref.name)
-        try:
-            check_manifest(manifest, cache_dir, ref.to_dict(), meta, spec)
-            stored = {
-                "logits": manifest.logits["format"],
-                "topk": manifest.logits.get("k"),
-                "features": manifest.features["dtype"],
-            }
-            if stored != fmt.describe():
-                raise CacheError(
-                    f"stale cache for teacher {ref.name!r} at {cache_dir}: stored as {stored}, config asks "
-                    f"{fmt.describe()}. Re-run precompute with --overwrite to replace it"
-                )
-            check_parts_present(manifest, cache_dir)
-            log(f"[precompute] {ref.name} ({ref.id}): cache up to date at {cache_dir}")
-            row = _summary_row(ref, manifest, cache_dir, computed=0)
-            return TeacherPlan(ref, cache_dir, {}, [], complete=row)
-        except CacheError:
-            if not overwrite:
-                raise
-            log(f"[precompute] {ref.name}: replacing the stale cache at {cache_dir} (--overwrite)")
-            storage.remove(cache_dir)
-    storage.makedirs(cache_dir)
-    for name in storage.listdir(cache_dir):
-        if storage.TMP_MARK in name:  # half-written parts of an interrupted run: never read, safe to drop
-            storage.remove(storage.join(cache_dir, name))
-    done: dict[str, CachePart] = {}
-    for part in train_parts:
-        status, found = _existing_part(
-            cache_dir, part.name, part.rows, ref.id, meta.fingerprint, spec.digest, fmt
+    tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
+    store = store_dir(tdir, spec, fmt)
+    parts = meta.split("train").parts
+    previous = None
+    done: dict[int, dict[str, CachePart]] = {}
+    if storage.exists(manifest_url(store)):
+        previous = load_manifest(store, ref.name)
+        check_manifest_dataset(previous, store, meta)
+        kept = [r.view for r in previous.views if r.view < spec.count]
+        check_parts_present(previous, store, kept)
+        done = {r.view: {p.name: p for p in r.parts} for r in previous.views}
+    elif storage.exists(manifest_url(tdir)):
+        raise CacheError(
+            f"the cache at {tdir} of teacher {ref.name!r} was written by an older camkd-ray (cache format 1); "
+            f"rebuild it: delete {tdir} and re-run precompute"
         )
-        if status == "foreign":
-            if not overwrite:
-                raise CacheError(
-                    f"refusing to overwrite a foreign cache part: {found}. Remove it, or pass --overwrite"
+    identity = {
+        "teacher_id": ref.id,
+        "dataset_fp": meta.fingerprint,
+        "family": spec.family,
+        "output": fmt.key,
+        "format": CACHE_FORMAT,
+    }
+    todo: list[tuple[str, int]] = []
+    for view in range(spec.count):
+        if view in done and len(done[view]) == len(parts):
+            continue
+        vdir = view_dir(store, view)
+        sizes = storage.list_sizes(vdir)
+        for name in [
+            n for n in sizes if storage.TMP_MARK in n
+        ]:  # half-written parts: never read, safe to drop
+            storage.remove(storage.join(vdir, name))
+        present = [p for p in parts if p.name in sizes]
+        receipts = _receipts([receipt_url(storage.join(vdir, p.name)) for p in present])
+        got: dict[str, CachePart] = {}
+        for p, receipt in zip(present, receipts):
+            url = storage.join(vdir, p.name)
+            if (
+                receipt is not None
+                and all(receipt.get(k) == v for k, v in identity.items())
+                and (
+                    receipt.get("view") == view
+                    and receipt.get("rows") == p.rows
+                    and receipt.get("bytes") == sizes[p.name]
                 )
-            log(f"[precompute] {ref.name}: replacing foreign {part.name} (--overwrite)")
-        elif status == "recompute":
-            log(f"[precompute] {ref.name}: {part.name} is {found}; recomputing it")
-        elif status == "reuse":
-            done[part.name] = found
-    todo = [p.name for p in train_parts if p.name not in done]
+            ):
+                got[p.name] = CachePart.model_validate(receipt)
+                continue
+            _check_unreceipted(url, identity, view, p.name, overwrite, ref.name, log)
+        done[view] = got
+        todo += [(p.name, view) for p in parts if p.name not in got]
+    needs_test = cfg.cache.eval_test and (previous is None or previous.test_accuracy is None)
+    n_done = sum(len(v) for view, v in done.items() if view < spec.count)
+    if (
+        not todo
+        and not needs_test
+        and previous is not None
+        and previous.view_numbers == list(range(spec.count))
+    ):
+        log(f"[precompute] {ref.name} ({ref.id}): cache up to date at {store}")
+        return TeacherPlan(
+            ref, tdir, store, done, [], previous, complete=_summary_row(ref, previous, store, 0)
+        )
     log(
-        f"[precompute] {ref.name} ({ref.id}): {len(todo)} part(s) to compute, {len(done)} reused, "
-        f"{spec.count} view(s), features {fmt.features}, logits {fmt.logits}"
+        f"[precompute] {ref.name} ({ref.id}): {len(todo)} (part, view) item(s) to compute, {n_done} reused; "
+        f"{spec.count} view(s), format {fmt.key} → {store}"
     )
-    return TeacherPlan(ref, cache_dir, done, todo)
+    return TeacherPlan(ref, tdir, store, done, todo, previous, needs_test=needs_test)
 
 
-def _summary_row(
-    ref: teachers.TeacherRef, manifest: Manifest, cache_dir: str, computed: int
-) -> dict[str, Any]:
+def _check_unreceipted(
+    url: str, identity: dict, view: int, part: str, overwrite: bool, name: str, log
+) -> None:
+    """A part without a matching receipt: our own unfinished write is recomputed; a part written for another
+    teacher, dataset, view spec or format is never overwritten silently."""
+    try:
+        kv = tables.open_table(url, META_KEY).metadata
+    except (tables.CorruptTable, OSError):
+        log(f"[precompute] {name}: {url} is unreadable and has no receipt; recomputing it")
+        return
+    mine = all(kv.get(k) == v for k, v in identity.items() if k != "format") and kv.get("view") == view
+    if mine and kv.get("part") == part:
+        log(f"[precompute] {name}: {url} has no receipt (interrupted run); recomputing it")
+        return
+    if not overwrite:
+        raise CacheError(
+            f"refusing to overwrite a foreign cache part: {url} was written for {kv.get('teacher_id')!r}, view "
+            f"{kv.get('view')} of {kv.get('part')}, format {kv.get('output')!r}. Remove it, or pass --overwrite"
+        )
+    log(f"[precompute] {name}: replacing foreign {url} (--overwrite)")
+
+
+def _summary_row(ref: teachers.TeacherRef, manifest: Manifest, store: str, computed: int) -> dict[str, Any]:
     return {
         "teacher": ref.name,
         "id": ref.id,
         "computed_parts": computed,
-        "reused_parts": len(manifest.parts) - computed,
+        "reused_parts": sum(len(r.parts) for r in manifest.views) - computed,
+        "views": manifest.view_numbers,
         "accuracy": manifest.accuracy,
         "test_accuracy": manifest.test_accuracy,
         "bytes_per_sample": manifest.bytes_per_sample,
         "total_bytes": manifest.total_bytes,
-        "cache_dir": cache_dir,
+        "store": store,
         "seconds": manifest.seconds,
     }
 
 
-def _finish_teacher(
-    tp: TeacherPlan,
-    meta: DatasetMeta,
-    spec: ViewSpec,
-    fmt: OutputFormat,
-    test: tuple[int, int],
-    seconds: float,
-    log,
-) -> dict[str, Any]:
-    """Write head.pt and, last, manifest.json for a teacher whose parts are all present."""
-    ref, cache_dir = tp.ref, tp.cache_dir
-    parts = [tp.done[p.name] for p in meta.split("train").parts]
+def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
+    import torch
+
     model = teachers.build_model(ref)
-    head_buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, head_buf)
-    storage.write_bytes_atomic(storage.join(cache_dir, "head.pt"), head_buf.getvalue())
+    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
+    with torch.no_grad():
+        return list(model.forward_features(torch.zeros(1, meta.channels, h, w)).shape[1:])
+
+
+def _write_head(ref: teachers.TeacherRef, tdir: str) -> dict[str, Any]:
+    """`<teacher dir>/head.pt`: the frozen head the feature term applies to connected student maps."""
+    import torch
+
+    model = teachers.build_model(ref)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, buf)
+    data = buf.getvalue()
+    url = head_url(tdir)
+    if not storage.exists(url):
+        storage.write_bytes_atomic(url, data)
+    return {"file": "../head.pt", "sha256": storage.sha256_bytes(data)}
+
+
+def _finish_teacher(
+    tp: TeacherPlan, meta: DatasetMeta, spec: ViewSpec, fmt: OutputFormat, seconds: float, log
+) -> dict[str, Any]:
+    """Write head.pt and, last, the store's manifest.json once every part of every view is present."""
+    ref = tp.ref
+    parts = meta.split("train").parts
+    views = [ViewRecord(view=v, parts=[tp.done[v][p.name] for p in parts]) for v in sorted(tp.done)]
     rows = sum(p.rows for p in parts)
-    total = sum(p.bytes for p in parts)
+    total = sum(p.bytes for r in views for p in r.parts)
     shape = feature_shape(ref, meta, spec) if fmt.features != "none" else None
-    logits_bytes = spec.count * (2 * meta.num_classes if fmt.logits == "fp16" else fmt.topk * (2 + 2) + 4)
+    logits_bytes = 2 * meta.num_classes if fmt.logits == "fp16" else fmt.topk * (2 + 2) + 4
     feat_values = int(np.prod(shape)) if shape else 0
-    feat_bytes = spec.count * (
-        feat_values * (2 if fmt.features == "fp16" else 1) + (2 * shape[0] if fmt.features == "int8" else 0)
+    feat_bytes = feat_values * (2 if fmt.features == "fp16" else 1) + (
+        2 * shape[0] if fmt.features == "int8" else 0
     )
-    test_rows, test_correct = test
+    test_rows, test_correct = tp.test
+    if test_rows:
+        test_accuracy = test_correct / test_rows
+    else:
+        test_accuracy = tp.previous.test_accuracy if tp.previous is not None else None
     manifest = Manifest(
         teacher=ref.to_dict(),
         dataset={"name": meta.name, "fingerprint": meta.fingerprint},
-        view_spec=spec.to_dict(),
-        view_digest=spec.digest,
-        logits={
-            "format": fmt.logits,
-            "k": fmt.topk if fmt.logits == "topk" else None,
-            "num_classes": meta.num_classes,
-        },
-        features={"dtype": fmt.features, "shape": shape},
+        view_spec=spec.with_count(len(views)).to_dict(),
+        family=spec.family,
+        output=fmt.describe() | {"num_classes": meta.num_classes, "feature_shape": shape},
+        views=views,
         rows=rows,
-        parts=parts,
         bytes_per_sample={
             "logits": logits_bytes,
             "features": feat_bytes,
-            "on_disk": round(total / max(rows, 1), 1),
+            "on_disk": round(total / max(rows * len(views), 1), 1),
         },
         total_bytes=total,
-        accuracy=sum(p.correct for p in parts) / max(rows * spec.count, 1),
-        test_accuracy=(test_correct / test_rows) if test_rows else None,
-        head={"file": "head.pt", "sha256": storage.sha256_bytes(head_buf.getvalue())},
-        seconds=round(seconds, 2),
+        accuracy=sum(r.correct for r in views) / max(rows * len(views), 1),
+        test_accuracy=test_accuracy,
+        head=_write_head(ref, tp.teacher_dir),
+        seconds=round(seconds + (tp.previous.seconds if tp.previous else 0.0), 2),
         created=time.time(),
     )
-    storage.write_json(manifest_url(cache_dir), manifest.model_dump())
+    storage.write_json(manifest_url(tp.store), manifest.model_dump())
     log(
-        f"[precompute] {ref.name}: {rows} rows × {spec.count} views, {total / 2**20:.1f} MiB "
-        f"({total / max(rows, 1) / 1024:.1f} KiB/image), cached-view top-1 {manifest.accuracy:.4f}"
-        f"{'' if manifest.test_accuracy is None else f', test top-1 {manifest.test_accuracy:.4f}'} → {cache_dir}"
+        f"[precompute] {ref.name}: {rows} rows × {len(views)} views, {total / 2**20:.1f} MiB "
+        f"({total / max(rows * len(views), 1) / 1024:.1f} KiB/image/view), cached-view top-1 {manifest.accuracy:.4f}"
+        f"{'' if manifest.test_accuracy is None else f', test top-1 {manifest.test_accuracy:.4f}'} → {tp.store}"
     )
-    return _summary_row(ref, manifest, cache_dir, computed=len(tp.todo))
+    return _summary_row(ref, manifest, tp.store, computed=len(tp.todo))
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _actor_range(cfg: Config, use_gpu: bool, items: int) -> tuple[int, int]:
+    """(min, max) replicas of the teacher pool: one per GPU, or per `cache.cpus_per_actor` CPUs."""
+    import ray
+
+    if cfg.cache.actors != "auto":
+        most = int(cfg.cache.actors)
+    else:
+        res = ray.cluster_resources()
+        most = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1) // cfg.cache.cpus_per_actor)
+    most = max(1, min(most, items))
+    return min(cfg.cache.min_actors, most), most
+
+
+def _memory_requests(ps: PrecomputeSpec, meta: DatasetMeta) -> dict[str, int]:
+    """Heap each stage holds for one item (the largest image part), asked of Ray so that the items in flight
+    fit: rendered pixels, fp32 logits + fp16 maps of every teacher, and their encoded copies. Requests that
+    differ also keep Ray Data from fusing the stages into one process."""
+    rows = max(p.rows for p in meta.split("train").parts)
+    spec = ViewSpec.from_dict(ps.spec)
+    pixels = int(np.prod(meta.image_shape)) if meta.image_shape else 3 * spec.size * spec.size
+    outputs = 0
+    for t in ps.teachers:
+        ref = teachers.TeacherRef.from_dict(t)
+        maps = 2 * int(np.prod(feature_shape(ref, meta, spec))) if ps.fmt.features != "none" else 0
+        outputs += rows * (4 * meta.num_classes + maps)
+    task, actor = (
+        192 * 2**20,
+        768 * 2**20,
+    )  # a Ray worker process; one that has imported torch and the teachers
+    return {
+        "render": task + 3 * rows * pixels,
+        "infer": actor + 2 * rows * pixels + 2 * outputs,
+        "write": task + 3 * outputs + 1,
+    }
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.cache.use_gpu == "auto":
+        return gpus > 0
+    if cfg.cache.use_gpu and gpus == 0 and not cfg.cache.wait_for_gpus:
+        raise CacheError(
+            "cache.use_gpu is true but the cluster has no GPU. Set cache.use_gpu: auto (GPUs when present) or "
+            "false, add GPU nodes, or set cache.wait_for_gpus: true when an autoscaler will add them"
+        )
+    return bool(cfg.cache.use_gpu)
 
 
 def precompute_teachers(
     cfg: Config, refs: list[teachers.TeacherRef], meta: DatasetMeta, overwrite: bool = False, log=print
 ) -> list[dict[str, Any]]:
-    """Bring the teachers' caches up to date in one Ray Data pipeline (one actor pool serves every teacher);
-    returns one summary row per teacher (what was computed, what the cache costs)."""
+    """Bring the teachers' stores up to date in one Ray Data pipeline; one summary row per teacher (what was
+    computed, what the cache costs), plus `renders`: images decoded and augmented, once per (image, view)."""
     import ray
     from tqdm.auto import tqdm
 
     spec = make_view_spec(cfg, meta.encoding)
-    fmt = _output_format(cfg, meta)
+    fmt = output_format(cfg, meta)
     started = time.time()
     plans = [_plan_teacher(cfg, ref, meta, spec, fmt, overwrite, log) for ref in refs]
-    items = []
+    masks: dict[tuple[str, int], int] = {}
     for k, tp in enumerate(plans):
-        if tp.complete is None:
-            items += [{"teacher": k, "task": "write", "part": p} for p in tp.todo]
-            if cfg.cache.eval_test:
-                items += [{"teacher": k, "task": "eval", "part": p.name} for p in meta.split("test").parts]
-    test = {k: [0, 0] for k in range(len(plans))}
-    first_part_seconds = None  # start-up latency: Ray Data plan + actor start + model load + first part
+        for item in tp.todo:
+            masks[item] = masks.get(item, 0) | (1 << k)
+        if tp.needs_test:
+            for p in meta.split("test").parts:
+                masks[(p.name, TEST)] = masks.get((p.name, TEST), 0) | (1 << k)
+    items = [
+        {"part": p, "view": v, "mask": m}
+        for (p, v), m in sorted(masks.items(), key=lambda x: (x[0][1], x[0][0]))
+    ]
+    first_item_seconds, renders = None, 0
     if items:
-        use_gpu = (
-            cfg.cache.use_gpu if cfg.cache.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-        )
-        actors = _auto_actors(cfg, use_gpu, len(items))
-        ws = WriterSpec(
-            teachers=tuple(tp.ref.to_dict() for tp in plans),
-            cache_dirs=tuple(tp.cache_dir for tp in plans),
+        use_gpu = _use_gpu(cfg)
+        low, high = _actor_range(cfg, use_gpu, len(items))
+        ps = PrecomputeSpec(
             dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
             dataset_fp=meta.fingerprint,
             image_shape=tuple(meta.image_shape) if meta.image_shape else None,
             spec=spec.to_dict(),
             fmt=fmt,
+            teachers=tuple(tp.ref.to_dict() for tp in plans),
+            stores=tuple(tp.store for tp in plans),
+            group_rows=meta.row_group_rows,
             batch_size=cfg.cache.batch_size,
-            compression=cfg.cache.compression,
             threads=max(1, math.floor(cfg.cache.cpus_per_actor)),
+            compression=cfg.cache.compression,
         )
         log(
-            f"[precompute] running {len(items)} item(s) on {actors} teacher replica(s){' (GPU)' if use_gpu else ''}"
+            f"[precompute] {len(items)} (part, view) item(s) through {low}-{high} teacher replica(s)"
+            f"{' (1 GPU each)' if use_gpu else ''}, each running all {len(plans)} teacher(s)"
         )
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            TeacherReplica,
-            fn_constructor_kwargs={"ws": ws},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cfg.cache.cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
-        )
-        bar = tqdm(total=len(items), desc="precompute", unit="part")
-        loop_start = time.time()
-        for row in ds.iter_rows():
-            if first_part_seconds is None:
-                first_part_seconds = time.time() - loop_start
-            k = int(row["teacher"])
-            if row["task"] == "write":
-                plans[k].done[row["part"]] = CachePart(
-                    name=row["part"],
-                    rows=int(row["rows"]),
-                    bytes=int(row["bytes"]),
-                    sha256=str(row["sha256"]),
-                    correct=int(row["correct"]),
+        memory = _memory_requests(ps, meta)
+        ctx = ray.data.DataContext.get_current()
+        block_limit, ctx.target_max_block_size = ctx.target_max_block_size, None  # an item is one block
+        try:
+            ds = (
+                ray.data.from_items(items, override_num_blocks=len(items))
+                .map_batches(
+                    render_item,
+                    fn_kwargs={"ps": ps},
+                    batch_size=None,
+                    num_cpus=cfg.cache.render_cpus,
+                    memory=memory["render"],
                 )
-            else:
-                test[k][0] += int(row["rows"])
-                test[k][1] += int(row["correct"])
-            bar.update(1)
-        bar.close()
+                .map_batches(
+                    TeacherPool,
+                    fn_constructor_kwargs={"ps": ps, "precision": cfg.cache.precision},
+                    batch_size=None,
+                    compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                    num_cpus=cfg.cache.cpus_per_actor,
+                    num_gpus=1 if use_gpu else 0,
+                    memory=memory["infer"],
+                )
+                .map_batches(
+                    write_item,
+                    fn_kwargs={"ps": ps},
+                    batch_size=None,
+                    num_cpus=cfg.cache.write_cpus,
+                    memory=memory["write"],
+                )
+            )
+            bar = tqdm(total=len(items), desc="precompute", unit="item")
+            loop_start = time.time()
+            seen_items: set[tuple[str, int]] = set()
+            for row in ds.iter_rows():
+                if first_item_seconds is None:
+                    first_item_seconds = time.time() - loop_start
+                k, part, view = int(row["teacher"]), str(row["part"]), int(row["view"])
+                renders += int(row["renders"])
+                if view == TEST:
+                    plans[k].test[0] += int(row["rows"])
+                    plans[k].test[1] += int(row["correct"])
+                else:
+                    plans[k].done.setdefault(view, {})[part] = CachePart(
+                        name=part,
+                        rows=int(row["rows"]),
+                        bytes=int(row["bytes"]),
+                        digest=str(row["digest"]),
+                        correct=int(row["correct"]),
+                    )
+                if (part, view) not in seen_items:
+                    seen_items.add((part, view))
+                    bar.update(1)
+            bar.close()
+        finally:
+            ctx.target_max_block_size = block_limit
     seconds = time.time() - started
-    rows = [
-        tp.complete or _finish_teacher(tp, meta, spec, fmt, tuple(test[k]), seconds, log)
-        for k, tp in enumerate(plans)
-    ]
+    rows = [tp.complete or _finish_teacher(tp, meta, spec, fmt, seconds, log) for tp in plans]
     for row in rows:
-        row["first_part_seconds"] = first_part_seconds
+        row["first_item_seconds"] = first_item_seconds
+        row["renders"] = renders
     return rows
 
 
@@ -430,7 +433,7 @@ def run_stage(cfg: Config, overwrite: bool = False, log=print) -> dict[str, Any]
     if not refs:
         raise CacheError("no teachers are configured; add a `teachers:` list to the config")
     rows = precompute_teachers(cfg, refs, meta, overwrite=overwrite, log=log)
-    summary = {"dataset": f"{meta.name}-{meta.fingerprint}", "teachers": rows}
+    summary = {"dataset": f"{meta.name}-{meta.fingerprint}", "teachers": rows, "renders": rows[0]["renders"]}
     url = storage.join(cfg.root, "cache", meta.fingerprint, "summary.json")
     storage.write_json(url, summary)
     log(f"[precompute] summary: {url}")
@@ -438,13 +441,14 @@ def run_stage(cfg: Config, overwrite: bool = False, log=print) -> dict[str, Any]
 
 
 def plan_stage(cfg: Config) -> list[str]:
-    """Human-readable plan for --dry-run: per teacher, cached / stale / parts to compute."""
+    """Human-readable plan for --dry-run: per teacher, cached / missing views / parts to compute."""
     from pipeline.ingest import find_dataset
 
     meta = find_dataset(cfg)
     if meta is None:
         return [f"dataset {cfg.data.dataset_name}: not ingested yet (ingest runs first)"]
     spec = make_view_spec(cfg, meta.encoding)
+    fmt = output_format(cfg, meta)
     lines = []
     for t in cfg.teachers:
         try:
@@ -452,16 +456,20 @@ def plan_stage(cfg: Config) -> list[str]:
         except teachers.TeacherError as e:
             lines.append(f"teacher {t.name}: {e}")
             continue
-        cdir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)
-        if storage.exists(manifest_url(cdir)):
+        store = store_dir(storage.teacher_dir(cfg.root, meta.fingerprint, ref.id), spec, fmt)
+        if storage.exists(manifest_url(store)):
             try:
-                check_manifest(load_manifest(cdir, t.name), cdir, ref.to_dict(), meta, spec)
-                lines.append(f"teacher {t.name}: cached at {cdir}")
+                have = load_manifest(store, t.name).view_numbers
             except CacheError as e:
-                lines.append(f"teacher {t.name}: STALE — {e}")
-        else:
-            have = sum(1 for p in meta.split("train").parts if storage.exists(storage.join(cdir, p.name)))
+                lines.append(f"teacher {t.name}: {e}")
+                continue
+            missing = [v for v in range(spec.count) if v not in have]
             lines.append(
-                f"teacher {t.name}: {len(meta.split('train').parts) - have} part(s) to compute ({have} present)"
+                f"teacher {t.name}: cached at {store} (views {have})"
+                + (f"; views {missing} to compute" if missing else "")
+            )
+        else:
+            lines.append(
+                f"teacher {t.name}: {spec.count} view(s) × {len(meta.split('train').parts)} part(s) to compute → {store}"
             )
     return lines

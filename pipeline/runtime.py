@@ -72,13 +72,16 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
     quiet_ray_data()
 
 
-def quiet_ray_data() -> None:
-    """Our own progress bars and summaries replace Ray Data's per-operator logging."""
+def quiet_ray_data(preserve_order: bool | None = None) -> None:
+    """Our own progress lines and summaries replace Ray Data's per-operator logging (in this process: the driver,
+    or a Train worker that runs its own readers). `preserve_order` sets the execution's row order."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if preserve_order is not None:
+        ctx.execution_options.preserve_order = preserve_order
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -1,30 +1,47 @@
-"""Storage on any fsspec filesystem (local path, s3://, gs://, memory://): layout, atomic writes, JSON, hashes.
+"""Storage on a local path, S3, GCS or any fsspec filesystem: layout, whole-file writes, JSON, retries.
 
-Every file the pipeline writes goes through here: written to a temporary name and renamed, so a reader never sees
-half a file. Nothing here knows about teachers or training.
+Local paths, `s3://` and `gs://` use pyarrow's native filesystems (S3 takes the standard AWS configuration:
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_REGION`, ...); other URLs (`memory://`, ...) go through fsspec. A
+reader never sees half a file: a local file is written to a temporary name and renamed; an object store makes an
+object visible only once its upload completes, so objects are written directly (no copy + delete). Errors that
+may pass (throttling, timeouts, dropped connections) are retried with backoff and, if they persist, raised as
+`StorageUnavailable`, never as corruption. Nothing here knows about teachers or training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
-import fsspec
 import pyarrow.fs as pafs
-from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+NATIVE = ("s3", "gs", "gcs")
+RETRY_ATTEMPTS = 6
+RETRY_BASE_SECONDS = 0.2
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
     """A storage location that cannot be used (not writable, full, missing), phrased for the user."""
 
 
+class StorageUnavailable(StorageError):
+    """Storage that did not answer (unreachable, throttled, timing out) after retries: not a data problem."""
+
+
+# ------------------------------------------------------------------------------------------------- addresses
 def normalize_url(url: str) -> str:
     """Local paths become absolute (workers may run elsewhere); URLs are kept, without a trailing slash."""
     if "://" not in url:
@@ -32,18 +49,8 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
-@lru_cache(maxsize=32)
-def _fs_for(protocol_key: str) -> fsspec.AbstractFileSystem:
-    return fsspec.filesystem(protocol_key) if protocol_key != "file" else LocalFileSystem()
-
-
-def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URL or local path."""
-    url = normalize_url(url)
-    if "://" not in url:
-        return _fs_for("file"), url
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def join(url: str, *parts: str) -> str:
@@ -54,54 +61,158 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def _env(*names: str) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+@lru_cache(maxsize=8)
+def _native_fs(protocol: str, endpoint: str | None, region: str | None) -> pafs.FileSystem:
+    if protocol == "s3":
+        kwargs: dict[str, Any] = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+            "connect_timeout": 5,
+            "request_timeout": 30,
+        }
+        if endpoint:
+            scheme, _, host = endpoint.rpartition("://")
+            kwargs["endpoint_override"] = host.rstrip("/")
+            if scheme:
+                kwargs["scheme"] = scheme
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs)
+    return pafs.GcsFileSystem()
+
+
+@lru_cache(maxsize=8)
+def _fsspec_fs(protocol: str) -> pafs.FileSystem:
+    import fsspec
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(protocol)))
+
+
 def pyarrow_fs(url: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem + path, for Ray Train's storage and pyarrow readers."""
+    """(pyarrow filesystem, path inside it): native for local paths, S3 and GCS; fsspec for other URLs."""
     url = normalize_url(url)
-    if "://" not in url:
-        return pafs.LocalFileSystem(), url
-    fs, path = get_fs(url)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    protocol = _protocol(url)
+    if protocol == "file":
+        return pafs.LocalFileSystem(), url.removeprefix("file://")
+    path = url.split("://", 1)[1]
+    if protocol in NATIVE:
+        endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if protocol == "s3" else None
+        region = _env("AWS_REGION", "AWS_DEFAULT_REGION") if protocol == "s3" else None
+        return _native_fs("s3" if protocol == "s3" else "gs", endpoint, region), path
+    return _fsspec_fs(protocol), path
 
 
+# ------------------------------------------------------------------------------------------------- retries
+_TRANSIENT = re.compile(
+    r"SLOW_?DOWN|THROTTL|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|NETWORK_CONNECTION|REQUEST_TIMEOUT|"
+    r"RequestTimeout|curlCode|Connection (reset|refused|aborted)|timed? ?out|Temporary failure|Broken pipe|"
+    r"\b50[0234]\b|Too Many Requests|\b429\b|Unable to connect|Couldn't connect",
+    re.IGNORECASE,
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Could this storage error pass if the call were repeated (throttling, timeouts, dropped connections)?"""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(e, OSError) and bool(_TRANSIENT.search(str(e)))
+
+
+def retrying(fn: Callable[[], T], url: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """Call `fn`, retrying transient storage errors with exponential backoff and jitter; a persistent one
+    becomes StorageUnavailable naming `url`. Other errors pass through at once."""
+    delay = RETRY_BASE_SECONDS
+    started = time.time()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if not is_transient(e):
+                raise
+            if attempt == attempts:
+                raise StorageUnavailable(
+                    f"storage did not answer for {url} after {attempts} attempts over {time.time() - started:.1f} s "
+                    f"(last error: {str(e).splitlines()[0][:300]}). The endpoint is unreachable or throttling: "
+                    "check the network, AWS_ENDPOINT_URL / credentials, and the store's request limits. This is "
+                    "not data corruption; re-run the same command once the store answers"
+                ) from e
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------------- files
 def exists(url: str) -> bool:
-    fs, path = get_fs(url)
-    return fs.exists(path)
+    fs, path = pyarrow_fs(url)
+    return retrying(lambda: fs.get_file_info(path).type != pafs.FileType.NotFound, url)
 
 
 def makedirs(url: str) -> None:
-    fs, path = get_fs(url)
+    fs, path = pyarrow_fs(url)
     try:
-        fs.makedirs(path, exist_ok=True)
+        retrying(lambda: fs.create_dir(path, recursive=True), url)
+    except StorageUnavailable:
+        raise
     except OSError as e:
         raise StorageError(
             f"cannot create folder {url!r}: {e.strerror or e}; check the path and its permissions"
         ) from e
 
 
+def _write_error(url: str, e: OSError) -> StorageError:
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+    reason = "the disk is full" if full else (e.strerror or str(e))
+    return StorageError(f"could not write {url!r}: {reason}; free space or choose another `root`")
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write to `<url>.tmp-<uuid>` then rename over `url` (a reader sees the old file or the new, never half)."""
-    fs, path = get_fs(url)
-    parent = posixpath.dirname(path) if "://" in normalize_url(url) else os.path.dirname(path)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    try:
-        fs.makedirs(parent, exist_ok=True)
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except OSError as e:
+    """Write a whole file so that a reader sees the old file or the new one, never half of it: locally a
+    temporary name renamed over `url`; on an object store a direct write (the object appears when complete)."""
+    url = normalize_url(url)
+    if is_local(url):
+        path = url.removeprefix("file://")
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except OSError:
-            pass
-        reason = "the disk is full" if getattr(e, "errno", None) == 28 else (e.strerror or str(e))
-        raise StorageError(f"could not write {url!r}: {reason}; free space or choose another `root`") from e
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _write_error(url, e) from e
+        return
+    fs, path = pyarrow_fs(url)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    try:
+        retrying(put, url)
+    except StorageUnavailable:
+        raise
+    except OSError as e:
+        raise _write_error(url, e) from e
 
 
 def read_bytes(url: str) -> bytes:
-    fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    fs, path = pyarrow_fs(url)
+
+    def get() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retrying(get, url)
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -117,41 +228,63 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(url: str, chunk: int = 1 << 22) -> str:
-    fs, path = get_fs(url)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    fs, path = pyarrow_fs(url)
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with fs.open_input_stream(path) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    return retrying(digest, url)
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """{base name: size in bytes} of the files directly in a folder ({} if it does not exist); one listing."""
+    fs, path = pyarrow_fs(url)
+
+    def ls() -> dict[str, int]:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(i.path.rstrip("/")): (i.size or 0) for i in infos}
+
+    return retrying(ls, url)
 
 
 def listdir(url: str) -> list[str]:
     """Base names in a folder ([] if it does not exist)."""
-    fs, path = get_fs(url)
-    if not fs.exists(path):
-        return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(list_sizes(url))
 
 
 def remove(url: str) -> None:
-    fs, path = get_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    fs, path = pyarrow_fs(url)
+
+    def rm() -> None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+
+    retrying(rm, url)
 
 
 def check_writable(url: str) -> None:
     """Fail early, with a clear message, if `url` cannot take files (read-only, missing permissions, full)."""
     makedirs(url)
     probe = join(url, f".write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    fs, path = get_fs(probe)
     try:
-        with fs.open(path, "wb") as f:
-            f.write(b"ok" * 1024)
-        fs.rm(path)
-    except OSError as e:
-        reason = "the disk is full" if getattr(e, "errno", None) == 28 else (e.strerror or str(e))
+        write_bytes_atomic(probe, b"ok" * 1024)
+        remove(probe)
+    except StorageUnavailable:
+        raise
+    except StorageError as e:
         raise StorageError(
-            f"storage {url!r} is not writable ({reason}); fix its permissions/space or set `root` elsewhere"
+            f"storage {url!r} is not writable ({str(e).split(': ', 1)[-1]}); fix its permissions/space or set "
+            "`root` elsewhere"
         ) from e
 
 
@@ -160,7 +293,8 @@ def dataset_dir(root: str, name: str, fingerprint: str) -> str:
     return join(root, "datasets", f"{name}-{fingerprint}")
 
 
-def teacher_cache_dir(root: str, dataset_fp: str, teacher_id: str) -> str:
+def teacher_dir(root: str, dataset_fp: str, teacher_id: str) -> str:
+    """Everything cached for one teacher on one dataset: its head and one folder per (view spec, format)."""
     return join(root, "cache", dataset_fp, teacher_id)
 
 

@@ -57,6 +57,7 @@ def teacher_config(cfg: Config, teacher: TeacherConfig) -> Config:
             "train.lr": t.lr,
             "train.batch_size": t.batch_size,
             "train.label_noise": t.label_noise,
+            "train.label_swaps": [list(p) for p in t.label_swaps],
             "train.limit_train": t.limit_train,
             "train.seed": t.seed,
             "train.milestones": [m for m in (int(t.epochs * 0.5), int(t.epochs * 0.75)) if 0 < m < t.epochs]
@@ -77,13 +78,13 @@ def train_teacher(cfg: Config, teacher: TeacherConfig, meta: DatasetMeta, log=pr
     student.load_state_dict(state["state_dict"])
     url = teachers.trained_checkpoint_url(cfg, teacher)
     sha = teachers.save_model_file(
-        url, student, {"trained_by": "camkd-ray", "test_top1": summary["final_val_top1"]}
+        url, student, {"trained_by": "camkd-ray", "test_top1": summary["test_top1"]}
     )
     info = {
         "name": teacher.name,
         "arch": teacher.arch,
         "sha256": sha,
-        "test_top1": summary["final_val_top1"],
+        "test_top1": summary["test_top1"],
         "best_val_top1": summary["best_val_top1"],
         "epochs": summary["epochs"],
         "train": teacher.train.model_dump(),

@@ -19,16 +19,10 @@ import torch
 
 from camkd import models, strategy_class
 from pipeline import storage, teachers
-from pipeline.cache import (
-    ReadPlan,
-    TeacherSource,
-    build_datasets,
-    check_manifest,
-    check_parts_present,
-    load_manifest,
-)
+from pipeline.cache import check_manifest_dataset, check_parts_present, find_store, output_format
 from pipeline.config import Config, bind_config
 from pipeline.ingest import DatasetMeta, require_dataset
+from pipeline.reader import Slice, row_group_slices, split_ranges
 from pipeline.views import make_view_spec, view_for_epoch
 from pipeline.worker import (
     CHECKPOINT_PREFIX,
@@ -55,26 +49,28 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
     """Resolve and validate everything before any worker starts (stale caches, missing parts, bad teachers)."""
     cls = strategy_class(cfg.strategy.name)
     spec = make_view_spec(cfg, meta.encoding)
-    dataset_dir = storage.dataset_dir(cfg.root, meta.name, meta.fingerprint)
-    train_parts = [p.name for p in meta.split("train").parts]
-    if cfg.train.limit_train is not None:
-        keep, total = [], 0
-        for p in meta.split("train").parts:
-            if total >= cfg.train.limit_train:
-                break
-            keep.append(p.name)
-            total += p.rows
-        train_parts = keep
+    ranges = split_ranges(meta, cfg.data.val_fraction, cfg.train.limit_train)
+    if ranges.train_end < cfg.train.batch_size:
+        raise TrainingError(
+            f"only {ranges.train_end} training rows (data.val_fraction={cfg.data.val_fraction}, "
+            f"train.limit_train={cfg.train.limit_train}) for a global batch of {cfg.train.batch_size}; lower "
+            "train.batch_size or hold out less"
+        )
     plan = TrainPlan(
         cfg=cfg.model_dump(mode="json"),
         run_dir=run_dir,
-        dataset_dir=dataset_dir,
+        dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
         num_classes=meta.num_classes,
         channels=meta.channels,
         image_shape=meta.image_shape,
         spec=spec.to_dict(),
-        train_parts=train_parts,
-        test_parts=[p.name for p in meta.split("test").parts],
+        group_rows=meta.row_group_rows,
+        train_units=[asdict(s) for s in row_group_slices(meta, "train", 0, ranges.train_end)],
+        val_split=ranges.val_split,
+        val_slices=[
+            asdict(s) for s in row_group_slices(meta, ranges.val_split, ranges.val_lo, ranges.val_hi)
+        ],
+        test_slices=[asdict(s) for s in row_group_slices(meta, "test", 0, ranges.test_rows)],
         needs_logits=cls.needs_logits,
         needs_features=cls.needs_features,
     )
@@ -86,21 +82,26 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
     refs = teachers.resolve_all(cfg, meta.num_classes, meta.channels, [t.name for t in chosen])
     plan.teacher_names = [r.name for r in refs]
     plan.teacher_refs = [r.to_dict() for r in refs]
-    plan.teacher_caches = [storage.teacher_cache_dir(cfg.root, meta.fingerprint, r.id) for r in refs]
-    if cfg.strategy.mode == "cached":
-        for ref, cdir in zip(refs, plan.teacher_caches):
-            manifest = load_manifest(cdir, ref.name)
-            check_manifest(manifest, cdir, ref.to_dict(), meta, spec, needs_features=cls.needs_features)
-            check_parts_present(manifest, cdir)
-            plan.manifests.append(manifest.model_dump())
+    plan.teacher_dirs = [storage.teacher_dir(cfg.root, meta.fingerprint, r.id) for r in refs]
     try:
         cls.check_teachers(plan.teacher_names)
     except ValueError as e:
         raise TrainingError(f"{e} (strategy.teachers selects them)") from None
+    if cfg.strategy.mode == "cached":
+        fmt = output_format(cfg, meta, needs_features=cls.needs_features)
+        views = sorted({view_for_epoch(e, cfg.views.count) for e in range(cfg.train.epochs)})
+        for ref, tdir in zip(refs, plan.teacher_dirs):
+            store, manifest = find_store(tdir, ref.to_dict(), spec, fmt, views)
+            check_manifest_dataset(manifest, store, meta)
+            check_parts_present(manifest, store, views)
+            plan.teacher_stores.append(store)
+            plan.manifests.append(manifest.model_dump())
     return plan
 
 
 def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, callbacks: list | None = None):
+    """A TorchTrainer for this plan. Workers build their own per-epoch readers (`pipeline/reader.py`), so no
+    datasets are handed to the trainer: each epoch's row order comes from (seed, epoch), not from Ray."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -108,29 +109,15 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    read = ReadPlan(
-        dataset_dir=plan.dataset_dir,
-        split="train",
-        image_shape=tuple(plan.image_shape) if plan.image_shape else None,
-        spec=plan.spec,
-        teachers=tuple(
-            TeacherSource(n, c, m) for n, c, m in zip(plan.teacher_names, plan.teacher_caches, plan.manifests)
-        )
-        if cfg.strategy.mode == "cached"
-        else (),
-        logits=plan.needs_logits and cfg.strategy.mode == "cached",
-        features=plan.needs_features and cfg.strategy.mode == "cached",
-    )
-    views = sorted({view_for_epoch(e, cfg.views.count) for e in range(cfg.train.epochs)})
-    datasets = build_datasets(read, plan.train_parts, views, s.read_cpus)
-    test_read = ReadPlan(read.dataset_dir, "test", read.image_shape, read.spec)
-    datasets.update(build_datasets(test_read, plan.test_parts, None, s.read_cpus))
     fs, path = storage.pyarrow_fs(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": asdict(plan)},
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -141,44 +128,23 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # our per-epoch line replaces its report dumps
         ),
-        datasets=datasets,
-        dataset_config=_data_config(cfg.train.deterministic),
     )
 
 
-def _data_config(deterministic: bool):
-    from ray.train import DataConfig
-
-    class ExactEvalDataConfig(DataConfig):
-        """Training views are split equally (DDP needs the same step count on every worker); the test split is
-        split without dropping rows, so evaluation sees every test image exactly once across the workers.
-        `deterministic` keeps Ray Data's row order, so a run (and a resumed run) sees the same batches."""
-
-        def _resolve_execution_options(self, dataset_name):
-            options = super()._resolve_execution_options(dataset_name)
-            options.preserve_order = deterministic
-            return options
-
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            train_sets = {k: v for k, v in datasets.items() if k != "test"}
-            output = super().configure(train_sets, world_size, worker_handles, worker_node_ids, **kwargs)
-            if "test" in datasets:
-                test = datasets["test"]
-                if test.name is None:
-                    test.set_name("test")
-                test = test.copy(test)
-                test.context.execution_options = self._resolve_execution_options("test")
-                hints = worker_node_ids if self._enable_shard_locality else None
-                for i, split in enumerate(
-                    test.streaming_split(world_size, equal=False, locality_hints=hints)
-                ):
-                    output[i]["test"] = split
-            return output
-
-    return ExactEvalDataConfig()
-
-
-RESUME_NEUTRAL = ("ray", "tune", "train.max_failures", "scaling.check_resources", "train.export")
+# Fields a run may resume under changed: where and how fast it runs, never what it computes.
+RESUME_NEUTRAL = (
+    "ray",
+    "tune",
+    "train.max_failures",
+    "train.export",
+    "train.nan_check_every",
+    "train.prefetch_batches",
+    "train.pin_memory",
+    "train.eval_memory_mb",
+    "scaling.check_resources",
+    "scaling.read_tasks",
+    "scaling.read_cpus",
+)
 
 
 def _check_same_run(run_dir: str, cfg: Config) -> None:
@@ -259,8 +225,18 @@ def fit(
         "seed": cfg.train.seed,
         "epochs": len(history),
         "best_val_top1": max(h["val_top1"] for h in history),
+        "best_epoch": state.get("best_epoch", 0),
         "final_val_top1": history[-1]["val_top1"],
         "final_val_top5": history[-1]["val_top5"],
+        # Scored once, after the last epoch, with the weights of the best validation epoch (exported below).
+        "test_top1": history[-1].get("test_top1"),
+        "test_top5": history[-1].get("test_top5"),
+        "validation": {
+            "split": "test (data.val_fraction is 0: selection saw test data)"
+            if plan.val_split == "test"
+            else f"hold-out of the training split ({cfg.data.val_fraction:g})",
+            "rows": sum(Slice(**s).size for s in plan.val_slices),
+        },
         "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
         "wall_seconds": round(time.time() - started, 1),
         "checkpoint": result.checkpoint.path,
@@ -269,7 +245,7 @@ def fit(
         "history": history,
     }
     if cfg.train.export:
-        summary["exports"] = export_student(cfg, plan, state["distiller"], run_dir, log=log)
+        summary["exports"] = export_student(cfg, plan, state["best_student"], run_dir, log=log)
     storage.write_json(summary_url, summary)
     log(
         f"[train] {name}: best val top-1 {summary['best_val_top1']:.4f} after {summary['epochs']} epochs "
@@ -279,13 +255,12 @@ def fit(
 
 
 def export_student(
-    cfg: Config, plan: TrainPlan, distiller_state: dict, run_dir: str, log=print
+    cfg: Config, plan: TrainPlan, student_state: dict, run_dir: str, log=print
 ) -> dict[str, str]:
-    """student.pt (state_dict + config, importable as a teacher) and student.pt2 (torch.export, for serving)."""
+    """student.pt (state_dict + config, importable as a teacher) and student.pt2 (torch.export, for serving), from
+    the weights of the best validation epoch."""
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
-    student.load_state_dict(
-        {k[len("student.") :]: v for k, v in distiller_state.items() if k.startswith("student.")}
-    )
+    student.load_state_dict(student_state)
     student.eval()
     extra = {"normalization": {"mean": plan.spec["mean"], "std": plan.spec["std"]}, "config": plan.cfg}
     pt_url = storage.join(run_dir, "student.pt")

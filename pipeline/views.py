@@ -2,7 +2,10 @@
 
 Precompute and training call the same `render_train_view`, so the student trains on exactly the pixels the teacher
 saw. Fixed-size sources use a zero-padded random crop + horizontal flip (the CIFAR recipe); image folders use
-RandomResizedCrop + flip. At epoch e every image uses view e mod V, so one epoch reads one view's cache columns.
+RandomResizedCrop + flip. At epoch e every image uses view e mod V, so one epoch reads one view's cache files.
+Encoded images can be decoded at reduced size (`decode: draft`: JPEG DCT scaling, never below what the crop
+needs); that changes pixels, so the decode mode is part of the view spec. Views of one spec differ only in their
+number, so caches of V = 2 and V = 4 share a family (`ViewSpec.family`) and growing V computes only new views.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class ViewSpec:
     eval_resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    decode: str = "full"  # "full" | "draft" (encoded images: JPEG draft mode at the size the crop needs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +53,16 @@ class ViewSpec:
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def family(self) -> str:
+        """Digest of everything but `count`: view v renders the same pixels for every V of one family."""
+        d = self.to_dict()
+        d.pop("count")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_count(self, count: int) -> ViewSpec:
+        return ViewSpec.from_dict({**self.to_dict(), "count": count})
 
     def diff(self, other: ViewSpec) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
@@ -76,6 +90,7 @@ def make_view_spec(cfg, encoding: str) -> ViewSpec:
         eval_resize=0 if encoding == "raw" else cfg.data.eval_resize,
         mean=tuple(mean),
         std=tuple(std),
+        decode=v.decode if encoding != "raw" else "full",
     )
 
 
@@ -137,16 +152,38 @@ def rrc_box(spec: ViewSpec, u: np.ndarray, height: int, width: int) -> tuple[int
 
 
 # ----------------------------------------------------------------------------------------- rendering
-def _decode(data: bytes) -> Image.Image:
+@dataclass
+class Rendered:
+    """A batch of rendered views and how many images were decoded to make them (encoded sources)."""
+
+    pixels: np.ndarray  # uint8 [N,C,H,W]
+    decodes: int
+
+
+def _open(data: bytes, need: tuple[int, int] | None, mode: str) -> Image.Image:
+    """Decode an encoded image as RGB; with mode "draft" and `need` = (w, h) of the full image the output must
+    keep, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that is still at least that large."""
     img = Image.open(io.BytesIO(data))
+    if mode == "draft" and need is not None and img.format == "JPEG":
+        img.draft("RGB", (max(1, need[0]), max(1, need[1])))
     return img.convert("RGB")
 
 
-def render_train_view(images, idx: np.ndarray, view: int, spec: ViewSpec, image_shape=None) -> np.ndarray:
-    """Training view `view` of a batch → uint8 [N,C,H,W].
+def _header_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
-    images: for crop_flip, raw H×W×C byte strings (or a uint8 [N,H,W,C] array) of `image_shape`; for rrc_flip,
-    encoded image files.
+
+def render_train_view(images, idx: np.ndarray, view: int, spec: ViewSpec, image_shape=None) -> np.ndarray:
+    """Training view `view` of a batch → uint8 [N,C,H,W] (see `render_train`, which also counts decodes)."""
+    return render_train(images, idx, view, spec, image_shape).pixels
+
+
+def render_train(images, idx: np.ndarray, view: int, spec: ViewSpec, image_shape=None) -> Rendered:
+    """Training view `view` of a batch.
+
+    images: for crop_flip, a uint8 [N,H,W,C] array or raw H×W×C byte strings of `image_shape`; for rrc_flip,
+    encoded image files (each decoded once).
     """
     idx = np.asarray(idx, dtype=np.int64)
     if spec.kind == "crop_flip":
@@ -155,42 +192,59 @@ def render_train_view(images, idx: np.ndarray, view: int, spec: ViewSpec, image_
         dy, dx, flip = crop_flip_params(spec, idx, view)
         p = spec.pad
         padded = np.pad(arr, ((0, 0), (p, p), (p, p), (0, 0))) if p else arr
-        out = np.empty_like(arr)
+        out = np.empty((n, arr.shape[3], h, w), dtype=np.uint8)
         for i in range(n):
             crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-            out[i] = crop[:, ::-1] if flip[i] else crop
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+            out[i] = (crop[:, ::-1] if flip[i] else crop).transpose(2, 0, 1)
+        return Rendered(out, 0)
     u = uniforms(spec.seed, idx, view, 4 * _RRC_ATTEMPTS + 1)
     out = np.empty((len(idx), 3, spec.size, spec.size), dtype=np.uint8)
     for i, data in enumerate(images):
-        img = _decode(data)
-        top, left, h, w = rrc_box(spec, u[i], img.height, img.width)
-        img = img.resize((spec.size, spec.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        width, height = _header_size(data)
+        top, left, h, w = rrc_box(spec, u[i], height, width)
+        need = (-(-width * spec.size // w), -(-height * spec.size // h))  # the crop keeps ≥ size pixels
+        img = _open(data, need, spec.decode)
+        sx, sy = img.width / width, img.height / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        img = img.resize((spec.size, spec.size), Image.BILINEAR, box=box)
         if spec.flip and u[i, -1] < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(img).transpose(2, 0, 1)
-    return out
+    return Rendered(out, len(idx))
 
 
 def render_eval_view(images, spec: ViewSpec, image_shape=None) -> np.ndarray:
-    """The deterministic evaluation view → uint8 [N,C,H,W] (identity, or resize + center crop for image folders)."""
+    """The deterministic evaluation view → uint8 [N,C,H,W] (see `render_eval`)."""
+    return render_eval(images, spec, image_shape).pixels
+
+
+def render_eval(images, spec: ViewSpec, image_shape=None) -> Rendered:
+    """The deterministic evaluation view: identity, or shorter side → eval_resize + center crop (image folders)."""
     if spec.kind == "crop_flip":
-        return np.ascontiguousarray(_raw_array(images, image_shape).transpose(0, 3, 1, 2))
+        return Rendered(np.ascontiguousarray(_raw_array(images, image_shape).transpose(0, 3, 1, 2)), 0)
     out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.uint8)
     for i, data in enumerate(images):
-        img = _decode(data)
-        scale = spec.eval_resize / min(img.width, img.height)
-        img = img.resize(
-            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR
-        )
+        width, height = _header_size(data)
+        scale = spec.eval_resize / min(width, height)
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        img = _open(data, target, spec.decode)
+        img = img.resize(target, Image.BILINEAR)
         left, top = (img.width - spec.size) // 2, (img.height - spec.size) // 2
         img = img.crop((left, top, left + spec.size, top + spec.size))
         out[i] = np.asarray(img).transpose(2, 0, 1)
-    return out
+    return Rendered(out, len(images))
 
 
 def _raw_array(images, image_shape) -> np.ndarray:
+    """Raw pixels as uint8 [N,H,W,C]: a uint8 array as is, a fixed-size binary Arrow column without a copy,
+    or a list of byte strings."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
         return images
+    if hasattr(images, "buffers"):  # pyarrow FixedSizeBinaryArray
+        width = images.type.byte_width
+        flat = np.frombuffer(
+            images.buffers()[1], dtype=np.uint8, count=len(images) * width, offset=images.offset * width
+        )
+        return flat.reshape(len(images), *image_shape)
     flat = np.frombuffer(b"".join(images), dtype=np.uint8)
     return flat.reshape(len(images), *image_shape)

@@ -1,13 +1,20 @@
 """The Ray Train worker side of student training: the epoch loop, the step, evaluation and checkpoints.
 
-Runs inside each Train worker (`train_loop_per_worker`); everything it needs arrives as a `TrainPlan` resolved on
-the driver (`pipeline/train.py`). It never resolves configs, teachers or caches itself.
+Runs inside each Train worker (`train_loop_per_worker`) on a `TrainPlan` resolved on the driver
+(`pipeline/train.py`); it never resolves configs, teachers or caches itself. The hot path makes no host sync:
+loss terms, hits and per-class weights accumulate in tensors on the training device, which are all-reduced once
+per epoch; the non-finite-loss check is one small all-reduce every `train.nan_check_every` steps. Every
+collective goes through `pipeline/collectives.py`. Each epoch reads its own share of the training rows in an
+order drawn from (seed, epoch) (`pipeline/reader.py`); the validation rows are read once and kept in memory when
+they fit. After the last epoch the best-validation weights are scored once on the test split.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -18,13 +25,24 @@ import torch
 import torch.nn.functional as F
 
 from camkd import Distiller, StrategyParams, TeacherOutputs, create_strategy, models
-from camkd.metrics import per_class_mean, topk_correct
 from camkd.training import TrainStep, normalize
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline import storage, teachers
-from pipeline.cache import teacher_outputs_from_batch
+from pipeline.cache import CacheError, Manifest
+from pipeline.collectives import Collectives
 from pipeline.config import Config, validate
-from pipeline.views import ViewSpec, uniforms, view_for_epoch
+from pipeline.ingest import IngestError
+from pipeline.reader import (
+    ReadPlan,
+    Slice,
+    TeacherSource,
+    build_dataset,
+    contiguous_shares,
+    epoch_shares,
+    teacher_outputs_from_batch,
+)
+from pipeline.storage import StorageUnavailable
+from pipeline.views import view_for_epoch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -32,6 +50,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
+NO_BAD_STEP = 2**62
 
 
 @dataclass
@@ -45,34 +64,53 @@ class TrainPlan:
     channels: int
     image_shape: list[int] | None
     spec: dict[str, Any]
-    train_parts: list[str]
-    test_parts: list[str]
+    group_rows: int
+    train_units: list[dict[str, Any]]  # row-group Slices of the training rows
+    val_split: str  # "train" (the hold-out) or "test" (data.val_fraction 0)
+    val_slices: list[dict[str, Any]]
+    test_slices: list[dict[str, Any]]
     teacher_names: list[str] = field(default_factory=list)
     teacher_refs: list[dict[str, Any]] = field(default_factory=list)
-    teacher_caches: list[str] = field(default_factory=list)
+    teacher_dirs: list[str] = field(default_factory=list)  # where head.pt lives
+    teacher_stores: list[str] = field(default_factory=list)
     manifests: list[dict[str, Any]] = field(default_factory=list)
     needs_logits: bool = False
     needs_features: bool = False
 
     @property
-    def online(self) -> bool:
-        return Config.model_validate(self.cfg).strategy.mode == "online"
+    def config(self) -> Config:
+        return validate(self.cfg, "train plan")
+
+    def read_plan(self, split: str, with_teachers: bool) -> ReadPlan:
+        cfg = self.config
+        cached = with_teachers and cfg.strategy.mode == "cached"
+        return ReadPlan(
+            dataset_dir=self.dataset_dir,
+            split=split,
+            image_shape=tuple(self.image_shape) if self.image_shape else None,
+            spec=self.spec,
+            group_rows=self.group_rows,
+            num_classes=self.num_classes,
+            teachers=tuple(
+                TeacherSource(n, s, m)
+                for n, s, m in zip(self.teacher_names, self.teacher_stores, self.manifests)
+            )
+            if cached
+            else (),
+            logits=cached and self.needs_logits,
+            features=cached and self.needs_features,
+            label_noise=cfg.train.label_noise if with_teachers else 0.0,
+            noise_seed=cfg.train.seed,
+            label_swaps=tuple(tuple(p) for p in cfg.train.label_swaps) if with_teachers else (),
+        )
 
 
-def _noisy_labels(
-    labels: torch.Tensor, idx: torch.Tensor, noise: float, seed: int, num_classes: int
-) -> torch.Tensor:
-    """Replace a `noise` fraction of labels by random classes, a pure function of (seed, idx)."""
-    u = torch.from_numpy(uniforms(seed + 7919, idx.cpu().numpy(), 0, 2)).to(labels.device)
-    random_labels = (u[:, 1] * num_classes).long().clamp_max(num_classes - 1)
-    return torch.where(u[:, 0] < noise, random_labels, labels)
-
-
+# ============================================================================================== model
 def _load_head(plan: TrainPlan, k: int) -> torch.nn.Module:
     ref = plan.teacher_refs[k]
     head = models.create(ref["arch"], ref["num_classes"], ref["in_chans"]).head
     state = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(plan.teacher_caches[k], "head.pt"))),
+        io.BytesIO(storage.read_bytes(storage.join(plan.teacher_dirs[k], "head.pt"))),
         map_location="cpu",
         weights_only=True,
     )
@@ -80,22 +118,26 @@ def _load_head(plan: TrainPlan, k: int) -> torch.nn.Module:
     return head
 
 
-def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None = None) -> Distiller:
-    """Student + strategy (connectors, frozen teacher heads) for this plan, on CPU."""
-    torch.manual_seed(cfg.train.seed)
-    student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
+def strategy_params(cfg: Config) -> StrategyParams:
     s = cfg.strategy
-    params = StrategyParams(
+    return StrategyParams(
         temperature=s.temperature,
         gamma=s.gamma,
         alpha=s.alpha,
         beta=s.beta,
         normalize=s.normalize,
+        feature_weights=s.feature_weights,
         inter_warmup_epochs=s.inter_warmup_epochs,
         dkd_alpha=s.dkd_alpha,
         dkd_beta=s.dkd_beta,
         dkd_warmup_epochs=s.dkd_warmup_epochs,
     )
+
+
+def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None = None) -> Distiller:
+    """Student + strategy (connectors, frozen teacher heads) for this plan, on CPU."""
+    torch.manual_seed(cfg.train.seed)
+    student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     kwargs: dict[str, Any] = {}
     if plan.needs_features:
         if online_teachers is not None:
@@ -105,254 +147,538 @@ def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None =
                 shapes = [list(t.forward_features(probe).shape[1:]) for t in online_teachers]
             heads = [t.head for t in online_teachers]
         else:
-            shapes = [m["features"]["shape"] for m in plan.manifests]
+            shapes = [m["output"]["feature_shape"] for m in plan.manifests]
             heads = [_load_head(plan, k) for k in range(len(plan.teacher_names))]
         kwargs = {
             "student_channels": student.feature_channels,
             "teacher_feature_shapes": shapes,
             "teacher_heads": heads,
         }
-    strategy = create_strategy(s.name, plan.teacher_names, params, **kwargs)
+    strategy = create_strategy(cfg.strategy.name, plan.teacher_names, strategy_params(cfg), **kwargs)
     return Distiller(student, strategy)
 
 
-def _first_nonfinite(terms: dict[str, torch.Tensor]) -> str:
-    """The first loss term (other than the total) that is NaN/Inf, as `name=value`."""
-    for name, value in terms.items():
-        if name != "loss" and not torch.isfinite(value).all():
-            return f"{name}={value.item()}"
-    return f"loss={terms['loss'].item()}" if "loss" in terms else "loss"
+# ============================================================================================== accumulators
+class EpochStats:
+    """What one worker saw in one epoch, as tensors on the training device (no host sync per step): loss-term
+    sums, hits, per-class teacher weights, and the first step (and its terms) whose loss was not finite."""
+
+    def __init__(self, device: torch.device, num_teachers: int, num_classes: int) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.term_sums: torch.Tensor | None = None
+        self.seen = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.class_weight = torch.zeros(max(num_teachers, 1), num_classes, dtype=torch.float64, device=device)
+        self.class_count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
+        self.bad_terms: torch.Tensor | None = None
+        self.steps = 0
+        self.input_wait = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, logits, labels, weights) -> None:
+        if not self.names:
+            self.names = list(terms)
+            self.term_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+            self.bad_terms = torch.zeros(len(self.names), dtype=torch.float32, device=self.device)
+        values = torch.stack([terms[n].detach().float() for n in self.names])
+        n = labels.shape[0]
+        self.term_sums += values.double() * n
+        self.seen += n
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        if weights is not None:
+            w = weights.detach().double()
+            self.class_weight[: w.shape[0]].index_add_(1, labels, w)
+            self.class_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        newly = (~torch.isfinite(loss.detach())) & (self.first_bad == NO_BAD_STEP)
+        self.first_bad = torch.where(newly, self.step, self.first_bad)
+        self.bad_terms = torch.where(newly, values, self.bad_terms)
+        self.step += 1
+        self.steps += 1
+
+    def bad_step_code(self, rank: int, world: int) -> torch.Tensor:
+        """first bad step × world + rank (NO_BAD_STEP if none): its all-reduced minimum names the earliest step
+        and the lowest rank that saw it."""
+        return torch.where(self.first_bad == NO_BAD_STEP, self.first_bad, self.first_bad * world + rank)
+
+    def describe_bad(self) -> str:
+        values = self.bad_terms.tolist()
+        terms = dict(zip(self.names, values))
+        first = next(
+            (f"{n}={v}" for n, v in terms.items() if n != "loss" and not math.isfinite(v)),
+            f"loss={terms.get('loss')}",
+        )
+        return f"first bad term {first}; terms {{{', '.join(f'{n}={v:.4g}' for n, v in terms.items())}}}"
+
+
+class EvalStats:
+    """Hits, loss sum and count over an evaluation pass (tensors on the training device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        self.values += torch.stack(
+            [
+                top[:, 0].sum().double(),
+                top.any(1).sum().double(),
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=labels.device),
+            ]
+        )
+
+
+# ============================================================================================== evaluation
+class EvalSet:
+    """One worker's share of an evaluation split: read once through Ray Data and kept on the device (or pinned
+    host memory) when it fits in `train.eval_memory_mb`, else re-read at every pass."""
+
+    def __init__(
+        self,
+        plan: TrainPlan,
+        split: str,
+        slices: list[Slice],
+        device,
+        batch_size: int,
+        node_id,
+        keep: bool = True,
+    ) -> None:
+        cfg = plan.config
+        self.read_plan = plan.read_plan(split, with_teachers=False)
+        self.slices, self.device, self.batch_size, self.node_id = slices, device, batch_size, node_id
+        self.read_cpus, self.read_tasks = cfg.scaling.read_cpus, cfg.scaling.read_tasks
+        rows = sum(s.size for s in slices)
+        self.rows = rows
+        fits = rows * (self.read_plan.row_bytes()) <= cfg.train.eval_memory_mb * 2**20
+        self.cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if keep and fits and rows:
+            self.cached = list(self._stream())
+
+    def _stream(self):
+        if not self.slices:
+            return
+        ds = build_dataset(self.read_plan, self.slices, None, self.read_cpus, self.read_tasks, self.node_id)
+        for batch in ds.iter_torch_batches(batch_size=self.batch_size, device=self.device):
+            yield batch["image"], batch["label"]
+
+    def batches(self):
+        return iter(self.cached) if self.cached is not None else self._stream()
+
+
+@torch.no_grad()
+def evaluate(student: torch.nn.Module, data: EvalSet, spec, amp_dtype, device) -> EvalStats:
+    stats = EvalStats(device)
+    was_training = student.training
+    student.eval()
+    for images, labels in data.batches():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = student(normalize(images, spec["mean"], spec["std"]))
+        stats.add(logits, labels)
+    student.train(was_training)
+    return stats
+
+
+def data_error(e: BaseException) -> str | None:
+    """The message of the corrupt, missing or misaligned stored file behind `e` (a CacheError or IngestError
+    raised in a read task, however Ray wrapped it), else None. Retrying cannot fix such a file."""
+    seen: set[int] = set()
+    found = None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (CacheError, IngestError)) and not isinstance(e, StorageUnavailable):
+            found = e
+        e = getattr(e, "cause", None) or e.__cause__
+    if found is None:
+        return None
+    return str(found).split("\nFailed to apply UDF")[0].strip()
+
+
+class DummyBatch:
+    """A batch of zeros with the shapes and dtypes of a real one: a worker whose reader hit a corrupt file keeps
+    stepping with it (DDP needs every rank in every step) until the next check stops every rank together."""
+
+    def __init__(self, plan: TrainPlan, read: ReadPlan, batch: int, device) -> None:
+        h, w = (plan.image_shape[:2]) if plan.image_shape else (plan.spec["size"], plan.spec["size"])
+        self.batch = {
+            "idx": torch.zeros(batch, dtype=torch.int64, device=device),
+            "image": torch.zeros(batch, plan.channels, h, w, dtype=torch.uint8, device=device),
+            "label": torch.zeros(batch, dtype=torch.int64, device=device),
+        }
+        for k, src in enumerate(read.teachers):
+            m = Manifest.model_validate(src.manifest)
+            fmt, c = m.fmt(), m.num_classes
+            if read.logits and fmt.logits == "fp16":
+                self.batch[f"t{k}_logits"] = torch.zeros(batch, c, dtype=torch.float16, device=device)
+            elif read.logits:
+                self.batch[f"t{k}_topk_values"] = torch.zeros(
+                    batch, fmt.topk, dtype=torch.float16, device=device
+                )
+                self.batch[f"t{k}_topk_index"] = torch.zeros(
+                    batch, fmt.topk, dtype=torch.int64, device=device
+                )
+                self.batch[f"t{k}_tail_logit"] = torch.zeros(batch, dtype=torch.float32, device=device)
+            if read.features:
+                shape = m.feature_shape
+                dtype = torch.int8 if fmt.features == "int8" else torch.float16
+                self.batch[f"t{k}_feat"] = torch.zeros(batch, *shape, dtype=dtype, device=device)
+                if fmt.features == "int8":
+                    self.batch[f"t{k}_feat_scale"] = torch.ones(
+                        batch, shape[0], dtype=torch.float16, device=device
+                    )
+
+
+# ============================================================================================== the loop
+class WorkerRun:
+    """One worker's run: set up from the plan and the last checkpoint, then train epoch by epoch."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        from pipeline.runtime import quiet_ray_data
+
+        self.plan = plan = TrainPlan(**config["plan"])
+        self.cfg = cfg = plan.config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+        self.device = device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        quiet_ray_data(preserve_order=cfg.train.deterministic)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.coll = Collectives(device)
+        self.k = len(plan.teacher_names)
+        self.per_worker_batch = cfg.train.batch_size // self.world
+        self.train_read = plan.read_plan("train", with_teachers=True)
+        self.units = [Slice(**u) for u in plan.train_units]
+        self.pin_memory = (
+            device.type == "cuda" if cfg.train.pin_memory == "auto" else bool(cfg.train.pin_memory)
+        )
+
+        self.online_teachers = None
+        if cfg.strategy.mode == "online" and plan.teacher_refs:
+            self.online_teachers = [
+                teachers.build_model(teachers.TeacherRef.from_dict(r)) for r in plan.teacher_refs
+            ]
+        distiller = build_distiller(plan, cfg, self.online_teachers)
+        if self.online_teachers is not None:
+            self.online_teachers = [t.to(device).eval() for t in self.online_teachers]
+        if cfg.train.sync_batchnorm:
+            distiller = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
+        distiller = distiller.to(device)
+        if cfg.train.channels_last and device.type == "cuda":
+            distiller = distiller.to(memory_format=torch.channels_last)
+        self.distiller = distiller
+        self.optimizer = torch.optim.SGD(
+            [p for p in distiller.parameters() if p.requires_grad],
+            lr=cfg.train.resolved_lr(cfg.student.arch),
+            momentum=cfg.train.momentum,
+            nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
+            weight_decay=cfg.train.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, cfg.train.milestones, gamma=cfg.train.lr_decay
+        )
+        self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
+        self.step_fn = TrainStep(distiller, distiller, self.optimizer, device, self.amp_dtype)
+        self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
+        self.best_student: dict[str, torch.Tensor] | None = None
+        self._restore(ray.train.get_checkpoint())
+        model = ray.train.torch.prepare_model(distiller, move_to_device=False)
+        self.step_fn.model = torch.compile(model) if cfg.train.compile else model
+        placement = {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
+        self.placement = self.coll.gather_objects(placement)
+        val_units = [Slice(**s) for s in plan.val_slices]
+        eval_batch = max(self.per_worker_batch, 256)
+        self.fatal: str | None = None
+        self.dummy = DummyBatch(plan, self.train_read, self.per_worker_batch, device)
+        my_val = contiguous_shares(val_units, self.world)[self.rank]
+        try:
+            self.val = EvalSet(plan, plan.val_split, my_val, device, eval_batch, self.node_id)
+        except Exception as e:
+            message = data_error(e)
+            if message is None:
+                raise
+            self._record_data_error(message)
+            self.val = EvalSet(plan, plan.val_split, [], device, eval_batch, self.node_id)
+
+    def _restore(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=self.device, weights_only=True)
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_fn.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        self.start_epoch, self.history = state["epoch"] + 1, state["history"]
+        self.best, self.best_epoch = state["best"], state.get("best_epoch", 0)
+        self.best_student = {k: v.cpu() for k, v in state["best_student"].items()}
+        self.resumes = state.get("resumes", 0) + 1
+        if self.rank == 0:
+            print(
+                f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})"
+            )
+
+    # ------------------------------------------------------------------------------------------ training
+    def _teacher_outputs(self, batch: dict, images: torch.Tensor) -> TeacherOutputs:
+        if self.online_teachers is None:
+            return teacher_outputs_from_batch(
+                batch, self.k, self.train_read.logits, self.train_read.features, self.plan.num_classes
+            )
+        with torch.no_grad():
+            fmaps = [t.forward_features(images) for t in self.online_teachers]
+            logits = torch.stack([t.forward_head(f) for t, f in zip(self.online_teachers, fmaps)]).float()
+        return TeacherOutputs(logits, fmaps if self.plan.needs_features else None)
+
+    def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
+        """One epoch over this worker's share; returns its stats and, if a loss went non-finite, why it stopped."""
+        cfg, b = self.cfg, self.per_worker_batch
+        view = view_for_epoch(epoch, cfg.views.count)
+        share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
+        steps = sum(s.size for s in share) // b
+        stats = EpochStats(self.device, self.k, self.plan.num_classes)
+        self.step_fn.model.train()
+        ds = build_dataset(
+            self.train_read, share, view, cfg.scaling.read_cpus, cfg.scaling.read_tasks, self.node_id
+        )
+        batches = iter(
+            ds.iter_torch_batches(
+                batch_size=b,
+                drop_last=True,
+                device=self.device,
+                prefetch_batches=cfg.train.prefetch_batches,
+                pin_memory=self.pin_memory,
+                local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+                local_shuffle_seed=cfg.train.seed * 100_003 + epoch if cfg.train.shuffle_buffer else None,
+            )
+        )
+        spec = self.plan.spec
+        for step in range(steps):
+            t0 = time.perf_counter()
+            batch = self._next_batch(batches)
+            stats.input_wait += time.perf_counter() - t0
+            images = normalize(batch["image"], spec["mean"], spec["std"])
+            if cfg.train.channels_last and self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"]
+            loss, logits, terms, weights = self.step_fn.forward(
+                images, labels, self._teacher_outputs(batch, images), epoch
+            )
+            stats.add(terms, loss, logits, labels, weights)
+            self.step_fn.backward_and_step(loss, epoch)
+            if (step + 1) % cfg.train.nan_check_every == 0 or step + 1 == steps:
+                reason = self._check(stats, epoch)
+                if reason is not None:
+                    return stats, reason
+        if steps == 0:  # still take part in the check every other rank makes
+            reason = self._check(stats, epoch)
+            if reason is not None:
+                return stats, reason
+        return stats, None
+
+    def _record_data_error(self, message: str) -> None:
+        self.fatal = message
+        storage.write_json(
+            storage.join(self.plan.run_dir, FAILURE_FILE),
+            {"reason": message, "rank": self.rank, "data": True},
+        )
+
+    def _next_batch(self, batches) -> dict:
+        """The next batch; after a corrupt or missing file, a batch of zeros (see DummyBatch) and no more reads."""
+        if self.fatal is not None:
+            return self.dummy.batch
+        try:
+            return next(batches)
+        except Exception as e:
+            message = data_error(e)
+            if message is None:
+                raise  # anything else (a lost node, storage that stays unreachable): Ray Train restarts the group
+            self._record_data_error(message)
+            return self.dummy.batch
+
+    def _check(self, stats: EpochStats | None, epoch: int) -> str | None:
+        """One all-reduce (the one host sync of the step loop): did any rank see a non-finite loss, or a corrupt
+        or missing file? The rank that saw it writes why to failure.json; every rank stops at the same check."""
+        no = torch.tensor(NO_BAD_STEP, device=self.device)
+        nan_code = stats.bad_step_code(self.rank, self.world) if stats is not None else no
+        fatal_code = no if self.fatal is None else torch.tensor(self.rank, device=self.device)
+        nan, fatal = (int(v) for v in self.coll.min(torch.stack([nan_code, fatal_code])).tolist())
+        if fatal != NO_BAD_STEP:
+            return f"rank {fatal} could not use a stored file" + (
+                f": {self.fatal}" if fatal == self.rank else ""
+            )
+        if nan == NO_BAD_STEP:
+            return None
+        step, rank = divmod(nan, self.world)
+        reason = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+        if rank == self.rank:
+            reason += f" (rank {rank}, {stats.describe_bad()})"
+            storage.write_json(storage.join(self.plan.run_dir, FAILURE_FILE), {"reason": reason})
+        return reason
+
+    # ------------------------------------------------------------------------------------------ epoch end
+    def finish_epoch(
+        self, epoch: int, stats: EpochStats, t0: float, train_seconds: float
+    ) -> dict[str, Any] | None:
+        """Validate, reduce everything once across workers, and return this epoch's record (None: a stored file
+        could not be read, every rank stops)."""
+        student = self.distiller.student
+        val = self._evaluate(student, self.val)
+        if self._check(None, epoch) is not None:
+            return None
+        names = stats.names
+        n_terms = len(names)
+        flat = torch.cat(
+            [
+                torch.stack([stats.seen, stats.correct]),
+                stats.term_sums
+                if stats.term_sums is not None
+                else torch.zeros(0, dtype=torch.float64, device=self.device),
+                val.values,
+                stats.class_weight.flatten(),
+                stats.class_count,
+                torch.tensor([stats.input_wait], dtype=torch.float64, device=self.device),
+            ]
+        )
+        reduced = self.coll.sum(flat).cpu()  # the epoch's one device→host copy
+        seen, correct = reduced[0].item(), reduced[1].item()
+        term_sums = reduced[2 : 2 + n_terms].tolist()
+        top1, top5, loss_sum, count = reduced[2 + n_terms : 6 + n_terms].tolist()
+        rest = reduced[6 + n_terms :]
+        cw_n = stats.class_weight.numel()
+        class_weight = rest[:cw_n].view(stats.class_weight.shape)
+        class_count = rest[cw_n : cw_n + stats.class_count.numel()]
+        input_wait = rest[-1].item() / self.world
+        val_top1 = top1 / max(count, 1)
+        if val_top1 > self.best:
+            self.best, self.best_epoch = val_top1, epoch + 1
+            self.best_student = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        epoch_lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "view": view_for_epoch(epoch, self.cfg.views.count),
+            "lr": epoch_lr,
+            "train_top1": correct / max(seen, 1),
+            "val_top1": val_top1,
+            "val_top5": top5 / max(count, 1),
+            "val_loss": loss_sum / max(count, 1),
+            "best_val_top1": self.best,
+            "best_epoch": self.best_epoch,
+            "samples_per_s": seen / max(train_seconds, 1e-9),
+            "epoch_seconds": time.time() - t0,
+            "input_wait_seconds": input_wait,
+            "resumes": self.resumes,
+        }
+        if epoch == self.start_epoch:
+            record["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in self.placement]
+        for name, total in zip(names, term_sums):
+            record[name if "/" in name else f"train_{name}"] = total / max(seen, 1)
+        if self.k and class_count.sum() > 0:
+            per_class = (class_weight[: self.k] / class_count.clamp_min(1)).tolist()
+            record["class_weight"] = {n: per_class[i] for i, n in enumerate(self.plan.teacher_names)}
+        if epoch + 1 == self.cfg.train.epochs:
+            test = self.test_best()
+            if self._check(None, epoch) is not None:
+                return None
+            record.update(test)
+        return record
+
+    def _evaluate(self, student, data: EvalSet) -> EvalStats:
+        """An evaluation pass; a corrupt or missing file is recorded (the next check stops every rank)."""
+        try:
+            return evaluate(student, data, self.plan.spec, self.amp_dtype, self.device)
+        except Exception as e:
+            message = data_error(e)
+            if message is None:
+                raise
+            self._record_data_error(message)
+            return EvalStats(self.device)
+
+    def test_best(self) -> dict[str, Any]:
+        """The test split, scored once with the weights of the best validation epoch."""
+        student = copy.deepcopy(self.distiller.student)
+        if self.best_student is not None:
+            student.load_state_dict(self.best_student)
+        slices = contiguous_shares([Slice(**s) for s in self.plan.test_slices], self.world)[self.rank]
+        data = EvalSet(
+            self.plan, "test", slices, self.device, max(self.per_worker_batch, 256), self.node_id, keep=False
+        )
+        stats = self._evaluate(student, data)
+        top1, top5, loss_sum, count = self.coll.sum(stats.values).cpu().tolist()
+        return {
+            "test_top1": top1 / max(count, 1),
+            "test_top5": top5 / max(count, 1),
+            "test_loss": loss_sum / max(count, 1),
+            "test_epoch": self.best_epoch,
+        }
+
+    def report(self, epoch: int, record: dict[str, Any]) -> None:
+        import ray.train
+
+        self.history.append(record)
+        metrics = {k: v for k, v in record.items() if k != "class_weight"}
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        terms = ", ".join(
+            f"{n} {v:.3f}" for n, v in record.items() if n.startswith("train_") and n != "train_top1"
+        )
+        test = (
+            f"; test top-1 {record['test_top1']:.4f} (epoch {record['test_epoch']})"
+            if "test_top1" in record
+            else ""
+        )
+        print(
+            f"[train] epoch {epoch + 1}/{self.cfg.train.epochs}: {terms}; top-1 train {record['train_top1']:.4f} "
+            f"val {record['val_top1']:.4f} (best {self.best:.4f}){test}; {record['samples_per_s']:.0f} samples/s, "
+            f"{record['epoch_seconds']:.1f} s",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(
+                {
+                    "distiller": self.distiller.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.step_fn.scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "history": self.history,
+                    "best": self.best,
+                    "best_epoch": self.best_epoch,
+                    "best_student": self.best_student,
+                    "resumes": self.resumes,
+                },
+                os.path.join(tmp, STATE_FILE),
+            )
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(self.plan.cfg, f, indent=1)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch + 1:04d}",
+            )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    plan = TrainPlan(**config["plan"])
-    cfg = validate(plan.cfg, "train plan")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    spec = ViewSpec.from_dict(plan.spec)
-
-    online_teachers = None
-    if plan.online and plan.teacher_refs:
-        online_teachers = [teachers.build_model(teachers.TeacherRef.from_dict(r)) for r in plan.teacher_refs]
-    distiller = build_distiller(plan, cfg, online_teachers).to(device)
-    if online_teachers is not None:
-        online_teachers = [t.to(device).eval() for t in online_teachers]
-    lr = cfg.train.resolved_lr(cfg.student.arch)
-    optimizer = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=lr,
-        momentum=cfg.train.momentum,
-        nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
-        weight_decay=cfg.train.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, cfg.train.milestones, gamma=cfg.train.lr_decay
-    )
-    amp_dtype = amp_dtype_for(cfg.train.amp, device)
-
-    start_epoch, history, best, resumes = 0, [], 0.0, 0
-    checkpoint = ray.train.get_checkpoint()
-    step_fn = TrainStep(distiller, distiller, optimizer, device, amp_dtype)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
-        distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step_fn.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        resumes = state.get("resumes", 0) + 1
-        if rank == 0:
-            print(f"[train] resuming from the checkpoint of epoch {start_epoch} (resume #{resumes})")
-    model = ray.train.torch.prepare_model(distiller, move_to_device=False)
-    step_fn.model = model
-
-    placement = {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, placement)
-    else:
-        gathered = [placement]
-    per_worker_batch = cfg.train.batch_size // world
-    k = len(plan.teacher_names)
-    mean, std = spec.mean, spec.std
-    test_shard = ray.train.get_dataset_shard("test")
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        view = view_for_epoch(epoch, spec.count)
-        shard = ray.train.get_dataset_shard(f"train_v{view}")
-        model.train()
+    run = WorkerRun(config)
+    for epoch in range(run.start_epoch, run.cfg.train.epochs):
         t0 = time.time()
-        sums: dict[str, torch.Tensor] = {}
-        seen = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.float64)
-        class_w = torch.zeros(max(k, 1), plan.num_classes, dtype=torch.float64)
-        class_n = torch.zeros(plan.num_classes, dtype=torch.float64)
-        stop_reason = None
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            drop_last=True,
-            device=device,
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch if cfg.train.shuffle_buffer else None,
-        )
-        wait = 0.0  # seconds spent waiting for input batches (input-bound when close to the epoch time)
-        t_wait = time.time()
-        for step, batch in enumerate(batches):
-            wait += time.time() - t_wait
-            images = normalize(batch["image"], mean, std)
-            labels = batch["label"]
-            if cfg.train.label_noise > 0:
-                labels = _noisy_labels(
-                    labels, batch["idx"], cfg.train.label_noise, cfg.train.seed, plan.num_classes
-                )
-            if online_teachers is not None:
-                with torch.no_grad():
-                    fmaps = [t.forward_features(images) for t in online_teachers]
-                    t_logits = torch.stack(
-                        [t.forward_head(f) for t, f in zip(online_teachers, fmaps)]
-                    ).float()
-                outputs = TeacherOutputs(
-                    t_logits, [f.float() for f in fmaps] if plan.needs_features else None
-                )
-            else:
-                outputs = teacher_outputs_from_batch(batch, k, plan.needs_logits, plan.needs_features, device)
-            loss, logits, terms, weights = step_fn.forward(images, labels, outputs, epoch)
-            # The lowest rank whose loss is NaN/Inf (world if none); every rank stops at the same step.
-            bad = torch.tensor([world if torch.isfinite(loss) else rank])
-            if world > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-            if bad.item() < world:
-                stop_reason = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
-                if bad.item() == rank:
-                    stop_reason += (
-                        f" (rank {rank}, first bad term {_first_nonfinite(terms)}; "
-                        f"terms {{{', '.join(f'{n}={v.item():.4g}' for n, v in terms.items())}}})"
-                    )
-                    storage.write_json(storage.join(plan.run_dir, FAILURE_FILE), {"reason": stop_reason})
-                break
-            step_fn.backward_and_step(loss, epoch)
-            n = labels.shape[0]
-            for name, value in terms.items():
-                sums[name] = (
-                    sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu() * n
-                )
-            seen += n
-            correct += topk_correct(logits.detach(), labels, (1,))[0]
-            if weights is not None:
-                s_w, s_n = per_class_mean(weights.detach().cpu(), labels.cpu(), plan.num_classes)
-                class_w[: s_w.shape[0]] += s_w
-                class_n += s_n
-            t_wait = time.time()
+        stats, stop_reason = run.train_epoch(epoch)
         if stop_reason is not None:
-            print(f"[train] rank {rank} stopping: {stop_reason}")
+            print(f"[train] rank {run.rank} stopping: {stop_reason}")
             return
-        epoch_lr = scheduler.get_last_lr()[0]
-        scheduler.step()
         train_seconds = time.time() - t0
-
-        # Evaluation on the test split: each worker scores its share; the sums are all-reduced below.
-        model.eval()
-        ev = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, count
-        with torch.no_grad():
-            for batch in test_shard.iter_torch_batches(batch_size=max(per_worker_batch, 256), device=device):
-                images = normalize(batch["image"], mean, std)
-                labels = batch["label"]
-                with torch.autocast(
-                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
-                    logits = distiller.student(images)
-                top1, top5 = topk_correct(logits.float(), labels, (1, 5))
-                ev += torch.tensor(
-                    [
-                        top1,
-                        top5,
-                        F.cross_entropy(logits.float(), labels, reduction="sum").item(),
-                        len(labels),
-                    ],
-                    dtype=torch.float64,
-                )
-        reduced = torch.cat(
-            [
-                torch.stack([seen, correct]),
-                torch.stack(list(sums.values())) if sums else torch.zeros(0, dtype=torch.float64),
-                ev,
-                class_w.flatten(),
-                class_n,
-            ]
-        )
-        if world > 1:
-            dist.all_reduce(reduced)
-        seen_all, correct_all = reduced[0].item(), reduced[1].item()
-        term_sums = reduced[2 : 2 + len(sums)]
-        ev = reduced[2 + len(sums) : 6 + len(sums)]
-        rest = reduced[6 + len(sums) :]
-        class_w = rest[: class_w.numel()].view_as(class_w)
-        class_n = rest[class_w.numel() :]
-        val_top1 = ev[0].item() / max(ev[3].item(), 1)
-        best = max(best, val_top1)
-        epoch_seconds = time.time() - t0
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "view": view,
-            "lr": epoch_lr,
-            "train_top1": correct_all / max(seen_all, 1),
-            "val_top1": val_top1,
-            "val_top5": ev[1].item() / max(ev[3].item(), 1),
-            "val_loss": ev[2].item() / max(ev[3].item(), 1),
-            "best_val_top1": best,
-            "samples_per_s": seen_all / max(train_seconds, 1e-9),
-            "epoch_seconds": epoch_seconds,
-            "input_wait_seconds": wait,
-            "resumes": resumes,
-        }
-        if epoch == start_epoch:
-            metrics["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in gathered]
-        for (name, _), total in zip(sums.items(), term_sums):
-            metrics[name if "/" in name else f"train_{name}"] = total.item() / max(seen_all, 1)
-        record = dict(metrics)
-        if k and class_n.sum() > 0:
-            per_class = (class_w[:k] / class_n.clamp_min(1)).tolist()
-            record["class_weight"] = {name: per_class[i] for i, name in enumerate(plan.teacher_names)}
-        history.append(record)
-        if rank == 0:
-            terms = ", ".join(
-                f"{n} {v:.3f}" for n, v in metrics.items() if n.startswith("train_") and n != "train_top1"
-            )
-            print(
-                f"[train] epoch {epoch + 1}/{cfg.train.epochs}: {terms}; top-1 train {metrics['train_top1']:.4f} "
-                f"val {val_top1:.4f} (best {best:.4f}); {metrics['samples_per_s']:.0f} samples/s, {epoch_seconds:.1f} s",
-                flush=True,
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(
-                    {
-                        "distiller": distiller.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": step_fn.scaler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "epoch": epoch,
-                        "history": history,
-                        "best": best,
-                        "resumes": resumes,
-                    },
-                    os.path.join(tmp, STATE_FILE),
-                )
-                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                    json.dump(plan.cfg, f, indent=1)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch + 1:04d}",
-                )
-        else:
-            ray.train.report(metrics)
+        record = run.finish_epoch(epoch, stats, t0, train_seconds)
+        if record is None:
+            print(f"[train] rank {run.rank} stopping: a stored file could not be used")
+            return
+        run.report(epoch, record)

@@ -57,6 +57,19 @@ BAD = [
         r"teachers\.0\.name = 'bad name!'",
     ),
     ({"tune": {"space": {"strategy.beta": {"uniform": [5, 1]}}}}, r"uniform needs lo < hi"),
+    (
+        {"train": {"sync_batchnorm": True}},
+        r"train\.sync_batchnorm needs GPU workers \(torch's SyncBatchNorm has no CPU kernels\)",
+    ),
+    (
+        {"scaling": {"placement_strategy": "SPREAD_OUT"}},
+        r"scaling\.placement_strategy = 'SPREAD_OUT': Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or",
+    ),
+    ({"data": {"val_fraction": 1.0}}, r"data\.val_fraction = 1\.0: Input should be less than 1"),
+    (
+        {"strategy": {"feature_weights": "head"}},
+        r"strategy\.feature_weights = 'head': Input should be 'official', 'detached' or 'logit'",
+    ),
 ]
 
 
@@ -131,3 +144,20 @@ def test_shipped_configs_pass_dry_run(path, capsys, tmp_path):
     resolved = yaml.safe_load(out.split("# plan")[0].replace("# resolved config", ""))
     assert resolved["experiment"] == yaml.safe_load(path.read_text())["experiment"]
     assert "# plan" in out
+
+
+def test_relative_paths_are_resolved_once_where_the_config_is_validated(tmp_path, monkeypatch):
+    """Ray runs trials, jobs and workers in other working directories: every path they receive is absolute."""
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(
+        {
+            "root": "runs",
+            "data": {"source": "idx", "path": "data/fm"},
+            "teachers": [{"name": "a", "arch": "resnet8", "checkpoint": "~/t.pt"}],
+        }
+    )
+    assert cfg.root == str(tmp_path / "runs") and cfg.data.path == str(tmp_path / "data" / "fm")
+    assert cfg.teachers[0].checkpoint == str(Path.home() / "t.pt")
+    assert validate({"root": "s3://bucket/prefix/"}).root == "s3://bucket/prefix"
+    monkeypatch.chdir("/")
+    assert validate(cfg.model_dump(mode="json")).root == str(tmp_path / "runs"), "validated again: unchanged"

@@ -16,23 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import CAMKD_RUN, ROOT
 
-from pipeline import cache, runtime, storage, teachers, train
+from pipeline import cache, runtime, storage, tables, teachers, train
 from pipeline.config import with_updates
 from pipeline.storage import StorageError
+from pipeline.views import make_view_spec
 
 pytestmark = pytest.mark.fault
 
 
 def _alive_train_worker_pids():
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # The test cluster's address, explicitly: auto-detection follows whatever address file an earlier, dead
+    # `ray start` left on the machine (it once timed out here waiting for a GCS that was gone).
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return [a.pid for a in actors]
 
 
@@ -133,23 +139,20 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
         },
     )
     meta = cached[2]
-    ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
-    cdir = storage.teacher_cache_dir(cfg.root, meta.fingerprint, ref.id)
-    for part in cache.load_manifest(cdir).parts:
-        path = os.path.join(cdir, part.name)
-        table = pq.read_table(path)
+    store, manifest = _store(cfg, meta, "t1")
+    # Rewrite view 1 with NaN logits as valid, checksummed files (the values are bad here, not the files).
+    vdir = os.path.join(store, "view-0001")
+    for part in manifest.views[1].parts:
+        path = os.path.join(vdir, part.name)
+        opened = tables.open_table(path, cache.META_KEY)
+        table = opened.read(None, opened.file.schema_arrow.names)
         bad = np.full((table.num_rows, 10), np.nan, dtype=np.float16)
         col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(20), table.num_rows, [None, pa.py_buffer(bad)])
-        table = table.set_column(table.schema.get_field_index("logits_v1"), "logits_v1", col)
-        pq.write_table(
-            table.replace_schema_metadata(pq.read_schema(path).metadata), path, use_dictionary=False
-        )
-    # keep the pre-flight size check quiet: the values are what is bad here, not the files
-    manifest = cache.load_manifest(cdir)
-    manifest.parts = [
-        p.model_copy(update={"bytes": os.path.getsize(os.path.join(cdir, p.name))}) for p in manifest.parts
-    ]
-    storage.write_json(cache.manifest_url(cdir), manifest.model_dump())
+        table = table.set_column(table.schema.get_field_index("logits"), "logits", col)
+        kv = {cache.META_KEY: json.dumps(opened.metadata).encode()}
+        tables.write_table(path, tables.encode_table(table, meta.row_group_rows, kv))
+        part.bytes = os.path.getsize(path)  # keep the pre-flight size check quiet
+    storage.write_json(cache.manifest_url(store), manifest.model_dump())
     with pytest.raises(
         train.TrainingError, match=r"non-finite loss at epoch 2, step 1 \(rank 0, first bad term kd=nan"
     ) as e:
@@ -161,6 +164,42 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
         torch.isfinite(v).all() for v in state["distiller"].values() if v.is_floating_point()
     )
     assert not (tmp_path / "runs" / "nan" / "checkpoint_epoch_0002").exists()
+
+
+def _store(cfg, meta, name):
+    ref = teachers.resolve(cfg, next(t for t in cfg.teachers if t.name == name), 10, 3)
+    tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
+    return cache.find_store(
+        tdir, ref.to_dict(), make_view_spec(cfg, meta.encoding), cache.output_format(cfg, meta), [0, 1]
+    )
+
+
+def test_a_corrupt_cache_part_stops_training_at_once_naming_it(cached, tmp_path):
+    """Bytes flipped inside a data page (size unchanged, still valid Parquet): the reader's checksums refuse the
+    part before training uses it, and the run stops at once, with no worker-group restarts, naming the part,
+    the teacher and the fix."""
+    from test_cache import flip_bytes_in_data_pages
+
+    root = tmp_path / "root"
+    shutil.copytree(cached[0].root, root)
+    cfg = with_updates(
+        cached[0],
+        {"root": str(root), **CAMKD_RUN, "train.epochs": 2, "train.export": False, "train.max_failures": 3},
+    )
+    meta = cached[2]
+    store, _ = _store(cfg, meta, "t2")
+    part = os.path.join(store, "view-0001", "part-00002.parquet")
+    flip_bytes_in_data_pages(part)
+    logs: list[str] = []
+    with pytest.raises(train.TrainingError) as e:
+        train.fit(cfg, meta, str(tmp_path / "runs"), "corrupt", log=logs.append)
+    message = str(e.value)
+    assert f"cache part {part} of teacher 't2' is corrupt" in message, message
+    assert "delete it and re-run precompute" in message and "restart" not in message, message
+    run_dir = tmp_path / "runs" / "corrupt"
+    assert (run_dir / "checkpoint_epoch_0001").exists(), "epoch 1 (view 0) was fine and is kept"
+    assert not (run_dir / "checkpoint_epoch_0002").exists()
+    assert json.loads((run_dir / "failure.json").read_text())["data"] is True
 
 
 def test_storage_not_writable_fails_before_training(cached):

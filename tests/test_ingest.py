@@ -77,10 +77,20 @@ def test_idx_gz_fashion_mnist_layout(tmp_path):
     assert meta.split("train").rows == 50 and [p.rows for p in meta.split("train").parts] == [16, 16, 16, 2]
     ddir = storage.dataset_dir(cfg.root, "fashion-mnist", meta.fingerprint)
     t = read_all(storage.join(ddir, "train", "part-00001.parquet"))
-    assert t.schema.names == ["idx", "image", "label"]
-    assert t["idx"].to_pylist() == list(range(16, 32))
+    assert t.schema.names == ["idx", "source_idx", "image", "label"]
+    assert t["idx"].to_pylist() == list(range(16, 32)), "idx is the position in the stored order"
     raw = ingest.read_idx(src / "train-images-idx3-ubyte.gz")
-    assert t["image"][0].as_py() == raw[16].tobytes()
+    labels = ingest.read_idx(src / "train-labels-idx1-ubyte.gz")
+    source = t["source_idx"].to_numpy()
+    assert t["image"][0].as_py() == raw[source[0]].tobytes()
+    assert t["label"].to_pylist() == labels[source].tolist()
+    everything = np.concatenate(
+        [
+            read_all(storage.join(ddir, "train", p.name))["source_idx"].to_numpy()
+            for p in meta.split("train").parts
+        ]
+    )
+    assert sorted(everything.tolist()) == list(range(50)), "every source row stored exactly once"
     # Re-ingesting the same data is a no-op (same fingerprint, nothing rewritten).
     stamp = os.path.getmtime(storage.join(ddir, "dataset.json"))
     again = ingest.ingest(cfg, log=logs.append)
@@ -121,13 +131,13 @@ def test_cifar_python_batches(tmp_path, kind):
     meta = ingest.ingest(cfg)
     assert meta.image_shape == [32, 32, 3] and meta.classes[:2] == ["c0", "c1"]
     assert meta.split("train").rows == (150 if kind == "cifar10" else 30)
-    batch = pickle.load(
-        open(src / ("data_batch_1" if kind == "cifar10" else "train"), "rb"), encoding="bytes"
-    )
     first = read_all(
         storage.join(storage.dataset_dir(cfg.root, kind, meta.fingerprint), "train", "part-00000.parquet")
     )
-    expected = np.asarray(batch[b"data"][0]).reshape(3, 32, 32).transpose(1, 2, 0)
+    row = first["source_idx"][0].as_py()  # the source row stored first; 30 rows per batch file
+    name = f"data_batch_{row // 30 + 1}" if kind == "cifar10" else "train"
+    batch = pickle.load(open(src / name, "rb"), encoding="bytes")
+    expected = np.asarray(batch[b"data"][row % 30]).reshape(3, 32, 32).transpose(1, 2, 0)
     assert first["image"][0].as_py() == expected.tobytes()
 
 
@@ -160,8 +170,11 @@ def test_image_folder(tmp_path):
             storage.dataset_dir(cfg.root, "imagefolder", meta.fingerprint), "train", "part-00000.parquet"
         )
     )
-    assert t["label"].to_pylist() == [0, 0, 0, 1, 1, 1]
-    assert t["image"][0].as_py() == (src / "train" / "cat" / "0.jpg").read_bytes()
+    assert sorted(t["label"].to_pylist()) == [0, 0, 0, 1, 1, 1]
+    files = sorted(
+        (src / "train" / c / f).read_bytes() for c in ("cat", "dog") for f in ("0.jpg", "1.png", "2.jpg")
+    )
+    assert sorted(t["image"].to_pylist()) == files
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -184,3 +197,37 @@ def test_balanced_subset():
     assert len(keep) == 30 and np.all(np.diff(keep) > 0)
     assert np.bincount(labels[keep]).tolist() == [10, 10, 10]
     assert np.array_equal(keep, ingest.balanced_subset(labels, 30, seed=0))
+
+
+def test_class_sorted_source_is_stored_class_mixed(tmp_path):
+    """An image folder is read class by class; its parts, every prefix and the validation tail must not be."""
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=24)
+    cfg = validate(
+        {
+            "root": str(tmp_path / "root"),
+            "data": {"source": "imagefolder", "path": str(src), "image_size": 16, "rows_per_part": 16},
+        }
+    )
+    meta = ingest.ingest(cfg)
+    ddir = storage.dataset_dir(cfg.root, "imagefolder", meta.fingerprint)
+    labels = np.concatenate(
+        [read_all(storage.join(ddir, "train", p.name))["label"].to_numpy() for p in meta.split("train").parts]
+    )
+    # Stratified: within every part of 16 rows each of the 4 classes holds 4 ± 1 rows (a class-sorted layout
+    # would put one class per part).
+    for start in range(0, 96, 16):
+        counts = np.bincount(labels[start : start + 16], minlength=4)
+        assert counts.min() >= 3 and counts.max() <= 5, (start, counts)
+    assert np.bincount(labels[-10:], minlength=4).min() >= 2, "the validation tail holds every class"
+    assert meta.split("train").class_counts == [24, 24, 24, 24]
+
+
+def test_stratified_order_keeps_proportions_in_every_prefix():
+    labels = np.array([0] * 600 + [1] * 300 + [2] * 100)
+    order = ingest.stratified_order(labels, seed=3)
+    assert sorted(order.tolist()) == list(range(1000))
+    for n in (50, 100, 333, 1000):
+        counts = np.bincount(labels[order[:n]], minlength=3)
+        assert np.all(np.abs(counts - n * np.array([0.6, 0.3, 0.1])) <= 1.0), (n, counts)
+    assert not np.array_equal(order, ingest.stratified_order(labels, seed=4))
+    assert np.array_equal(order, ingest.stratified_order(labels, seed=3))

@@ -40,6 +40,7 @@ EXACT_PARAMS = {
     "vgg16": 14_774_436,
     "vgg19": 20_086_692,
     "MobileNetV2": 812_836,
+    "MobileNetV2_conv2": 812_836,
     "ShuffleV1": 949_258,
     "ShuffleV2": 1_355_528,
 }
@@ -108,7 +109,7 @@ def test_feature_classifier_contract(name: str, in_chans: int, size: int) -> Non
         torch.testing.assert_close(fresh.forward_head(fmap), logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "MobileNetV2", "vgg8", "torchvision:resnet18"])
+@pytest.mark.parametrize("name", ["resnet8x4", "MobileNetV2_conv2", "vgg8", "torchvision:resnet18"])
 def test_head_state_dict_is_exactly_the_classifier(name: str) -> None:
     model = _model(name)
     classifier = getattr(model, model.classifier_name)
@@ -132,7 +133,8 @@ def test_head_state_dict_is_exactly_the_classifier(name: str) -> None:
             (2, 512, 4, 4),
         ),  # RepDistiller pools 3x before block4 at 32x32 (pool3 only for 64x64 inputs)
         ("vgg13", (2, 512, 4, 4)),
-        ("MobileNetV2", (2, 1280, 2, 2)),
+        ("MobileNetV2", (2, 160, 2, 2)),  # the last inverted-residual stage: the CA-MKD authors' layer
+        ("MobileNetV2_conv2", (2, 1280, 2, 2)),
         ("ShuffleV1", (2, 960, 4, 4)),
         ("ShuffleV2", (2, 1024, 4, 4)),
     ],
@@ -236,3 +238,18 @@ def test_import_never_pulls_ray() -> None:
         "PYTHONPATH": os.pathsep.join([str(Path(M.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_mobilenetv2_taps_the_last_inverted_residual_stage_and_its_head_holds_conv2() -> None:
+    """The CA-MKD authors tap the last inverted-residual stage (160 channels); conv2 then belongs to the head,
+    so a teacher's frozen head scores a connected 160-channel map exactly as the full network would."""
+    model, other = _model("MobileNetV2"), _model("MobileNetV2_conv2")
+    assert model.feature_channels == 160 and other.feature_channels == 1280
+    assert set(model.head.state_dict()) == {
+        *(f"conv2.{k}" for k in model.conv2.state_dict()),
+        *(f"classifier.{k}" for k in model.classifier.state_dict()),
+    }
+    other.load_state_dict(model.state_dict(), strict=True)  # one checkpoint fits both taps
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)

@@ -11,9 +11,9 @@ from conftest import CAMKD_RUN, tiny_config
 from camkd import TeacherOutputs, models
 from camkd.training import normalize
 from pipeline import storage, teacher_stage, teachers, train, worker
-from pipeline.cache import ReadPlan, TeacherSource, read_training_rows, teacher_outputs_from_batch
 from pipeline.config import BindingError, with_updates
 from pipeline.ingest import ingest
+from pipeline.reader import Slice, read_slices, teacher_outputs_from_batch
 
 
 def camkd_config(cached, **updates):
@@ -90,21 +90,13 @@ def test_cached_and_online_first_step_agree(cached):
     cfg = camkd_config(cached)
     meta = cached[2]
     plan = train.make_plan(cfg, meta, "/nonexistent")
-    read = ReadPlan(
-        plan.dataset_dir,
-        "train",
-        tuple(plan.image_shape),
-        plan.spec,
-        tuple(
-            TeacherSource(n, c, m) for n, c, m in zip(plan.teacher_names, plan.teacher_caches, plan.manifests)
-        ),
-        True,
-        True,
-    )
-    rows = read_training_rows({"part": np.array(["part-00000.parquet"])}, read, view=1)
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in rows.items()}
+    read = plan.read_plan("train", with_teachers=True)
+    p = meta.split("train").parts[0]
+    s = Slice(p.name, p.first_idx, p.rows, p.first_idx, p.first_idx + p.rows)
+    block = next(read_slices({k: np.array([v]) for k, v in s.__dict__.items()}, read, view=1))
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in block.items()}
     images = normalize(batch["image"], plan.spec["mean"], plan.spec["std"])
-    cached_out = teacher_outputs_from_batch(batch, 2, True, True, torch.device("cpu"))
+    cached_out = teacher_outputs_from_batch(batch, 2, True, True, meta.num_classes)
     online_models = [teachers.build_model(teachers.TeacherRef.from_dict(r)) for r in plan.teacher_refs]
     with torch.no_grad():
         fmaps = [t.forward_features(images) for t in online_models]

@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Callable
 
 from .base import FeatureClassifier, GlobalPoolHead
-from .mobilenetv2 import mobile_half
+from .mobilenetv2 import mobile_half, mobile_half_conv2
 from .resnet import (
     resnet8,
     resnet8x4,
@@ -52,6 +52,7 @@ _ZOO: dict[str, Callable[..., FeatureClassifier]] = {
     "vgg16": vgg16,
     "vgg19": vgg19,
     "MobileNetV2": mobile_half,  # RepDistiller's mobile_half (width 0.5), the papers' "MobileNetV2"
+    "MobileNetV2_conv2": mobile_half_conv2,  # the same network, feature map tapped after conv2 (1280 ch)
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
 }

@@ -1,0 +1,326 @@
+"""The training reader: which rows each worker reads in each epoch, the Ray Data read task, device decoding.
+
+Rows are addressed by `idx`, their position in the stored (class-stratified, random) order: the training rows
+are idx [0, train_end), the validation hold-out idx [train_end, rows) of the training split. Every epoch the
+row groups of the training range are put in a new order drawn from (seed, epoch) — not from Ray's own reseeding,
+which restarts on resume — and the sequence is cut into one equal share per worker (a share may start or end
+inside a row group), so every worker takes the same number of steps. A read task reads one row group of the
+image part and of each teacher's cache part for that view (column projection, checksums verified, idx checked
+row for row), renders the view and yields it: its memory is one row group, requested from Ray. Top-k logits and
+int8 features travel as stored and are expanded on the training device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import (
+    Manifest,
+    decode_outputs,
+    open_cache_part,
+    read_cache_rows,
+    view_dir,
+)
+from pipeline.ingest import DatasetMeta, open_image_part, read_image_rows
+from pipeline.views import ViewSpec, render_eval, render_train, uniforms
+
+SHUFFLE_SALT = 0x5A17  # keeps the epoch permutation's stream apart from other draws keyed on the same seed
+NOISE_SALT = 7919
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows idx [lo, hi) of one image part (part `name` holds idx [first_idx, first_idx + rows))."""
+
+    part: str
+    first_idx: int
+    rows: int
+    lo: int
+    hi: int
+
+    @property
+    def size(self) -> int:
+        return max(0, min(self.hi, self.first_idx + self.rows) - max(self.lo, self.first_idx))
+
+    def row_groups(self, group_rows: int) -> list[int]:
+        start = max(self.lo, self.first_idx) - self.first_idx
+        stop = min(self.hi, self.first_idx + self.rows) - self.first_idx
+        if stop <= start:
+            return []
+        return list(range(start // group_rows, (stop - 1) // group_rows + 1))
+
+    def cut(self, lo: int, hi: int) -> Slice:
+        return Slice(self.part, self.first_idx, self.rows, max(self.lo, lo), min(self.hi, hi))
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """The row ranges of a run: training rows idx [0, train_end), validation idx [val_lo, val_hi) of `val_split`."""
+
+    train_end: int
+    val_split: str
+    val_lo: int
+    val_hi: int
+    test_rows: int
+
+    @property
+    def val_on_test(self) -> bool:
+        return self.val_split == "test"
+
+
+def split_ranges(meta: DatasetMeta, val_fraction: float, limit_train: int | None) -> Ranges:
+    """Training and validation rows for `data.val_fraction` and `train.limit_train` (a prefix of the rest)."""
+    n = meta.split("train").rows
+    test_rows = meta.split("test").rows
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    train_end = n - n_val
+    if limit_train is not None:
+        train_end = min(train_end, limit_train)
+    if n_val:
+        return Ranges(train_end, "train", n - n_val, n, test_rows)
+    return Ranges(train_end, "test", 0, test_rows, test_rows)
+
+
+def row_group_slices(meta: DatasetMeta, split: str, lo: int, hi: int) -> list[Slice]:
+    """One slice per row group of `split` within idx [lo, hi), in stored order."""
+    g = meta.row_group_rows
+    out = []
+    for p in meta.split(split).parts:
+        for start in range(p.first_idx, p.first_idx + p.rows, g):
+            s = Slice(p.name, p.first_idx, p.rows, max(lo, start), min(hi, start + g))
+            if s.size:
+                out.append(s)
+    return out
+
+
+def epoch_shares(
+    units: list[Slice], seed: int, epoch: int, world: int, per_worker_batch: int
+) -> list[list[Slice]]:
+    """The training rows of one epoch for each of `world` workers: the row-group units in an order drawn from
+    (seed, epoch), then cut into `world` contiguous shares of exactly `steps × per_worker_batch` rows each (the
+    remainder, fewer than world × per_worker_batch rows, sits this epoch out). A pure function: every worker
+    computes every share, and a resumed run computes the same ones."""
+    order = np.random.default_rng([seed, epoch, SHUFFLE_SALT]).permutation(len(units))
+    total = sum(u.size for u in units)
+    share = (total // (world * per_worker_batch)) * per_worker_batch
+    shares: list[list[Slice]] = [[] for _ in range(world)]
+    if share == 0:
+        return shares
+    w, filled = 0, 0
+    for i in order:
+        u = units[int(i)]
+        lo = max(u.lo, u.first_idx)
+        hi = min(u.hi, u.first_idx + u.rows)
+        while lo < hi and w < world:
+            take = min(hi - lo, share - filled)
+            shares[w].append(u.cut(lo, lo + take))
+            lo += take
+            filled += take
+            if filled == share:
+                w, filled = w + 1, 0
+        if w == world:
+            break
+    return shares
+
+
+def contiguous_shares(slices: list[Slice], world: int) -> list[list[Slice]]:
+    """Evaluation rows for each worker: contiguous shares as equal as rows allow, nothing dropped."""
+    total = sum(s.size for s in slices)
+    bounds = [round(total * w / world) for w in range(world + 1)]
+    shares: list[list[Slice]] = [[] for _ in range(world)]
+    pos = 0
+    for s in slices:
+        lo, hi = max(s.lo, s.first_idx), min(s.hi, s.first_idx + s.rows)
+        for w in range(world):
+            a, b = max(lo, lo + bounds[w] - pos), min(hi, lo + bounds[w + 1] - pos)
+            if a < b:
+                shares[w].append(s.cut(a, b))
+        pos += hi - lo
+    return shares
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """One teacher's cache store, as the read task needs it (picklable)."""
+
+    name: str
+    store: str
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Everything a read task needs to build the rows of a slice (picklable, sent to Ray tasks)."""
+
+    dataset_dir: str
+    split: str
+    image_shape: tuple[int, ...] | None
+    spec: dict[str, Any]
+    group_rows: int
+    num_classes: int
+    teachers: tuple[TeacherSource, ...] = ()
+    logits: bool = False
+    features: bool = False
+    label_noise: float = 0.0
+    noise_seed: int = 0
+    label_swaps: tuple[tuple[int, int], ...] = ()
+
+    def row_bytes(self) -> int:
+        """Bytes one delivered row takes (pixels + teacher outputs): sizes read tasks' memory requests."""
+        spec = ViewSpec.from_dict(self.spec)
+        if self.image_shape:
+            pixels = int(np.prod(self.image_shape))
+        else:
+            pixels = 3 * spec.size * spec.size
+        total = pixels + 16
+        for t in self.teachers:
+            m = Manifest.model_validate(t.manifest)
+            total += int(m.bytes_per_sample.get("on_disk", 0))
+        return total
+
+
+def noisy_labels(
+    labels: np.ndarray, idx: np.ndarray, noise: float, seed: int, num_classes: int
+) -> np.ndarray:
+    """Replace a `noise` fraction of labels by random classes, a pure function of (seed, idx)."""
+    u = uniforms(seed + NOISE_SALT, idx, 0, 2)
+    random_labels = np.minimum((u[:, 1] * num_classes).astype(np.int64), num_classes - 1)
+    return np.where(u[:, 0] < noise, random_labels, labels)
+
+
+def swapped_labels(labels: np.ndarray, swaps: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Exchange the labels of each class pair (a teacher trained so is confidently wrong on those classes)."""
+    out = labels.copy()
+    for a, b in swaps:
+        out[labels == a] = b
+        out[labels == b] = a
+    return out
+
+
+def read_slices(
+    batch: dict[str, np.ndarray], plan: ReadPlan, view: int | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data `map_batches` body (a generator): each slice of the batch → one output block per row group:
+    `idx`, `image` (uint8 [N,C,H,W] of view `view`, or the evaluation view when None), `label` (int64) and
+    per teacher k the raw cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and
+    `t{k}_feat` (+ `t{k}_feat_scale`)."""
+    spec = ViewSpec.from_dict(plan.spec)
+    manifests = [Manifest.model_validate(t.manifest) for t in plan.teachers]
+    for fields in zip(*(batch[k] for k in ("part", "first_idx", "rows", "lo", "hi"))):
+        s = Slice(str(fields[0]), *(int(v) for v in fields[1:]))
+        yield from _read_slice(s, plan, spec, manifests, view)
+
+
+def _read_slice(s: Slice, plan: ReadPlan, spec: ViewSpec, manifests: list[Manifest], view: int | None):
+    image_part = open_image_part(plan.dataset_dir, plan.split, s.part)
+    teacher_parts = []
+    if view is not None:
+        for src, manifest in zip(plan.teachers, manifests):
+            url = f"{view_dir(src.store, view)}/{s.part}"
+            teacher_parts.append(open_cache_part(url, manifest, view, s.part))
+    for group in s.row_groups(plan.group_rows):
+        rows = read_image_rows(image_part, [group])
+        group_idx = rows["idx"].to_numpy()
+        keep = (group_idx >= s.lo) & (group_idx < s.hi)
+        whole = bool(keep.all())
+        if not whole:
+            rows = rows.filter(keep)
+        idx = rows["idx"].to_numpy()
+        images = rows["image"].combine_chunks() if plan.image_shape else rows["image"].to_pylist()
+        rendered = (
+            render_eval(images, spec, plan.image_shape)
+            if view is None
+            else render_train(images, idx, view, spec, plan.image_shape)
+        )
+        labels = rows["label"].to_numpy().astype(np.int64)
+        if plan.label_swaps:
+            labels = swapped_labels(labels, plan.label_swaps)
+        if plan.label_noise > 0:
+            labels = noisy_labels(labels, idx, plan.label_noise, plan.noise_seed, plan.num_classes)
+        out: dict[str, np.ndarray] = {"idx": idx, "image": rendered.pixels, "label": labels}
+        for k, (part, manifest) in enumerate(zip(teacher_parts, manifests)):
+            columns = manifest.fmt().columns(plan.logits, plan.features)
+            table = read_cache_rows(part, manifest, [group], columns, group_idx)
+            if not whole:
+                table = table.filter(keep)
+            for key, value in decode_outputs(table, manifest, plan.logits, plan.features).items():
+                out[f"t{k}_{key}"] = value
+        yield out
+
+
+def slice_items(slices: list[Slice]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in slices]
+
+
+def read_memory_bytes(plan: ReadPlan) -> int:
+    """Heap a read task needs: a row group read, rendered and decoded at once (×3 for Arrow + NumPy copies)."""
+    return int(3 * plan.row_bytes() * plan.group_rows + 192 * 2**20)
+
+
+def build_dataset(
+    plan: ReadPlan,
+    slices: list[Slice],
+    view: int | None,
+    read_cpus: float,
+    read_tasks: int | None = None,
+    node_id: str | None = None,
+):
+    """A Ray Dataset streaming `slices` through `read_slices` (one read task per slice; nothing materialised).
+    With `node_id` the read tasks prefer that node (soft affinity): a worker's data is read next to it."""
+    import ray.data
+
+    remote_args: dict[str, Any] = {}
+    if node_id is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    ds = ray.data.from_items(slice_items(slices), override_num_blocks=max(1, len(slices)))
+    return ds.map_batches(
+        read_slices,
+        fn_kwargs={"plan": plan, "view": view},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=read_cpus,
+        memory=read_memory_bytes(plan),
+        concurrency=read_tasks,
+        **remote_args,
+    )
+
+
+def teacher_outputs_from_batch(
+    batch: dict, num_teachers: int, logits: bool, features: bool, num_classes: int
+):
+    """Batch tensors of `read_slices` (already on the training device) → camkd.TeacherOutputs: top-k logits
+    scattered into dense logits and int8 features dequantised, on the device, without a host sync."""
+    import torch
+
+    from camkd import TeacherOutputs
+
+    t_logits = None
+    if logits:
+        dense = []
+        for k in range(num_teachers):
+            if f"t{k}_logits" in batch:
+                dense.append(batch[f"t{k}_logits"].float())
+                continue
+            values = batch[f"t{k}_topk_values"].float()
+            index = batch[f"t{k}_topk_index"].long()
+            fill = batch[f"t{k}_tail_logit"].float()
+            full = fill[:, None].expand(-1, num_classes).clone()
+            dense.append(full.scatter_(1, index, values))
+        t_logits = torch.stack(dense)
+    t_feats = None
+    if features:
+        t_feats = []
+        for k in range(num_teachers):
+            f = batch[f"t{k}_feat"]
+            if f.dtype == torch.int8:
+                f = f.float() * batch[f"t{k}_feat_scale"].float()[:, :, None, None]
+            t_feats.append(f)
+    return TeacherOutputs(t_logits, t_feats)

@@ -1,0 +1,144 @@
+"""The training reader: rows per worker and epoch, the epoch order, class mixing, and the collectives helper."""
+
+import numpy as np
+import pytest
+import torch
+from test_ingest import make_image_folder
+
+from pipeline import ingest, storage
+from pipeline.collectives import CollectiveDeviceError, Collectives
+from pipeline.config import validate
+from pipeline.reader import (
+    ReadPlan,
+    Slice,
+    build_dataset,
+    contiguous_shares,
+    epoch_shares,
+    row_group_slices,
+    split_ranges,
+)
+from pipeline.views import make_view_spec
+
+
+def _units(parts=5, rows=100, group=32, last=60):
+    out = []
+    for p in range(parts):
+        n = last if p == parts - 1 else rows
+        first = p * rows
+        out += [
+            Slice(f"part-{p:05d}.parquet", first, n, s, min(s + group, first + n))
+            for s in range(first, first + n, group)
+        ]
+    return out
+
+
+def _rows(share):
+    return [i for s in share for i in range(max(s.lo, s.first_idx), min(s.hi, s.first_idx + s.rows))]
+
+
+def test_epoch_shares_are_equal_disjoint_new_every_epoch_and_reproducible():
+    units = _units()  # 460 rows in 20 row-group units, the last part short
+    for world, batch in ((1, 16), (3, 16), (4, 10)):
+        shares = epoch_shares(units, seed=7, epoch=0, world=world, per_worker_batch=batch)
+        sizes = [sum(s.size for s in sh) for sh in shares]
+        assert len(set(sizes)) == 1 and sizes[0] % batch == 0, "every worker takes the same number of steps"
+        assert 460 - sum(sizes) < world * batch, "only a remainder smaller than one global batch sits out"
+        rows = [r for sh in shares for r in _rows(sh)]
+        assert len(rows) == len(set(rows)), "no row twice in an epoch"
+    a = epoch_shares(units, 7, 0, 2, 16)
+    assert a == epoch_shares(units, 7, 0, 2, 16), (
+        "a pure function of (seed, epoch): a resumed run sees it again"
+    )
+    b = epoch_shares(units, 7, 1, 2, 16)
+    assert [s.lo for s in a[0]] != [s.lo for s in b[0]], "a new order every epoch"
+    assert [s.lo for s in a[0]] != [s.lo for s in epoch_shares(units, 8, 0, 2, 16)[0]], "and per seed"
+
+
+def test_contiguous_shares_cover_every_evaluation_row_once():
+    units = _units(parts=2, rows=50, group=16, last=33)
+    for world in (1, 2, 3, 7):
+        shares = contiguous_shares(units, world)
+        rows = [r for sh in shares for r in _rows(sh)]
+        assert rows == list(range(83)), world
+        sizes = [len(_rows(sh)) for sh in shares]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def _ingested_sorted_folder(tmp_path, **data):
+    src = make_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=32)
+    cfg = validate(
+        {
+            "root": str(tmp_path / "root"),
+            "data": {
+                "source": "imagefolder",
+                "path": str(src),
+                "image_size": 16,
+                "rows_per_part": 32,
+                **data,
+            },
+        }
+    )
+    return cfg, ingest.ingest(cfg)
+
+
+def test_validation_hold_out_is_the_class_balanced_tail(tmp_path):
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    r = split_ranges(meta, 0.25, None)
+    assert (r.train_end, r.val_split, r.val_lo, r.val_hi) == (96, "train", 96, 128)
+    val = row_group_slices(meta, "train", r.val_lo, r.val_hi)
+    ddir = storage.dataset_dir(cfg.root, meta.name, meta.fingerprint)
+    labels = []
+    for s in val:
+        part = ingest.open_image_part(ddir, "train", s.part)
+        t = ingest.read_image_rows(part, s.row_groups(meta.row_group_rows), ["idx", "label"])
+        keep = (t["idx"].to_numpy() >= s.lo) & (t["idx"].to_numpy() < s.hi)
+        labels += t["label"].to_numpy()[keep].tolist()
+    assert np.bincount(labels, minlength=4).tolist() == [8, 8, 8, 8]
+    assert split_ranges(meta, 0.0, None).val_split == "test"
+    assert split_ranges(meta, 0.25, 40).train_end == 40, "train.limit_train takes a prefix of the rest"
+
+
+def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray_cluster):
+    """Read through the real Ray Data reader, shuffle buffer off, in order: every batch of 16 from a folder read
+    class by class holds at least 3 of its 4 classes (class-sorted storage would give 1), and two epochs see
+    different batches."""
+    from pipeline.runtime import quiet_ray_data
+
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    quiet_ray_data(preserve_order=True)
+    try:
+        units = row_group_slices(meta, "train", 0, meta.split("train").rows)
+        plan = ReadPlan(
+            storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
+            "train",
+            None,
+            make_view_spec(cfg, meta.encoding).to_dict(),
+            meta.row_group_rows,
+            meta.num_classes,
+        )
+        seen = []
+        for epoch in (0, 1):
+            share = epoch_shares(units, 0, epoch, 1, 16)[0]
+            batches = list(build_dataset(plan, share, 0, 0.5).iter_batches(batch_size=16, drop_last=True))
+            assert len(batches) == 8
+            for b in batches:
+                assert len(np.unique(b["label"])) >= 3, b["label"]
+            seen.append([tuple(b["idx"]) for b in batches])
+        assert seen[0] != seen[1] and sorted(i for b in seen[0] for i in b) == list(range(128))
+    finally:
+        quiet_ray_data(preserve_order=False)
+
+
+def test_collectives_take_only_tensors_of_the_training_device():
+    """NCCL takes CUDA tensors only: the helper refuses a tensor on another device before the backend sees it,
+    on every backend and world size (here: a worker that trains on cuda, handed a CPU tensor)."""
+    coll = Collectives(torch.device("cuda", 0))
+    with pytest.raises(
+        CollectiveDeviceError, match=r"sum: the tensor is on cpu, but this worker trains on cuda:0"
+    ):
+        coll.sum(torch.zeros(3))
+    with pytest.raises(CollectiveDeviceError, match=r"min: the tensor is on cpu"):
+        coll.min(torch.zeros(1))
+    cpu = Collectives("cpu")
+    assert cpu.sum(torch.ones(2)).tolist() == [1.0, 1.0]  # no process group here: the identity
+    assert cpu.gather_objects({"a": 1}) == [{"a": 1}]
