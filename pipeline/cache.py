@@ -207,7 +207,9 @@ def _tensor_column(values: np.ndarray) -> pa.FixedSizeBinaryArray:
 
 def tensor_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A fixed-width binary column → [N, *shape] array of `dtype`, without copying when it is one chunk."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = column
+    if isinstance(column, pa.ChunkedArray):  # one chunk (a row group as read): no copy
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     width = arr.type.byte_width
     data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
     return data.view(dtype).reshape(len(arr), *shape)

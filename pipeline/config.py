@@ -85,7 +85,11 @@ class DataConfig(Strict):
     )
     rows_per_part: int = Field(2048, ge=1, le=1_000_000)
     row_group_rows: int = Field(
-        256, ge=1, le=1_000_000, description="rows per Parquet row group: the unit a read task yields"
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="rows per Parquet row group: the unit a read task reads and yields (its memory); smaller for "
+        "large rows (224-px images: 256)",
     )
     order_seed: int = Field(0, description="seed of the stored, class-stratified random row order")
     val_fraction: float = Field(

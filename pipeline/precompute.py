@@ -20,6 +20,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -196,13 +197,19 @@ def _summary_row(ref: teachers.TeacherRef, manifest: Manifest, store: str, compu
     }
 
 
-def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
+@lru_cache(maxsize=64)
+def _feature_shape(ref: teachers.TeacherRef, channels: int, height: int, width: int) -> tuple[int, ...]:
     import torch
 
     model = teachers.build_model(ref)
-    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
     with torch.no_grad():
-        return list(model.forward_features(torch.zeros(1, meta.channels, h, w)).shape[1:])
+        return tuple(model.forward_features(torch.zeros(1, channels, height, width)).shape[1:])
+
+
+def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
+    """C, H, W of the teacher's feature map on this dataset's views (one probe forward per teacher and run)."""
+    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
+    return list(_feature_shape(ref, meta.channels, h, w))
 
 
 def _write_head(ref: teachers.TeacherRef, tdir: str) -> dict[str, Any]:
@@ -356,7 +363,7 @@ def precompute_teachers(
             stores=tuple(tp.store for tp in plans),
             group_rows=meta.row_group_rows,
             batch_size=cfg.cache.batch_size,
-            threads=max(1, math.floor(cfg.cache.cpus_per_actor)),
+            threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
             compression=cfg.cache.compression,
         )
         log(
@@ -452,7 +459,7 @@ def plan_stage(cfg: Config) -> list[str]:
     lines = []
     for t in cfg.teachers:
         try:
-            ref = teachers.resolve(cfg, t, meta.num_classes, meta.channels)
+            ref = teachers.resolve(cfg, t, meta.num_classes, meta.channels, copy=False)
         except teachers.TeacherError as e:
             lines.append(f"teacher {t.name}: {e}")
             continue

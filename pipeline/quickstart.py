@@ -1,8 +1,10 @@
 """The quickstart: every stage on real Fashion-MNIST, then a comparison report a newcomer can read.
 
-Trains three teachers of clearly different quality, precomputes their outputs once, distills the same student
-with CE / AVER / EBKD / CA-MKD (same seed and budget), runs a small sweep over teacher subsets, and writes
-summary.json, report.md and plots. A second run reuses everything that is already done.
+Trains two good teachers and a confidently wrong one (trained with T-shirt↔Shirt and Sandal↔Sneaker exchanged),
+precomputes their outputs once, distills the same student with CE / AVER / EBKD / CA-MKD (same seed and budget),
+runs a small sweep over teacher subsets, and writes summary.json, report.md and plots: validation top-1 (the
+hold-out, used for selection) and test top-1 (scored once) per student, and the weight each strategy gives the
+wrong teacher on the swapped classes. A second run reuses everything that is already done.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def quickstart_config(
     updates: dict[str, Any] = dict(FULL_UPDATES) if full else {}
     if full:
         for i, t in enumerate(cfg.teachers):
-            if t.train is not None and t.name != "weak":
+            if t.train is not None and not t.train.label_swaps:
                 updates[f"teachers.{i}.train.epochs"] = 15
         updates["experiment"] = cfg.experiment + "-full"
     if root:
@@ -54,7 +56,7 @@ def run_quickstart(cfg: Config, overwrite: bool = False, log=print) -> dict[str,
     _step(1, n, "start Ray, ingest Fashion-MNIST", log)
     ensure_ray(cfg, log=log)
     meta = ingest(cfg, log=log)
-    _step(2, n, "train 3 teachers (two good, one deliberately weak)", log)
+    _step(2, n, "train 3 teachers (two good, one confidently wrong on two class pairs)", log)
     teacher_rows = teacher_stage.run_stage(cfg, log=log)
     _step(3, n, "precompute teacher logits + feature maps once", log)
     cache = precompute.run_stage(cfg, overwrite=overwrite, log=log)
@@ -114,8 +116,8 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
         for r in teacher_rows
     ]
     s_rows = []
-    camkd_weights: dict[str, float] = {}
-    class_weights: dict[str, list[float]] = {}
+    mean_weights: dict[str, dict[str, float]] = {}
+    class_weights: dict[str, dict[str, list[float]]] = {}
     for s in students:
         last = s["history"][-1]
         row = {
@@ -123,16 +125,18 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
             "student": s["student"],
             "seed": s["seed"],
             "epochs": s["epochs"],
-            "best_top1": s["best_val_top1"],
-            "final_top1": s["final_val_top1"],
+            "val_top1": s["best_val_top1"],
+            "best_epoch": s.get("best_epoch"),
+            "test_top1": s.get("test_top1"),
             "samples_per_s": round(s["mean_samples_per_s"], 1),
         }
         weights = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("weight/")}
-        if s["strategy"] == "camkd":
-            camkd_weights = weights
-            class_weights = last.get("class_weight", {})
+        mean_weights[s["strategy"]] = weights
+        class_weights[s["strategy"]] = last.get("class_weight", {})
         row["mean_weights"] = ", ".join(f"{t}={w:.3f}" for t, w in weights.items()) or "-"
         s_rows.append(row)
+    camkd_weights, camkd_class = mean_weights.get("camkd", {}), class_weights.get("camkd", {})
+    swaps = swapped_classes(cfg)
     plots = {
         "accuracy_per_strategy": report.plot_curves(
             [(s["strategy"], s["history"]) for s in students],
@@ -147,17 +151,40 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
             storage.join(out, "confidence_weight_over_epochs.png"),
             "mean CA-MKD confidence weight per teacher",
         )
-    if class_weights:
+    if camkd_class:
         plots["per_class_weights"] = report.plot_class_weights(
-            class_weights,
+            camkd_class,
             classes,
             storage.join(out, "per_class_weight.png"),
             "CA-MKD mean confidence weight per class (last epoch)",
         )
+    if class_weights.get("ebkd"):
+        plots["per_class_weights_ebkd"] = report.plot_class_weights(
+            class_weights["ebkd"],
+            classes,
+            storage.join(out, "per_class_weight_ebkd.png"),
+            "EBKD (label-free, entropy) weight per class (last epoch)",
+        )
+    wrong = wrong_teacher_table(class_weights, swaps, classes)
     t_md = report.markdown_table(t_rows, ["teacher", "arch", "test_top1", "cached_view_top1", "cache_MiB"])
     s_md = report.markdown_table(
         s_rows,
-        ["strategy", "student", "seed", "epochs", "best_top1", "final_top1", "samples_per_s", "mean_weights"],
+        [
+            "strategy",
+            "student",
+            "seed",
+            "epochs",
+            "val_top1",
+            "best_epoch",
+            "test_top1",
+            "samples_per_s",
+            "mean_weights",
+        ],
+    )
+    w_md = (
+        report.markdown_table(wrong, ["strategy", "teacher", "swapped_classes", "other_classes", "ratio"])
+        if wrong
+        else "(no teacher was trained with label_swaps)"
     )
     lb = sweep["leaderboard"]
     lb_md = report.markdown_table(
@@ -173,18 +200,69 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
         "# camkd-ray quickstart report\n\n"
         f"Data: {cfg.data.dataset_name} ({cfg.data.limit_train or 'all'} training / {cfg.data.limit_test or 'all'} "
         f"test images), {cfg.views.count} cached views per image.\n\n## Teachers\n\n{t_md}\n\n"
-        f"## Students ({cfg.student.arch}, same seed and budget)\n\n{s_md}\n\n"
+        f"## Students ({cfg.student.arch}, same seed and budget)\n\nval_top1: best top-1 on the validation hold-out "
+        f"({cfg.data.val_fraction:g} of the training rows; it picks the epoch); test_top1: the test split, scored "
+        f"once with that epoch's weights.\n\n{s_md}\n\n"
+        f"## The confidently wrong teacher\n\nMean weight each strategy gives a teacher trained with swapped labels, "
+        f"on the swapped classes and on the others (last epoch). EBKD's weights are label-free (they trust a "
+        f"confident teacher); CA-MKD's come from each teacher's cross-entropy against the true label.\n\n{w_md}\n\n"
         f"## Sweep over teacher subsets (CA-MKD, ASHA)\n\n{lb_md}\n\n"
         "## Plots\n\n" + "\n".join(f"![{k}]({Path(v).name})" for k, v in plots.items()) + "\n"
     )
     storage.write_bytes_atomic(storage.join(out, "report.md"), text.encode())
-    log("\nTeachers\n" + t_md + "\n\nStudents\n" + s_md + "\n\nSweep leaderboard\n" + lb_md)
+    log(
+        "\nTeachers\n"
+        + t_md
+        + "\n\nStudents\n"
+        + s_md
+        + "\n\nThe confidently wrong teacher\n"
+        + w_md
+        + "\n\nSweep leaderboard\n"
+        + lb_md
+    )
     return {
         "teachers": t_rows,
         "students": s_rows,
         "camkd_mean_weight": camkd_weights,
-        "camkd_class_weight": class_weights,
+        "camkd_class_weight": camkd_class,
+        "class_weight": class_weights,
+        "wrong_teacher": wrong,
         "leaderboard": lb,
         "plots": plots,
         "report": storage.join(out, "report.md"),
     }
+
+
+def swapped_classes(cfg: Config) -> dict[str, list[int]]:
+    """Teacher name → the classes whose labels its training exchanged (teachers[].train.label_swaps)."""
+    return {
+        t.name: sorted({c for pair in t.train.label_swaps for c in pair})
+        for t in cfg.teachers
+        if t.train is not None and t.train.label_swaps
+    }
+
+
+def wrong_teacher_table(
+    class_weights: dict[str, dict[str, list[float]]], swaps: dict[str, list[int]], classes: list[str]
+) -> list[dict[str, Any]]:
+    """Per strategy with per-class weights: the wrong teacher's mean weight on its swapped classes vs the rest."""
+    rows = []
+    for strategy, per_teacher in class_weights.items():
+        for teacher, swapped in swaps.items():
+            w = per_teacher.get(teacher)
+            if not w:
+                continue
+            on = sum(w[c] for c in swapped) / len(swapped)
+            others = [w[c] for c in range(len(w)) if c not in swapped]
+            off = sum(others) / max(len(others), 1)
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "teacher": teacher,
+                    "swapped_classes": round(on, 3),
+                    "other_classes": round(off, 3),
+                    "ratio": round(on / off, 3) if off else float("nan"),
+                    "classes": [classes[c] for c in swapped],
+                }
+            )
+    return rows

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
         )
         p.add_argument(
+            "--rate",
+            type=float,
+            metavar="SAMPLES_PER_S",
+            help="--dry-run: student samples/s per worker the read CPUs must sustain (default on GPU: 26k for "
+            "CIFAR-sized data, the H200 cached CA-MKD rate, 3k for 224-px images; 150 on CPU)",
+        )
+        p.add_argument(
             "--address", help="Ray cluster address to attach to (default: RAY_ADDRESS, else start locally)"
         )
         if stage in ("precompute", "all", "quickstart"):
@@ -90,17 +97,21 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def dry_run(cfg: Config, stage: str) -> None:
+def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
     print("# resolved config")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print("\n# plan")
+    meta = None
     try:
-        _plan_lines(cfg, stage)
+        meta = _plan_lines(cfg, stage)
     except Exception as e:  # the config is valid; storage may just not be reachable from this machine
         print(f"storage {cfg.root}: not reachable from here ({type(e).__name__}: {e}); the plan needs it")
+    print("\n# capacity (model fed by benchmarks/input_pipeline.py; README 'Capacity')")
+    for line in capacity_lines(cfg, meta, rate):
+        print(line)
 
 
-def _plan_lines(cfg: Config, stage: str) -> None:
+def _plan_lines(cfg: Config, stage: str):
     from pipeline import precompute
     from pipeline.ingest import find_dataset
     from pipeline.train import run_name_for
@@ -125,12 +136,19 @@ def _plan_lines(cfg: Config, stage: str) -> None:
             f"tune: {len(arms(cfg))} arm(s): "
             + ", ".join(f"{a['strategy']}[{'+'.join(a['teachers'])}]" for a in arms(cfg))
         )
+    return meta
+
+
+def capacity_lines(cfg: Config, meta, rate: float | None) -> list[str]:
+    from pipeline import capacity
+
+    return capacity.estimate(cfg, meta, rate, capacity.probe_shapes(cfg, meta)).lines(cfg)
 
 
 def run(args: argparse.Namespace) -> object:
     cfg = resolve_config(args)
     if args.dry_run:
-        dry_run(cfg, args.stage)
+        dry_run(cfg, args.stage, args.rate)
         return None
     stage = args.stage
     if stage == "ingest":

@@ -6,9 +6,11 @@ it attaches to the cluster. Stages never call `ray.init` themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 from pipeline.config import Config
 
@@ -86,25 +88,131 @@ def quiet_ray_data(preserve_order: bool | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail fast (instead of waiting forever) when the cluster cannot host the requested Train workers."""
+@dataclass(frozen=True)
+class NodeView:
+    node_id: str
+    ip: str
+    cpus: float
+    gpus: float
+
+
+def _nodes() -> list[NodeView]:
     import ray
 
+    return [
+        NodeView(
+            n["NodeID"],
+            n.get("NodeManagerAddress", "?"),
+            n["Resources"].get("CPU", 0),
+            n["Resources"].get("GPU", 0),
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def worker_slots(node: NodeView, cpus: float, gpus: float) -> int:
+    """How many Train workers (each with its reader) fit on a node."""
+    by_cpu = int(node.cpus // cpus) if cpus else 10**9
+    by_gpu = int(node.gpus // gpus) if gpus else 10**9
+    return min(by_cpu, by_gpu)
+
+
+def check_resources(cfg: Config, trials: int | None = None) -> None:
+    """Fail fast (instead of waiting forever) when the cluster cannot host what the run asks for: every Train
+    worker with at least one read task beside it on its node (reads prefer the worker's node), the GPUs asked
+    for, concurrent trials and their drivers, and a placement strategy that can be met."""
     if not cfg.scaling.check_resources:
         return
     s = cfg.scaling
-    total = ray.cluster_resources()
-    need_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
-    need_cpu = s.num_workers * s.cpus_per_worker
-    if need_gpu and total.get("GPU", 0) < need_gpu:
+    nodes = _nodes()
+    total_gpu = sum(n.gpus for n in nodes)
+    total_cpu = sum(n.cpus for n in nodes)
+    workers = s.num_workers * (trials or 1)
+    need_gpu = s.gpus_per_worker if s.use_gpu else 0.0
+    need_cpu = s.cpus_per_worker + s.read_cpus
+    hint = "or set scaling.check_resources=false on an autoscaling cluster that will add nodes"
+    if need_gpu and total_gpu < s.num_workers * need_gpu:
         raise ClusterError(
             f"scaling.use_gpu is true and {s.num_workers} worker(s) × {s.gpus_per_worker:g} GPU are requested, "
-            f"but the cluster has {total.get('GPU', 0):g} GPU(s). Set scaling.use_gpu=false, lower "
-            "scaling.num_workers, add GPU nodes, or set scaling.check_resources=false on an autoscaling cluster"
+            f"but the cluster has {total_gpu:g} GPU(s). Set scaling.use_gpu=false, lower scaling.num_workers, "
+            f"add GPU nodes, {hint}"
         )
-    if total.get("CPU", 0) < need_cpu:
+    drivers = trials * cfg.tune.trial_cpus if trials else 0.0  # each concurrent Tune trial's own driver
+    if total_cpu < workers * need_cpu + drivers:
         raise ClusterError(
-            f"{s.num_workers} worker(s) × {s.cpus_per_worker:g} CPU are requested but the cluster has "
-            f"{total.get('CPU', 0):g} CPU(s); lower scaling.num_workers / scaling.cpus_per_worker, or "
-            "set scaling.check_resources=false on an autoscaling cluster"
+            f"{workers} worker(s) need {need_cpu:g} CPU each (scaling.cpus_per_worker {s.cpus_per_worker:g} + one "
+            f"read task at scaling.read_cpus {s.read_cpus:g}){f' plus {drivers:g} for trial drivers' if drivers else ''}, "
+            f"but the cluster has {total_cpu:g} CPU(s); lower scaling.num_workers / scaling.cpus_per_worker / "
+            f"tune.max_concurrent_trials, {hint}"
         )
+    slots = {n.node_id: worker_slots(n, need_cpu, need_gpu) for n in nodes}
+    if s.placement_strategy == "STRICT_SPREAD":
+        usable = sum(1 for v in slots.values() if v >= 1)
+        ok = usable >= s.num_workers
+        why = f"STRICT_SPREAD puts each worker on its own node, and {usable} node(s) can host one"
+    elif s.placement_strategy == "STRICT_PACK":
+        ok = max(slots.values(), default=0) >= s.num_workers
+        why = f"STRICT_PACK puts every worker on one node, and the largest hosts {max(slots.values(), default=0)}"
+    else:
+        ok = sum(slots.values()) >= workers
+        why = f"the nodes can host {sum(slots.values())} in all"
+    if not ok:
+        table = ", ".join(f"{n.ip} ({n.cpus:g} CPU, {n.gpus:g} GPU): {slots[n.node_id]}" for n in nodes)
+        raise ClusterError(
+            f"{workers} Train worker(s), each needing {need_cpu:g} CPU{f' and {need_gpu:g} GPU' if need_gpu else ''} "
+            f"on one node, do not fit: {why} [{table}]. Lower scaling.cpus_per_worker / read_cpus, change "
+            f"scaling.placement_strategy, {hint}"
+        )
+
+
+def check_root_shared(root: str, timeout: float = 120.0) -> None:
+    """On a cluster of several nodes: a task on every other node writes a file under `root` and the driver reads
+    it back. A local path that is not one shared volume (or an object store those nodes cannot write) is an error
+    naming the node, before any work starts."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline import storage
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in _nodes() if n.node_id != here]
+    if not others:
+        return
+    probe_dir = storage.join(root, ".preflight")
+    token = uuid.uuid4().hex[:8]
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def write(url: str, text: str) -> str | None:
+        try:
+            storage.write_bytes_atomic(url, text.encode())
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    refs = {}
+    for n in others:
+        url = storage.join(probe_dir, f"{n.node_id[:12]}-{token}")
+        strategy = NodeAffinitySchedulingStrategy(n.node_id, soft=False)
+        refs[n] = (url, write.options(scheduling_strategy=strategy).remote(url, n.node_id))
+    try:
+        for n, (url, ref) in refs.items():
+            error = ray.get(ref, timeout=timeout)
+            if error is not None:
+                raise ClusterError(
+                    f"node {n.ip} cannot write to root {root} ({error}); every node needs write access to root: "
+                    "mount the same shared volume at the same path on every node, or use an object store URL "
+                    "(s3://..., gs://...) with credentials on every node"
+                )
+            if not storage.exists(url) or storage.read_bytes(url).decode() != n.node_id:
+                raise ClusterError(
+                    f"root {root} is not shared: node {n.ip} wrote {url}, and this driver does not see it. Every "
+                    "node must see root under the same name: a shared volume mounted at the same path on every node, "
+                    "or an object store URL (s3://..., gs://...)"
+                )
+    finally:
+        for url, _ in refs.values():
+            with contextlib.suppress(Exception):
+                storage.remove(url)

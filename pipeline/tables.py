@@ -36,8 +36,8 @@ class CorruptTable(RuntimeError):
 def column_digest(array: pa.Array | pa.ChunkedArray) -> str:
     """xxh3-64 over a column's value buffers (and offsets for variable-width types), independent of how the
     array is chunked or sliced."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
+    if isinstance(array, pa.ChunkedArray):  # one chunk (a row group as read): no copy
+        array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
     if array.offset != 0:
         array = pa.concat_arrays([array])  # a sliced view: copy so the buffers start at row 0
     h = xxhash.xxh3_64()

@@ -12,6 +12,7 @@ import pickle
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from camkd import models
@@ -133,9 +134,75 @@ def trained_checkpoint_url(cfg: Config, teacher: TeacherConfig) -> str:
     return storage.join(storage.teachers_dir(cfg.root, teacher.name), "model.pt")
 
 
-def resolve(cfg: Config, teacher: TeacherConfig, num_classes: int, in_chans: int) -> TeacherRef:
-    """The TeacherRef of a configured teacher (imported file, or the checkpoint the `teachers` stage trained)."""
-    if teacher.checkpoint is not None:
+def imported_checkpoint_url(root: str, arch: str, sha256: str) -> str:
+    """Where an imported checkpoint lives inside root: content-addressed, so one copy serves every config."""
+    return storage.join(root, "teachers", f"{arch.replace(':', '-')}-{sha256[:12]}", "model.pt")
+
+
+def _import_index_url(root: str) -> str:
+    return storage.join(root, "teachers", "imported.json")
+
+
+def _source_stamp(url: str) -> dict[str, Any] | None:
+    """(size, mtime) of a checkpoint file, or None where it is not reachable from this machine."""
+    fs, path = storage.pyarrow_fs(url)
+    try:
+        info = fs.get_file_info(path)
+    except OSError:
+        return None
+    if info.type == pafs.FileType.NotFound:
+        return None
+    return {"size": info.size, "mtime": info.mtime_ns}
+
+
+def _import(cfg: Config, teacher: TeacherConfig, url: str, copy: bool) -> tuple[str, bytes | None, str]:
+    """An imported checkpoint → (its URL inside root, its bytes when read here, its sha256).
+
+    The first time, the file is read on the driver and copied to `<root>/teachers/<arch>-<sha[:12]>/model.pt`;
+    `<root>/teachers/imported.json` remembers (path, size, mtime) → sha256, so later stages neither re-read and
+    re-hash the original nor need it at all: a Tune trial driver on another node finds the copy through the index.
+    """
+    root = storage.normalize_url(cfg.root)
+    index_url = _import_index_url(root)
+    index = storage.read_json(index_url) if storage.exists(index_url) else {}
+    known = index.get(url)
+    stamp = _source_stamp(url)
+    if known and (stamp is None or all(known.get(k) == v for k, v in stamp.items())):
+        inside = imported_checkpoint_url(root, teacher.arch, known["sha256"])
+        if storage.exists(inside):
+            return inside, None, known["sha256"]
+    if stamp is None:
+        raise TeacherError(
+            f"teacher {teacher.name!r}: checkpoint {url!r} does not exist here and was never imported into "
+            f"{root}; fix teachers[].checkpoint, or run `python pipeline/run.py teachers` where the file exists"
+        )
+    data = read_checkpoint(url, teacher.name)
+    sha = storage.sha256_bytes(data)
+    inside = imported_checkpoint_url(root, teacher.arch, sha)
+    if copy:
+        if not storage.exists(inside):
+            storage.write_bytes_atomic(inside, data)
+        index[url] = {"sha256": sha, "arch": teacher.arch, **stamp}
+        storage.write_json(index_url, index)
+    return inside, data, sha
+
+
+def resolve(
+    cfg: Config, teacher: TeacherConfig, num_classes: int, in_chans: int, copy: bool = True
+) -> TeacherRef:
+    """The TeacherRef of a configured teacher (imported file, or the checkpoint the `teachers` stage trained).
+
+    A checkpoint given by a path outside `root` is copied once into root (see `_import`): every actor, worker and
+    trial then reads it from root, so no other node needs the original path. `copy=False` (dry runs) writes
+    nothing.
+    """
+    root = storage.normalize_url(cfg.root).rstrip("/") + "/"
+    data = None
+    if teacher.checkpoint is not None and not storage.normalize_url(teacher.checkpoint).startswith(root):
+        url, data, sha = _import(cfg, teacher, storage.normalize_url(teacher.checkpoint), copy)
+        if data is None:  # imported before, under this architecture: checked then, nothing to read now
+            return TeacherRef(teacher.name, teacher.arch, url, sha, num_classes, in_chans)
+    elif teacher.checkpoint is not None:
         url = storage.normalize_url(teacher.checkpoint)
     else:
         url = trained_checkpoint_url(cfg, teacher)
@@ -144,7 +211,8 @@ def resolve(cfg: Config, teacher: TeacherConfig, num_classes: int, in_chans: int
                 f"teacher {teacher.name!r} has not been trained yet ({url} is missing); "
                 "run `python pipeline/run.py teachers --config ...` first"
             )
-    data = read_checkpoint(url, teacher.name)
+    if data is None:
+        data = read_checkpoint(url, teacher.name)
     _, meta = load_state_dict(data, url)
     if meta and (meta.get("arch") != teacher.arch or meta.get("num_classes") != num_classes):
         raise TeacherError(

@@ -168,12 +168,21 @@ def checkpointed_epochs(run_dir: str) -> int:
 
 
 def fit(
-    cfg: Config, meta: DatasetMeta, storage_path: str, name: str, callbacks: list | None = None, log=print
+    cfg: Config,
+    meta: DatasetMeta,
+    storage_path: str,
+    name: str,
+    callbacks: list | None = None,
+    log=print,
+    preflight: bool = True,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip if finished) one run at `<storage_path>/<name>`; returns its summary."""
+    """Train (or resume, or skip if finished) one run at `<storage_path>/<name>`; returns its summary.
+
+    `preflight` checks the cluster first (resources, a root every node shares); a sweep's trials skip it, the
+    sweep checked once for all of them."""
     from ray.train import TrainingFailedError
 
-    from pipeline.runtime import check_resources, ensure_ray
+    from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 
     run_dir = storage.join(storage_path, name)
     summary_url = storage.join(run_dir, SUMMARY_FILE)
@@ -186,8 +195,11 @@ def fit(
             )
             return summary
     ensure_ray(cfg, log=log)
-    check_resources(cfg)
+    if preflight:
+        check_resources(cfg)
     storage.check_writable(run_dir)
+    if preflight:
+        check_root_shared(cfg.root)
     _check_same_run(run_dir, cfg)
     plan = make_plan(cfg, meta, run_dir, log=log)
     failure_url = storage.join(run_dir, FAILURE_FILE)

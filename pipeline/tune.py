@@ -111,7 +111,12 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
     trial_id = ray.tune.get_context().get_trial_id()
     done_before = checkpointed_epochs(storage.join(train_root, trial_id))
     summary = fit(
-        cfg, DatasetMeta.model_validate(meta), train_root, trial_id, callbacks=[TuneReportCallback()]
+        cfg,
+        DatasetMeta.model_validate(meta),
+        train_root,
+        trial_id,
+        callbacks=[TuneReportCallback()],
+        preflight=False,
     )
     if summary["epochs"] <= done_before:
         # The run had trained every epoch before this attempt (the driver died between the last epoch and Tune
@@ -136,13 +141,14 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.runtime import check_resources, ensure_ray
+    from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 
     meta = require_dataset(cfg, log=log)
     ensure_ray(cfg, log=log)
-    check_resources(cfg)
+    check_resources(cfg, trials=cfg.tune.max_concurrent_trials)
     out = sweep_dir(cfg)
     storage.check_writable(out)
+    check_root_shared(cfg.root)
     check_same_sweep(out, cfg)
     fs, path = storage.pyarrow_fs(storage.join(out, "tune"))
     base = cfg.model_dump(mode="json")

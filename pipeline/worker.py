@@ -33,12 +33,14 @@ from pipeline.collectives import Collectives
 from pipeline.config import Config, validate
 from pipeline.ingest import IngestError
 from pipeline.reader import (
+    EVAL_VIEW,
     ReadPlan,
     Slice,
     TeacherSource,
     build_dataset,
     contiguous_shares,
     epoch_shares,
+    items,
     teacher_outputs_from_batch,
 )
 from pipeline.storage import StorageUnavailable
@@ -102,6 +104,7 @@ class TrainPlan:
             label_noise=cfg.train.label_noise if with_teachers else 0.0,
             noise_seed=cfg.train.seed,
             label_swaps=tuple(tuple(p) for p in cfg.train.label_swaps) if with_teachers else (),
+            shuffle_seed=cfg.train.seed,
         )
 
 
@@ -260,7 +263,9 @@ class EvalSet:
     def _stream(self):
         if not self.slices:
             return
-        ds = build_dataset(self.read_plan, self.slices, None, self.read_cpus, self.read_tasks, self.node_id)
+        ds = build_dataset(
+            self.read_plan, items(self.slices, EVAL_VIEW), self.read_cpus, self.read_tasks, self.node_id
+        )
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, device=self.device):
             yield batch["image"], batch["label"]
 
@@ -395,6 +400,7 @@ class WorkerRun:
         self.placement = self.coll.gather_objects(placement)
         val_units = [Slice(**s) for s in plan.val_slices]
         eval_batch = max(self.per_worker_batch, 256)
+        self.stream = None
         self.fatal: str | None = None
         self.dummy = DummyBatch(plan, self.train_read, self.per_worker_batch, device)
         my_val = contiguous_shares(val_units, self.world)[self.rank]
@@ -437,32 +443,46 @@ class WorkerRun:
             logits = torch.stack([t.forward_head(f) for t, f in zip(self.online_teachers, fmaps)]).float()
         return TeacherOutputs(logits, fmaps if self.plan.needs_features else None)
 
-    def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
-        """One epoch over this worker's share; returns its stats and, if a loss went non-finite, why it stopped."""
+    def _training_stream(self):
+        """One reader for every epoch this run has left: each epoch's share (row groups in an order drawn from
+        (seed, epoch), rows reordered inside each row group), read in that order, epoch after epoch, so no epoch
+        waits for a reader to start. Every share is a multiple of the batch, so epoch e is exactly its
+        `steps[e]` batches (the local shuffle buffer, when on, mixes rows across an epoch boundary)."""
         cfg, b = self.cfg, self.per_worker_batch
-        view = view_for_epoch(epoch, cfg.views.count)
-        share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
-        steps = sum(s.size for s in share) // b
-        stats = EpochStats(self.device, self.k, self.plan.num_classes)
-        self.step_fn.model.train()
+        read_items: list[dict[str, Any]] = []
+        self.steps: dict[int, int] = {}
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
+            self.steps[epoch] = sum(s.size for s in share) // b
+            read_items += items(share, view_for_epoch(epoch, cfg.views.count), epoch)
         ds = build_dataset(
-            self.train_read, share, view, cfg.scaling.read_cpus, cfg.scaling.read_tasks, self.node_id
+            self.train_read, read_items, cfg.scaling.read_cpus, cfg.scaling.read_tasks, self.node_id
         )
-        batches = iter(
+        shuffle = cfg.train.shuffle_buffer if not cfg.train.deterministic else 0
+        return iter(
             ds.iter_torch_batches(
                 batch_size=b,
                 drop_last=True,
                 device=self.device,
                 prefetch_batches=cfg.train.prefetch_batches,
                 pin_memory=self.pin_memory,
-                local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-                local_shuffle_seed=cfg.train.seed * 100_003 + epoch if cfg.train.shuffle_buffer else None,
+                local_shuffle_buffer_size=shuffle or None,
+                local_shuffle_seed=cfg.train.seed * 100_003 + self.start_epoch if shuffle else None,
             )
         )
+
+    def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
+        """One epoch over this worker's share; returns its stats and, if a loss went non-finite, why it stopped."""
+        cfg = self.cfg
+        if self.stream is None:
+            self.stream = self._training_stream()
+        steps = self.steps[epoch]
+        stats = EpochStats(self.device, self.k, self.plan.num_classes)
+        self.step_fn.model.train()
         spec = self.plan.spec
         for step in range(steps):
             t0 = time.perf_counter()
-            batch = self._next_batch(batches)
+            batch = self._next_batch(self.stream)
             stats.input_wait += time.perf_counter() - t0
             images = normalize(batch["image"], spec["mean"], spec["std"])
             if cfg.train.channels_last and self.device.type == "cuda":

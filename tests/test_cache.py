@@ -20,7 +20,7 @@ from pipeline import cache, precompute, storage, teachers
 from pipeline.cache import CacheError, find_store, output_format
 from pipeline.config import with_updates
 from pipeline.ingest import ingest, open_image_part, read_image_rows
-from pipeline.reader import ReadPlan, Slice, TeacherSource, read_slices
+from pipeline.reader import ReadPlan, Slice, TeacherSource, items, read_slices
 from pipeline.views import make_view_spec, render_train_view
 
 
@@ -52,8 +52,8 @@ def _rows(cfg, meta, names, part_index, view, logits=True, features=True):
         features,
     )
     s = Slice(p.name, p.first_idx, p.rows, p.first_idx, p.first_idx + p.rows)
-    batch = {k: np.array([v]) for k, v in s.__dict__.items()}
-    blocks = list(read_slices(batch, plan, view))
+    batch = {k: np.array([v]) for k, v in items([s], view)[0].items()}
+    blocks = list(read_slices(batch, plan))
     return refs, stores, manifests, {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 

@@ -696,3 +696,89 @@ def test_local_cluster_script_and_ray_job_submit(tmp_path):
         for sid in sessions:
             kill_session(sid)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ====================================================================== shipped cluster configs vs training configs
+def _bytes(value) -> float:
+    """A Kubernetes quantity or a plain byte count → bytes."""
+    text = str(value)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "g": 2**30}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def _kuberay_gpu_groups(spec: dict) -> list[dict]:
+    """(CPUs, GPUs, max replicas, object store bytes, /dev/shm bytes) of each GPU worker group."""
+    out = []
+    for g in spec["workerGroupSpecs"]:
+        pod = g["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        if "nvidia.com/gpu" not in limits:
+            continue
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+        out.append(
+            {
+                "cpus": float(limits["cpu"]),
+                "gpus": float(limits["nvidia.com/gpu"]),
+                "max_replicas": g["maxReplicas"],
+                "object_store": _bytes(g["rayStartParams"]["object-store-memory"]),
+                "shm": _bytes(shm),
+            }
+        )
+    return out
+
+
+def _launcher_gpu_nodes(doc: dict) -> list[dict]:
+    shm = next(o for o in doc["docker"]["run_options"] if o.startswith("--shm-size="))
+    store = re.search(r"--object-store-memory=(\d+)", " ".join(doc["worker_start_ray_commands"]))
+    out = []
+    for node in doc["available_node_types"].values():
+        res = node.get("resources", {})
+        if res.get("GPU"):
+            out.append(
+                {
+                    "cpus": float(res["CPU"]),
+                    "gpus": float(res["GPU"]),
+                    "max_replicas": node["max_workers"],
+                    "object_store": float(store.group(1)),
+                    "shm": _bytes(shm.split("=", 1)[1]),
+                }
+            )
+    return out
+
+
+GPU_CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "use_gpu: true" in p.read_text()]
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: p.name)
+def test_shipped_cluster_configs_fit_the_training_configs_they_serve(config):
+    """Every GPU training config on every shipped cluster shape: a GPU node holds a Train worker plus the read CPUs
+    the capacity model gives it, enough GPU nodes exist for the workers, the object store fits in /dev/shm, and
+    Ray Data has CPUs to run on (the KubeRay head has none)."""
+    from pipeline import capacity
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    need = capacity.estimate(cfg, None, None, capacity.probe_shapes(cfg)).read_cpus_per_worker
+    rc = next(d for d in _yaml_docs(CLUSTER / "kuberay" / "raycluster.yaml") if d.get("kind") == "RayCluster")
+    clusters = {"kuberay/raycluster.yaml": _kuberay_gpu_groups(rc["spec"])}
+    job = next(d for d in _yaml_docs(CLUSTER / "kuberay" / "rayjob.yaml") if d.get("kind") == "RayJob")
+    if config.name in job["spec"]["entrypoint"]:
+        clusters["kuberay/rayjob.yaml"] = _kuberay_gpu_groups(job["spec"]["rayClusterSpec"])
+    clusters["launcher/aws.yaml"] = _launcher_gpu_nodes(
+        yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+    )
+    s = cfg.scaling
+    for name, groups in clusters.items():
+        assert groups, f"{name}: no GPU worker group"
+        for g in groups:
+            where = f"{name} for {config.name}"
+            assert g["gpus"] >= s.gpus_per_worker, where
+            assert g["cpus"] >= s.cpus_per_worker + need, (
+                f"{where}: a GPU node has {g['cpus']:g} CPUs; the worker needs {s.cpus_per_worker:g} + "
+                f"{need:.1f} read CPUs (capacity model)"
+            )
+            assert g["max_replicas"] * (g["gpus"] // s.gpus_per_worker) >= s.num_workers, where
+            assert g["object_store"] < g["shm"], f"{where}: object store does not fit in /dev/shm"

@@ -36,21 +36,34 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster
     tmp_path = tmp_path / "qs-runs"
     report_dir = tmp_path / "runs" / "quickstart" / "report"
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert [t["teacher"] for t in summary["teachers"]] == ["good-a", "good-b", "weak"]
+    assert [t["teacher"] for t in summary["teachers"]] == ["good-a", "good-b", "swapped"]
     assert all(0 <= t["test_top1"] <= 1 for t in summary["teachers"])
     assert [s["strategy"] for s in summary["students"]] == ["ce", "aver", "ebkd", "camkd"]
     assert {s["seed"] for s in summary["students"]} == {0} and {s["epochs"] for s in summary["students"]} == {
         1
     }
-    assert set(summary["camkd_mean_weight"]) == {"good-a", "good-b", "weak"}
+    assert set(summary["camkd_mean_weight"]) == {"good-a", "good-b", "swapped"}
     assert sum(summary["camkd_mean_weight"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert len(summary["camkd_class_weight"]["weak"]) == 10
-    assert len(summary["leaderboard"]) == 1 and summary["leaderboard"][0]["teachers"] == "good-a+good-b+weak"
+    assert len(summary["camkd_class_weight"]["swapped"]) == 10
+    for s in summary["students"]:  # validation (selection) and test (scored once) are reported apart
+        assert 0 < s["val_top1"] <= 1 and 0 < s["test_top1"] <= 1 and s["best_epoch"] == 1
+    # The confidently wrong teacher: CA-MKD's label-aware weight drops on exactly its swapped classes.
+    wrong = {r["strategy"]: r for r in summary["wrong_teacher"]}
+    assert wrong["camkd"]["classes"] == ["T-shirt", "Sandal", "Shirt", "Sneaker"]
+    assert wrong["camkd"]["swapped_classes"] < wrong["camkd"]["other_classes"], wrong
+    assert len(summary["leaderboard"]) == 1
+    assert summary["leaderboard"][0]["teachers"] == "good-a+good-b+swapped"
     assert summary["leaderboard"][0]["status"] == "finished", summary["leaderboard"]
-    for name in ("accuracy_per_strategy.png", "confidence_weight_over_epochs.png", "per_class_weight.png"):
+    for name in (
+        "accuracy_per_strategy.png",
+        "confidence_weight_over_epochs.png",
+        "per_class_weight.png",
+        "per_class_weight_ebkd.png",
+    ):
         assert (report_dir / name).read_bytes()[:4] == b"\x89PNG", name
     text = (report_dir / "report.md").read_text()
     assert "## Students" in text and "| camkd |" in text and "per_class_weight.png" in text
+    assert "## The confidently wrong teacher" in text
     assert "Teachers" in out and "Sweep leaderboard" in out  # the tables are printed
 
     # A second run reuses everything: no training, no precompute, the same report.

@@ -14,6 +14,7 @@ from pipeline.reader import (
     build_dataset,
     contiguous_shares,
     epoch_shares,
+    items,
     row_group_slices,
     split_ranges,
 )
@@ -119,7 +120,9 @@ def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray
         seen = []
         for epoch in (0, 1):
             share = epoch_shares(units, 0, epoch, 1, 16)[0]
-            batches = list(build_dataset(plan, share, 0, 0.5).iter_batches(batch_size=16, drop_last=True))
+            batches = list(
+                build_dataset(plan, items(share, 0, epoch), 0.5).iter_batches(batch_size=16, drop_last=True)
+            )
             assert len(batches) == 8
             for b in batches:
                 assert len(np.unique(b["label"])) >= 3, b["label"]

@@ -13,7 +13,7 @@ from camkd.training import normalize
 from pipeline import storage, teacher_stage, teachers, train, worker
 from pipeline.config import BindingError, with_updates
 from pipeline.ingest import ingest
-from pipeline.reader import Slice, read_slices, teacher_outputs_from_batch
+from pipeline.reader import Slice, items, read_slices, teacher_outputs_from_batch
 
 
 def camkd_config(cached, **updates):
@@ -93,7 +93,7 @@ def test_cached_and_online_first_step_agree(cached):
     read = plan.read_plan("train", with_teachers=True)
     p = meta.split("train").parts[0]
     s = Slice(p.name, p.first_idx, p.rows, p.first_idx, p.first_idx + p.rows)
-    block = next(read_slices({k: np.array([v]) for k, v in s.__dict__.items()}, read, view=1))
+    block = next(read_slices({k: np.array([v]) for k, v in items([s], 1)[0].items()}, read))
     batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in block.items()}
     images = normalize(batch["image"], plan.spec["mean"], plan.spec["std"])
     cached_out = teacher_outputs_from_batch(batch, 2, True, True, meta.num_classes)

@@ -1,0 +1,398 @@
+"""The training reader alone (no training): delivered samples/s and MB/s per read CPU, where a read task's time goes,
+its peak memory against the bound it asks Ray for, and what JPEG draft decoding saves.
+
+Scenarios (one view; the cache parts are written with the cache's own encoders and checksums, filled with
+random teacher outputs of the right shapes: the reader's cost does not depend on the values):
+  a  CIFAR-shaped rows (32×32×3 raw) + 3 teachers: fp16 logits (100 classes) + fp16 maps 256×8×8
+  b  the same with int8 maps
+  c  the same, logits only
+  d  a 224-px JPEG image folder (generated, 1000 classes) + 2 teachers: top-200 logits + int8 maps 2048×7×7
+
+For each: the rate of one read task in this process (one core, profiled), then the rate Ray Data delivers to an
+`iter_torch_batches` consumer with all of the machine's cores (per core = that ÷ cores; goals at CIFAR scale
+(a) ≥ 8k and (c) ≥ 30k samples/s per core, so ≤ 4 cores feed a GPU). The last line is one JSON object.
+
+    python benchmarks/input_pipeline.py [--rows 6144] [--scenarios abcd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from pipeline import storage, tables
+from pipeline.cache import (
+    CachePart,
+    Manifest,
+    OutputFormat,
+    ViewRecord,
+    encode_outputs,
+    manifest_url,
+    part_metadata,
+    receipt_url,
+    store_dir,
+    view_dir,
+)
+from pipeline.config import validate
+from pipeline.ingest import ingest
+from pipeline.reader import (
+    ReadPlan,
+    Slice,
+    TeacherSource,
+    build_dataset,
+    epoch_shares,
+    items,
+    read_memory_bytes,
+    read_slices,
+    row_group_slices,
+)
+from pipeline.views import make_view_spec, render_train
+
+SCENARIOS = {
+    "a": {"what": "CIFAR rows + 3 teachers, fp16 maps", "features": "fp16", "logits": "fp16", "teachers": 3},
+    "b": {"what": "CIFAR rows + 3 teachers, int8 maps", "features": "int8", "logits": "fp16", "teachers": 3},
+    "c": {
+        "what": "CIFAR rows + 3 teachers, logits only",
+        "features": "none",
+        "logits": "fp16",
+        "teachers": 3,
+    },
+    "d": {
+        "what": "224-px JPEG folder + 2 teachers, int8 maps",
+        "features": "int8",
+        "logits": "topk",
+        "teachers": 2,
+    },
+}
+
+
+def make_jpeg_folder(root: Path, rows: int, classes: int, seed: int = 0) -> Path:
+    """ImageNet-like files: smooth random scenes at 320-500 × 280-400 px, JPEG quality 90, one per class folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", rows), ("val", 64)):
+        for i in range(n):
+            c = i % classes
+            d = root / split / f"c{c:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            w, h = int(rng.integers(320, 500)), int(rng.integers(280, 400))
+            coarse = rng.uniform(0, 255, (h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
+            img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+            arr = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (h, w, 3)), 0, 255)
+            Image.fromarray(arr.astype(np.uint8)).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def synthetic_store(cfg, meta, k: int, fmt: OutputFormat, shape: list[int] | None) -> TeacherSource:
+    """A complete store (parts, receipts, manifest) of random outputs in format `fmt`, as precompute writes."""
+    rng = np.random.default_rng(k)
+    spec = make_view_spec(cfg, meta.encoding).with_count(1)
+    teacher = {"name": f"t{k}", "arch": "bench", "id": f"bench-{k:012d}", "sha256": f"{k:064d}"}
+    store = store_dir(storage.teacher_dir(cfg.root, meta.fingerprint, teacher["id"]), spec, fmt)
+    parts = []
+    for p in meta.split("train").parts:
+        idx = np.arange(p.first_idx, p.first_idx + p.rows)
+        logits = rng.normal(0, 3, (p.rows, meta.num_classes)).astype(np.float32)
+        feats = rng.normal(0, 1, (p.rows, *shape)).astype(np.float16) if shape else None
+        table = encode_outputs(idx, logits, feats, fmt)
+        meta_kv = part_metadata(teacher["id"], meta.fingerprint, spec, fmt, 0, p.name, p.rows)
+        enc = tables.encode_table(table, meta.row_group_rows, meta_kv)
+        url = storage.join(view_dir(store, 0), p.name)
+        tables.write_table(url, enc)
+        part = CachePart(name=p.name, rows=p.rows, bytes=enc.size, digest=enc.digest, correct=0)
+        storage.write_json(receipt_url(url), part.model_dump())
+        parts.append(part)
+    total = sum(x.bytes for x in parts)
+    manifest = Manifest(
+        teacher=teacher,
+        dataset={"name": meta.name, "fingerprint": meta.fingerprint},
+        view_spec=spec.to_dict(),
+        family=spec.family,
+        output=fmt.describe() | {"num_classes": meta.num_classes, "feature_shape": shape},
+        views=[ViewRecord(view=0, parts=parts)],
+        rows=meta.split("train").rows,
+        bytes_per_sample={"logits": 0, "features": 0, "on_disk": round(total / meta.split("train").rows, 1)},
+        total_bytes=total,
+        accuracy=0.0,
+        head={},
+    )
+    storage.write_json(manifest_url(store), manifest.model_dump())
+    return TeacherSource(teacher["name"], store, manifest.model_dump())
+
+
+def setup(name: str, rows: int, work: Path, decode: str = "full", group_rows: int = 256):
+    sc = SCENARIOS[name]
+    if name == "d":
+        src = work / "jpegs"
+        if not src.exists():
+            make_jpeg_folder(src, rows, classes=1000)
+        data = {
+            "source": "imagefolder",
+            "path": str(src),
+            "image_size": 224,
+            "rows_per_part": 512,
+            "row_group_rows": min(group_rows, 128),
+        }
+        shape, classes = [2048, 7, 7], 1000
+    else:
+        data = {
+            "source": "synthetic",
+            "rows_per_part": 4096,
+            "row_group_rows": group_rows,
+            "synthetic": {"train": rows, "test": 64, "num_classes": 100, "size": 32},
+        }
+        shape, classes = [256, 8, 8], 100
+    cfg = validate(
+        {
+            "root": str(work / f"root-{name}-{group_rows}"),
+            "data": data,
+            "views": {"count": 1, "decode": decode},
+            "cache": {"logits": sc["logits"], "topk": 200, "features": sc["features"]},
+        }
+    )
+    meta = ingest(cfg, log=lambda *_: None)
+    fmt = OutputFormat(sc["logits"], min(200, classes - 1), sc["features"], meta.num_classes)
+    sources = tuple(
+        synthetic_store(cfg, meta, k, fmt, shape if sc["features"] != "none" else None)
+        for k in range(sc["teachers"])
+    )
+    plan = ReadPlan(
+        storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
+        "train",
+        tuple(meta.image_shape) if meta.image_shape else None,
+        make_view_spec(cfg, meta.encoding).to_dict(),
+        meta.row_group_rows,
+        meta.num_classes,
+        sources,
+        logits=True,
+        features=sc["features"] != "none",
+    )
+    units = row_group_slices(meta, "train", 0, meta.split("train").rows)
+    return cfg, meta, plan, units
+
+
+def _items(units, epoch: int = 0):
+    rows = items(units, 0, epoch)
+    return {k: np.array([r[k] for r in rows], dtype=object if k == "part" else np.int64) for k in rows[0]}
+
+
+def one_task(plan, units, profile: bool = False):
+    """A read task's work over every unit, in this process: (rows/s, bytes/row, top profile lines)."""
+    prof = cProfile.Profile() if profile else None
+    rows = nbytes = 0
+    start = time.perf_counter()
+    if prof:
+        prof.enable()
+    for u in units:
+        for block in read_slices(_items([u]), plan):
+            rows += len(block["idx"])
+            nbytes += sum(v.nbytes for v in block.values())
+    if prof:
+        prof.disable()
+    seconds = time.perf_counter() - start
+    top = []
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(8)
+        top = [ln.strip() for ln in buf.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:8]
+    return rows / seconds, nbytes / max(rows, 1), top
+
+
+def delivered(plan, units, epochs: int, batch: int) -> float:
+    """Samples/s an iter_torch_batches consumer receives in steady state from one reader over `epochs` epochs
+    (as a training worker reads), with every core: timed from the end of the first epoch to the end."""
+    read_items = []
+    for epoch in range(epochs):
+        read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
+    first_epoch = sum(u.size for u in units) // batch * batch
+    ds = build_dataset(plan, read_items, 0.5)
+    n, start = 0, None
+    for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4):
+        n += len(b["label"])
+        if start is None and n >= first_epoch:
+            start, n = time.perf_counter(), 0
+    return n / (time.perf_counter() - start)
+
+
+PEAK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from pipeline.reader import ReadPlan, Slice, TeacherSource, items, read_slices
+d = json.loads(sys.argv[2])
+plan = ReadPlan(**{**d["plan"], "teachers": tuple(TeacherSource(**t) for t in d["plan"]["teachers"])})
+s = Slice(**d["slice"])
+batch = {k: np.array([v]) for k, v in items([s], 0, 0)[0].items()}
+for block in read_slices(batch, plan):  # warm: imports and first allocations
+    break
+def hwm():  # this process's peak resident set (VmHWM; ru_maxrss would carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+base = hwm()
+for block in read_slices(batch, plan):
+    pass
+print(json.dumps({"base": base, "peak": hwm()}))
+"""
+
+
+def peak_memory(plan, unit_part: Slice) -> dict[str, int]:
+    """Peak RSS of one read task over a whole ImageNet-shaped part, in a fresh process."""
+    from dataclasses import asdict
+
+    d = {"plan": asdict(plan), "slice": asdict(unit_part)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK,
+            str(Path(__file__).resolve().parent.parent),
+            json.dumps(d, default=list),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def draft_gain(plan, units, n: int = 128) -> dict[str, float]:
+    """Render rate (one core) of 224-px training and evaluation views from full-size vs draft-mode JPEG decodes,
+    for the scenario's files (320-500 px, ImageNet-like) and for larger photos (1280×960)."""
+    from PIL import Image
+
+    from pipeline.ingest import open_image_part, read_image_rows
+    from pipeline.views import ViewSpec, render_eval
+
+    rows = read_image_rows(open_image_part(plan.dataset_dir, "train", units[0].part), None)
+    small = rows["image"].to_pylist()[:n]
+    rng = np.random.default_rng(1)
+    large = []
+    for _ in range(n // 2):
+        coarse = rng.uniform(0, 255, (42, 55, 3)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(coarse).resize((1280, 960), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        large.append(buf.getvalue())
+    out = {}
+    for label, images in (("imagenet_like", small), ("1280x960", large)):
+        idx = np.arange(len(images))
+        for mode in ("full", "draft"):
+            spec = ViewSpec.from_dict({**plan.spec, "decode": mode})
+            start = time.perf_counter()
+            render_train(images, idx, 0, spec)
+            out[f"{label}_train_{mode}"] = len(images) / (time.perf_counter() - start)
+            start = time.perf_counter()
+            render_eval(images, spec)
+            out[f"{label}_eval_{mode}"] = len(images) / (time.perf_counter() - start)
+        for kind in ("train", "eval"):
+            out[f"{label}_{kind}_gain"] = out[f"{label}_{kind}_draft"] / out[f"{label}_{kind}_full"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=24576, help="training rows of scenarios a-c")
+    ap.add_argument("--row-group-rows", type=int, default=1024, help="rows per row group (= per read block)")
+    ap.add_argument("--jpeg-rows", type=int, default=1024, help="images of scenario d")
+    ap.add_argument("--scenarios", default="abcd")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs read per scenario; timed after the first")
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    import ray
+
+    from pipeline.runtime import quiet_ray_data
+
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="camkd-input-bench-"))
+    ray.init(num_cpus=cores, log_to_driver=False, include_dashboard=False)
+    quiet_ray_data()
+    results = {}
+    for name in args.scenarios:
+        cfg, meta, plan, units = setup(
+            name, args.jpeg_rows if name == "d" else args.rows, work, group_rows=args.row_group_rows
+        )
+        task_rate, row_bytes, top = one_task(plan, units, profile=True)
+        rate = delivered(plan, units, args.epochs, args.batch)
+        r = {
+            "what": SCENARIOS[name]["what"],
+            "rows": meta.split("train").rows,
+            "bytes_per_sample": round(row_bytes),
+            "one_task_samples_per_s": round(task_rate),
+            "delivered_samples_per_s": round(rate),
+            "per_core_samples_per_s": round(rate / cores),
+            "per_core_mb_per_s": round(rate / cores * row_bytes / 1e6, 1),
+            "profile_top": top,
+        }
+        if name == "d":
+            whole = next(
+                Slice(p.name, p.first_idx, p.rows, p.first_idx, p.first_idx + p.rows)
+                for p in meta.split("train").parts
+            )
+            mem = peak_memory(plan, whole)
+            r["read_task_peak_rss_mb"] = round(mem["peak"] / 2**20, 1)
+            r["read_task_growth_mb"] = round((mem["peak"] - mem["base"]) / 2**20, 1)
+            r["read_task_memory_request_mb"] = round(read_memory_bytes(plan) / 2**20, 1)
+            r["part_rows"] = whole.rows
+            r["jpeg_draft"] = {k: round(v, 2) for k, v in draft_gain(plan, units).items()}
+        results[name] = r
+    ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\nmachine: {cores} cores; rates in samples/s; 'per core' = delivered ÷ {cores}")
+    print(
+        f"{'':3}{'scenario':<44}{'B/sample':>10}{'1 task':>9}{'delivered':>11}{'per core':>10}{'MB/s/core':>11}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<3}{r['what']:<44}{r['bytes_per_sample']:>10}{r['one_task_samples_per_s']:>9}"
+            f"{r['delivered_samples_per_s']:>11}{r['per_core_samples_per_s']:>10}{r['per_core_mb_per_s']:>11}"
+        )
+    for name, r in results.items():
+        print(f"\n{name}: where one read task's time goes (cProfile, tottime):")
+        for line in r["profile_top"][:6]:
+            print("   " + line)
+    if "d" in results:
+        d = results["d"]
+        print(
+            f"\nd: one read task over a whole {d['part_rows']}-row part: peak RSS {d['read_task_peak_rss_mb']} MiB "
+            f"(+{d['read_task_growth_mb']} MiB while reading), memory asked of Ray {d['read_task_memory_request_mb']} MiB"
+        )
+        j = d["jpeg_draft"]
+        for label in ("imagenet_like", "1280x960"):
+            print(
+                f"d: 224-px views per core from {label} JPEGs: training {j[label + '_train_full']:.0f}/s full decode, "
+                f"{j[label + '_train_draft']:.0f}/s draft ({j[label + '_train_gain']:.2f}×); evaluation "
+                f"{j[label + '_eval_full']:.0f}/s vs {j[label + '_eval_draft']:.0f}/s ({j[label + '_eval_gain']:.2f}×)"
+            )
+    goals = {"a": 8000, "c": 30000}
+    for name, goal in goals.items():
+        if name in results:
+            got = results[name]["per_core_samples_per_s"]
+            print(
+                f"goal {name}: {got} samples/s per core (goal ≥ {goal}): {'met' if got >= goal else 'MISSED'}"
+            )
+    print(
+        json.dumps(
+            {
+                "cores": cores,
+                **{k: {x: y for x, y in v.items() if x != "profile_top"} for k, v in results.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The capacity model: what a config costs in cache storage and in read CPUs per training worker.
+
+Fed by `benchmarks/input_pipeline.py` (the Ray Data reader alone, delivered samples/s ÷ cores, 2-core x86 VM,
+2026-11): a read costs about READ_FIXED_US per sample plus READ_US_PER_KB per KB it carries, and an encoded image
+adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Faster server cores need fewer; the
+model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Measured per core (see the module docstring): (a) 102 KB/sample 4.0k/s, (b) 54 KB 5.7k/s, (c) 3.7 KB 12.4k/s,
+# (d) 224-px JPEG + 2 × int8 maps 361 KB 377/s. A least-squares line through (a)-(c) and the JPEG remainder of (d).
+READ_FIXED_US = 74.0
+READ_US_PER_KB = 1.70
+DECODE_US = 1960.0
+# Student rates the GPU side must be fed: CIFAR-sized (README performance table, H200, batch 256, fp32,
+# in-memory loop), and an assumption for 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
+GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
+
+# Image sizes of the sources whose shape is known before ingest.
+SOURCE_SHAPES = {
+    "fashion-mnist": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+}
+SOURCE_ROWS = {"fashion-mnist": 60_000, "mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+@dataclass
+class TeacherBytes:
+    name: str
+    logits: int
+    features: int
+    feature_shape: list[int] | None
+
+    @property
+    def per_view(self) -> int:
+        return self.logits + self.features
+
+
+@dataclass
+class Estimate:
+    rows: int | None
+    views: int
+    pixels: int
+    encoded: bool
+    teachers: list[TeacherBytes]
+    rate: float
+    workers: int
+
+    @property
+    def reader_bytes(self) -> int:
+        """Bytes one training sample carries through the reader (pixels + every teacher's outputs)."""
+        return self.pixels + sum(t.per_view for t in self.teachers)
+
+    @property
+    def cache_bytes(self) -> int | None:
+        if self.rows is None:
+            return None
+        return self.rows * self.views * sum(t.per_view for t in self.teachers)
+
+    @property
+    def read_us_per_sample(self) -> float:
+        return (
+            READ_FIXED_US + READ_US_PER_KB * self.reader_bytes / 1024 + (DECODE_US if self.encoded else 0.0)
+        )
+
+    @property
+    def read_cpus_per_worker(self) -> float:
+        return self.rate * self.read_us_per_sample / 1e6
+
+    def lines(self, cfg) -> list[str]:
+        gib = 2**30
+        out = [
+            f"reader: {self.reader_bytes / 1024:.1f} KB per sample ({self.pixels / 1024:.1f} KB pixels"
+            + "".join(f" + {t.name} {t.per_view / 1024:.1f} KB" for t in self.teachers)
+            + ")",
+        ]
+        if self.cache_bytes is not None:
+            out.append(
+                f"cache: {self.rows:,} rows × {self.views} view(s) × {sum(t.per_view for t in self.teachers) / 1024:.1f} KB "
+                f"= {self.cache_bytes / gib:.2f} GiB"
+            )
+        else:
+            out.append(
+                "cache: rows unknown until ingest (per row and view: "
+                f"{sum(t.per_view for t in self.teachers) / 1024:.1f} KB)"
+            )
+        need = self.read_cpus_per_worker
+        out.append(
+            f"read CPUs per worker at {self.rate:,.0f} samples/s: {need:.1f} "
+            f"({self.read_us_per_sample:.0f} µs of read CPU per sample; measured on a 2-core VM, see README "
+            f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
+        )
+        have = cfg.scaling.read_cpus * (cfg.scaling.read_tasks or 0)
+        if cfg.scaling.read_tasks and have < need:
+            out.append(
+                f"warning: scaling.read_tasks × read_cpus = {have:g} CPUs per worker < {need:.1f}: the GPU would wait "
+                "for input at that rate"
+            )
+        return out
+
+
+def probe_shapes(cfg, meta=None) -> dict[str, list[int]]:
+    """Teacher name → its feature map shape on this dataset's images (one forward of a zero image each); empty
+    when no configured strategy reads features."""
+    import torch
+
+    from camkd import models
+
+    if cfg.feature_dtype() == "none":
+        return {}
+    if meta is not None:
+        hw = list(meta.image_shape[:2]) if meta.image_shape else [cfg.data.image_size] * 2
+        chans, classes = meta.channels, meta.num_classes
+    else:
+        known = SOURCE_SHAPES.get(cfg.data.source)
+        hw = list(known[:2]) if known else [cfg.data.image_size] * 2
+        chans, classes = (known[2] if known else 3), 10
+    shapes = {}
+    for t in cfg.teachers:
+        with torch.no_grad():
+            model = models.create(t.arch, classes, chans).eval()
+            shapes[t.name] = list(model.forward_features(torch.zeros(1, chans, *hw)).shape[1:])
+    return shapes
+
+
+def teacher_bytes(
+    fmt: str, topk: int, features: str, num_classes: int, shape: list[int] | None
+) -> tuple[int, int]:
+    logits = 2 * num_classes if fmt == "fp16" else 4 * min(topk, num_classes - 1) + 4
+    if features == "none" or not shape:
+        return logits, 0
+    values = int(math.prod(shape))
+    return logits, (2 * values if features == "fp16" else values + 2 * shape[0])
+
+
+def estimate(
+    cfg, meta=None, rate: float | None = None, shapes: dict[str, list[int]] | None = None
+) -> Estimate:
+    """The capacity estimate of a config (with the ingested dataset's meta when there is one).
+    `shapes`: teacher name → feature map shape (C, H, W), probed by the caller (None: logits only)."""
+    source = cfg.data.source
+    if meta is not None:
+        rows = meta.split("train").rows
+        shape = tuple(meta.image_shape) if meta.image_shape else None
+        num_classes = meta.num_classes
+    else:
+        rows = cfg.data.limit_train or SOURCE_ROWS.get(source)
+        shape = SOURCE_SHAPES.get(source)
+        num_classes = (
+            cfg.data.synthetic.num_classes if source == "synthetic" else (100 if source == "cifar100" else 10)
+        )
+        if source == "synthetic":
+            s = cfg.data.synthetic
+            shape, rows = (s.size, s.size, s.channels), s.train
+    encoded = shape is None
+    pixels = int(math.prod(shape)) if shape else 3 * cfg.data.image_size**2
+    features = cfg.feature_dtype()
+    teachers = []
+    for t in cfg.teachers:
+        t_shape = (shapes or {}).get(t.name)
+        logits, feats = teacher_bytes(cfg.cache.logits, cfg.cache.topk, features, num_classes, t_shape)
+        teachers.append(TeacherBytes(t.name, logits, feats, t_shape))
+    if rate is None:
+        if cfg.scaling.use_gpu and encoded:
+            rate = GPU_RATES["224px"]
+        elif cfg.scaling.use_gpu:
+            rate = GPU_RATES["distill" if cfg.teachers else "ce"]
+        else:
+            rate = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
+    return Estimate(rows, cfg.views.count, pixels, encoded, teachers, rate, cfg.scaling.num_workers)
+
+
+def as_dict(e: Estimate) -> dict[str, Any]:
+    return {
+        "reader_bytes_per_sample": e.reader_bytes,
+        "cache_bytes": e.cache_bytes,
+        "read_us_per_sample": round(e.read_us_per_sample, 1),
+        "rate": e.rate,
+        "read_cpus_per_worker": round(e.read_cpus_per_worker, 2),
+    }

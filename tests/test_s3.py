@@ -1,0 +1,132 @@
+"""The pipeline on S3, against a real S3-compatible server (moto's server mode) behind a fault-injecting proxy."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT, make_teacher_file, tiny_config
+from s3server import S3Server
+
+from pipeline import storage, tables
+
+pytestmark = pytest.mark.fault
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    s3.proxy.counter.every = 0
+    yield s3
+    s3.proxy.counter.every = 0
+
+
+def test_storage_retries_throttling_and_dropped_connections(s3_env):
+    import numpy as np
+    import pyarrow as pa
+
+    s3 = s3_env
+    s3.proxy.counter.every = 4  # every 4th request: a 503 SlowDown or a connection closed without an answer
+    before = s3.proxy.counter.requests
+    data = os.urandom(300_000)
+    storage.write_bytes_atomic("s3://camkd/unit/blob.bin", data)
+    assert storage.read_bytes("s3://camkd/unit/blob.bin") == data
+    encoded = tables.encode_table(pa.table({"x": np.arange(5000)}), 1024, {b"camkd": b"{}"})
+    tables.write_table("s3://camkd/unit/t.parquet", encoded)
+    assert tables.open_table("s3://camkd/unit/t.parquet", b"camkd").read([2], ["x"])["x"][0].as_py() == 2048
+    assert storage.list_sizes("s3://camkd/unit") == {"blob.bin": 300_000, "t.parquet": encoded.size}
+    assert storage.exists("s3://camkd/unit/t.parquet") and not storage.exists("s3://camkd/unit/none")
+    c = s3.proxy.counter
+    assert c.requests - before >= 8 and c.slow_down >= 1 and c.dropped >= 1, c
+
+
+def test_an_unreachable_store_is_not_reported_as_corruption(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(storage, "RETRY_BASE_SECONDS", 0.01)
+    started = time.time()
+    with pytest.raises(
+        storage.StorageUnavailable, match=r"did not answer for s3://camkd/x after 6 attempts.*not data"
+    ):
+        storage.read_bytes("s3://camkd/x")
+    assert time.time() - started < 60
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_on_s3_through_faults_and_a_corrupt_object(s3, tmp_path):
+    """ingest → teachers (a local checkpoint, copied into root) → precompute → train → tune with root=s3://...,
+    the endpoint given the standard AWS way, every 9th request throttled or dropped by the proxy: the run
+    finishes. Then a cache object's bytes are flipped on the server: training refuses it, naming it."""
+    teacher = make_teacher_file(tmp_path / "t1.pt", "resnet8", seed=1)
+    other = make_teacher_file(tmp_path / "t2.pt", "resnet14", seed=2)
+    cfg = tiny_config(
+        tmp_path,
+        teachers=[
+            {"name": "t1", "arch": "resnet8", "checkpoint": str(teacher)},
+            {"name": "t2", "arch": "resnet14", "checkpoint": str(other)},
+        ],
+        strategy={"name": "camkd", "beta": 5.0},
+        train={"epochs": 1, "batch_size": 32, "milestones": [], "export": False, "max_failures": 0},
+        tune={"teacher_sets": [["t1", "t2"]], "strategies": ["aver"]},
+        ray={"num_cpus": 4},
+    )
+    raw = cfg.model_dump(mode="json") | {"root": "s3://camkd/run"}
+    config = tmp_path / "s3.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = (
+        {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        | s3.env()
+        | {"RAY_USAGE_STATS_ENABLED": "0"}
+    )
+    s3.proxy.counter.every = 9
+    cli = [sys.executable, str(ROOT / "pipeline" / "run.py")]
+    done = subprocess.run(
+        [*cli, "all", "--config", str(config)], env=env, capture_output=True, text=True, timeout=900
+    )
+    faults = (s3.proxy.counter.slow_down, s3.proxy.counter.dropped)
+    s3.proxy.counter.every = 0
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert faults[0] >= 1 and faults[1] >= 1, faults
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="camkd", Prefix="run/")["Contents"]]
+    assert any(k.startswith("run/teachers/resnet8-") and k.endswith("/model.pt") for k in keys), (
+        "copied into root"
+    )
+    assert any("/runs/default/resnet8-camkd-t1+t2/summary.json" in k for k in keys)
+    assert any(k.endswith("sweep/summary.json") for k in keys)
+    part = next(
+        k
+        for k in sorted(keys)
+        if "/cache/" in k and "view-0000/part-00001.parquet" in k and k.endswith("parquet")
+    )
+    body = bytearray(client.get_object(Bucket="camkd", Key=part)["Body"].read())
+    body[4096:4160] = bytes(b ^ 0x5A for b in body[4096:4160])
+    client.put_object(Bucket="camkd", Key=part, Body=bytes(body))
+    again = subprocess.run(
+        [*cli, "train", "--config", str(config), "--name", "after-corruption"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 2, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"cache part s3://camkd/{part} of teacher" in again.stderr and "is corrupt" in again.stderr, (
+        again.stderr[-2000:]
+    )
+    summary = json.loads(
+        client.get_object(
+            Bucket="camkd", Key="run/cache/" + part.split("/cache/")[1].split("/")[0] + "/summary.json"
+        )["Body"].read()
+    )
+    assert [t["teacher"] for t in summary["teachers"]] == ["t1", "t2"]
