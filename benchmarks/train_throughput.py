@@ -121,8 +121,11 @@ def in_memory_rates(images, labels, teachers, cached, batch: int, steps: int, ro
     return {m: statistics.median(v) for m, v in samples.items()}
 
 
-def ray_path(n_images: int, epochs: int, threads: int) -> dict[str, float]:
-    """Steady-state samples/s (epochs after the first) of the real Ray Train + Ray Data pipeline."""
+def ray_path(
+    n_images: int, epochs: int, threads: int, batch: int = 64, device: str = "cpu", amp: str = "off"
+) -> dict[str, float]:
+    """Steady-state samples/s (epochs after the first) of the real Ray Train + Ray Data pipeline: one worker
+    (one GPU with --device cuda, NCCL as the process group backend), its reader beside it."""
     import ray
 
     from pipeline import precompute, teachers, train
@@ -152,12 +155,20 @@ def ray_path(n_images: int, epochs: int, threads: int) -> dict[str, float]:
             "cache": {"features": "fp16", "eval_test": False},
             "train": {
                 "epochs": epochs,
-                "batch_size": 64,
+                "batch_size": batch,
                 "milestones": [],
                 "export": False,
                 "shuffle_buffer": 0,
+                "amp": amp if device == "cuda" else "off",
+                "nan_check_every": 1000,
             },
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": threads},
+            "scaling": {
+                "num_workers": 1,
+                "cpus_per_worker": 1,
+                "torch_threads": threads,
+                "use_gpu": device == "cuda",
+            },
+            "tracking": {"tensorboard": False, "progress_seconds": 0},
         }
     )
     ray.init(num_cpus=max(2, threads), log_to_driver=False)
@@ -227,7 +238,9 @@ def main() -> None:
     for k, v in rates.items():
         print(f"  {k:<50} {v:10.1f}")
     if not args.skip_ray:
-        ray_rates = ray_path(args.ray_images, args.ray_epochs, args.threads)
+        ray_rates = ray_path(
+            args.ray_images, args.ray_epochs, args.threads, args.batch, args.device, args.amp
+        )
         result["ray_samples_per_s"] = {k: round(v, 1) for k, v in ray_rates.items()}
         result["ray_over_in_memory_cached"] = round(ray_rates["camkd"] / rates["cached"], 3)
         result["ray_over_in_memory_ce"] = round(ray_rates["ce"] / rates["ce"], 3)
@@ -240,7 +253,9 @@ def main() -> None:
     print(f"  cached CA-MKD ÷ CE-only            {result['cached_over_ce']:.3f}   (≥ 0.90)")
     print(f"  cached CA-MKD ÷ online CA-MKD      {result['cached_over_online']:.2f}    (≥ 5)")
     if "ray_over_in_memory_cached" in result:
-        print(f"  Ray path ÷ in-memory (CA-MKD)      {result['ray_over_in_memory_cached']:.3f}   (≥ 0.80)")
+        print(
+            f"  Ray path ÷ in-memory (CA-MKD)      {result['ray_over_in_memory_cached']:.3f}   (≥ 0.90 CPU, ≥ 0.8 GPU)"
+        )
         print(f"  Ray path ÷ in-memory (CE)          {result['ray_over_in_memory_ce']:.3f}")
     print(json.dumps(result))
 

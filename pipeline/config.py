@@ -22,7 +22,17 @@ from camkd.strategies import STRATEGIES
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 StrategyName = Literal["ce", "kd", "aver", "ebkd", "dkd", "camkd", "camkd_logits"]
-SourceKind = Literal["fashion-mnist", "mnist", "idx", "cifar10", "cifar100", "imagefolder", "synthetic"]
+SourceKind = Literal[
+    "fashion-mnist",
+    "mnist",
+    "idx",
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+    "webdataset",
+    "huggingface",
+    "synthetic",
+]
 
 # Per-dataset normalisation (mean, std) and default locations; the user's config may override all of them.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -32,6 +42,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "path": None},
     "cifar100": {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762], "path": None},
     "imagefolder": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "webdataset": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "huggingface": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
     "synthetic": {"mean": [0.5], "std": [0.25], "path": None},
 }
 SMALL_LR_ARCHS = ("MobileNetV2", "MobileNetV2_conv2", "ShuffleV1", "ShuffleV2")
@@ -106,6 +118,8 @@ class DataConfig(Strict):
         224, ge=8, description="imagefolder: output side of the training crop / eval crop"
     )
     eval_resize: int = Field(256, ge=8, description="imagefolder: shorter side before the eval center crop")
+    image_column: str = Field("image", description="huggingface: the column of encoded images")
+    label_column: str = Field("label", description="huggingface: the column of class indices")
     mean: list[float] | None = None
     std: list[float] | None = None
     synthetic: SyntheticData = SyntheticData()
@@ -134,7 +148,10 @@ class DataConfig(Strict):
             raise ValueError("set both data.mean and data.std, or neither (per-source defaults are used)")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be positive, got {self.std}")
-        if self.source in ("idx", "cifar10", "cifar100", "imagefolder") and not self.path:
+        if (
+            self.source in ("idx", "cifar10", "cifar100", "imagefolder", "webdataset", "huggingface")
+            and not self.path
+        ):
             raise ValueError(
                 f"data.path is required for source {self.source!r}: the folder holding its files"
             )
@@ -186,7 +203,13 @@ class TeacherConfig(Strict):
     name: str = Field(pattern=NAME_RE)
     arch: str
     checkpoint: str | None = Field(
-        None, description="state_dict file to import (loaded with weights_only=True)"
+        None,
+        description="checkpoint to import (weights_only=True): this project's model files, RepDistiller / mdistiller "
+        "checkpoints ({'model': ...}, incl. *_last.pth), plain state dicts, .safetensors, or a tar archive with `member`",
+    )
+    member: str | None = Field(
+        None,
+        description="the file inside a tar `checkpoint`, e.g. resnet32x4_vanilla/ckpt_epoch_240.pth (mdistiller)",
     )
     train: TeacherTraining | None = None
 
@@ -205,6 +228,10 @@ class TeacherConfig(Strict):
         if (self.checkpoint is None) == (self.train is None):
             raise ValueError(
                 f"teacher {self.name!r}: give exactly one of `checkpoint` (import a file) or `train` (train it here)"
+            )
+        if self.member is not None and self.checkpoint is None:
+            raise ValueError(
+                f"teacher {self.name!r}: `member` names a file inside the tar archive `checkpoint`"
             )
         return self
 
@@ -430,6 +457,29 @@ class RaySettings(Strict):
     num_gpus: int | None = Field(None, ge=0)
 
 
+class MLflowSettings(Strict):
+    uri: str = Field(description="tracking URI: sqlite:///path/mlflow.db, http://host:5000, ...")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the config's experiment")
+
+
+class WandbSettings(Strict):
+    project: str = "camkd-ray"
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: local files, `wandb sync` later"
+    )
+
+
+class TrackingConfig(Strict):
+    """Where per-epoch metrics go besides summary.json (rank 0 of every run and trial)."""
+
+    tensorboard: bool = Field(True, description="event files under <run>/tensorboard")
+    mlflow: MLflowSettings | None = Field(None, description="needs `pip install -e .[mlflow]`")
+    wandb: WandbSettings | None = Field(None, description="needs `pip install wandb`")
+    progress_seconds: float = Field(
+        30.0, ge=0, description="a progress line (step, samples/s, ETA) this often inside an epoch; 0: off"
+    )
+
+
 TUNABLE_SECTIONS = {"strategy", "train", "student", "views", "scaling"}
 
 
@@ -447,6 +497,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingSettings = ScalingSettings()
     tune: TuneSettings = TuneSettings()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RaySettings = RaySettings()
 
     @field_validator("root")

@@ -18,6 +18,7 @@ import json
 import pickle
 import struct
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,48 @@ class DatasetMeta(BaseModel):
 
 @dataclass
 class RawSplit:
-    images: np.ndarray | list[Path]  # uint8 [N,H,W,C] (raw) or image files, read when written (encoded)
+    images: np.ndarray | list  # uint8 [N,H,W,C] (raw), or per row a file Path / bytes / EncodedRef (encoded)
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside a WebDataset shard, read by offset when its part is written (never all held at once)."""
+
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+@dataclass(frozen=True)
+class ArrowBytes:
+    """Row `row` of a (memory-mapped) Arrow column of encoded images, e.g. a Hugging Face `Image` feature."""
+
+    column: Any
+    row: int
+
+    def read(self) -> bytes:
+        value = self.column[self.row].as_py()
+        if isinstance(value, dict):  # datasets.Image: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                return value["bytes"]
+            return Path(value["path"]).read_bytes()
+        return value
+
+
+def encoded_bytes(item) -> bytes:
+    return (
+        Path(item).read_bytes()
+        if isinstance(item, (str, Path))
+        else item
+        if isinstance(item, bytes)
+        else item.read()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -194,6 +235,82 @@ def _imagefolder_split(folder: Path, classes: list[str]) -> tuple[RawSplit, list
     return RawSplit(images, np.asarray(labels, dtype=np.int64)), paths
 
 
+def _webdataset_split(folder: Path) -> tuple[RawSplit, list[Path]]:
+    """WebDataset shards (`*.tar`): each sample is `<key>.<jpg|png|...>` + `<key>.cls` (its class index as text).
+    Only the tar headers and the small `.cls` members are read here; images are read by offset when written."""
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise IngestError(f"no WebDataset shards (*.tar) in {str(folder)!r}")
+    images, labels = [], []
+    for shard in shards:
+        pending: dict[str, dict[str, Any]] = {}
+        with tarfile.open(shard, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.rpartition(".")
+                entry = pending.setdefault(key, {})
+                if "." + ext.lower() in IMAGE_SUFFIXES:
+                    entry["image"] = TarMember(shard, info.offset_data, info.size)
+                elif ext == "cls":
+                    entry["label"] = int(tar.extractfile(info).read().decode().strip())
+        for key, entry in pending.items():
+            if "image" not in entry or "label" not in entry:
+                raise IngestError(
+                    f"WebDataset sample {key!r} in {shard.name} has {sorted(entry)}; each sample needs an image "
+                    "(.jpg/.png/...) and a .cls label"
+                )
+            images.append(entry["image"])
+            labels.append(entry["label"])
+    return RawSplit(images, np.asarray(labels, dtype=np.int64)), shards
+
+
+def _huggingface_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str], list[Path]]:
+    """A Hugging Face dataset saved with `save_to_disk` (a DatasetDict with train and test/validation splits):
+    encoded images from `data.image_column`, class indices from `data.label_column`, read from the memory-mapped
+    Arrow files without decoding."""
+    try:
+        import datasets
+    except ImportError:
+        raise IngestError(
+            'data.source huggingface needs the `datasets` package: pip install -e ".[hf]"'
+        ) from None
+    folder = Path(cfg.source_path or "")
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        raise IngestError(
+            f"{str(folder)!r} is not a dataset saved with datasets' save_to_disk ({e})"
+        ) from None
+    if not isinstance(ds, datasets.DatasetDict):
+        raise IngestError(
+            f"{str(folder)!r} holds one split; save a DatasetDict with 'train' and 'test' splits"
+        )
+    test_name = next((n for n in ("test", "validation", "val") if n in ds), None)
+    if "train" not in ds or test_name is None:
+        raise IngestError(
+            f"{str(folder)!r} has splits {list(ds)}; camkd-ray needs 'train' and 'test' (or 'validation')"
+        )
+    out = {}
+    for ours, theirs in (("train", "train"), ("test", test_name)):
+        split = ds[theirs]
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in split.column_names:
+                raise IngestError(
+                    f"split {theirs!r} of {str(folder)!r} has no column {col!r} (columns: {split.column_names}); "
+                    "set data.image_column / data.label_column"
+                )
+        table = split.data.table
+        column = table.column(cfg.image_column).combine_chunks()
+        labels = np.asarray(table.column(cfg.label_column).to_numpy(), dtype=np.int64)
+        out[ours] = RawSplit([ArrowBytes(column, i) for i in range(len(labels))], labels)
+    feature = ds["train"].features.get(cfg.label_column)
+    n = int(max(out["train"].labels.max(), out["test"].labels.max())) + 1
+    classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(n)]
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return out, classes, files
+
+
 def _synthetic_split(cfg: DataConfig, split: str) -> RawSplit:
     """Class = a smooth, left-right symmetric prototype (4×4 blocks upsampled) plus pixel noise: crops and flips
     keep the class, so augmented views stay learnable, as with real images."""
@@ -260,6 +377,20 @@ def load_source(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str], str, l
             train, f1 = _cifar_split(folder, ["train"], b"fine_labels")
             test, f2 = _cifar_split(folder, ["test"], b"fine_labels")
         return {"train": train, "test": test}, _cifar_meta_classes(folder, kind), "raw", f1 + f2
+    if kind == "webdataset":
+        train_dir = folder / "train"
+        test_dir = next((folder / d for d in ("test", "val") if (folder / d).is_dir()), None)
+        if not train_dir.is_dir() or test_dir is None:
+            raise IngestError(f"WebDataset folder {str(folder)!r} needs train/*.tar and test/*.tar (or val/)")
+        train, f1 = _webdataset_split(train_dir)
+        test, f2 = _webdataset_split(test_dir)
+        names_file = folder / "classes.txt"
+        n = int(max(train.labels.max(), test.labels.max())) + 1
+        classes = names_file.read_text().split() if names_file.is_file() else [str(i) for i in range(n)]
+        return {"train": train, "test": test}, classes, "encoded", f1 + f2
+    if kind == "huggingface":
+        splits, classes, files = _huggingface_splits(cfg)
+        return splits, classes, "encoded", files
     if kind == "imagefolder":
         train_dir = folder / "train"
         test_dir = next((folder / d for d in ("test", "val") if (folder / d).is_dir()), None)
@@ -332,6 +463,7 @@ def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
         "limit_test": cfg.limit_test,
         "subset_seed": cfg.subset_seed,
         "synthetic": cfg.synthetic.model_dump() if cfg.source == "synthetic" else None,
+        "columns": [cfg.image_column, cfg.label_column] if cfg.source == "huggingface" else None,
     }
     h.update(json.dumps(spec, sort_keys=True).encode())
     base = Path(cfg.source_path) if cfg.source_path else None
@@ -362,7 +494,7 @@ def _write_split(
                 pa.binary(width), len(block), [None, pa.py_buffer(block)]
             )
         else:
-            images = pa.array([Path(split.images[i]).read_bytes() for i in rows], type=pa.binary())
+            images = pa.array([encoded_bytes(split.images[i]) for i in rows], type=pa.binary())
         table = pa.table(
             {
                 "idx": pa.array(np.arange(start, stop), pa.int64()),
@@ -409,14 +541,55 @@ def _source_spec(cfg: DataConfig) -> dict[str, Any]:
         "limit_test": cfg.limit_test,
         "subset_seed": cfg.subset_seed,
         "synthetic": cfg.synthetic.model_dump() if cfg.source == "synthetic" else None,
+        "columns": [cfg.image_column, cfg.label_column] if cfg.source == "huggingface" else None,
     }
 
 
-def ingest(cfg: Config, log=print) -> DatasetMeta:
-    """Ingest the configured source under `<root>/datasets/<name>-<fp>/`; a no-op if it is already there."""
+def _stamps(files: list[Path], base: Path | None) -> list[list[Any]]:
+    out = []
+    for path in sorted(files):
+        st = path.stat()
+        out.append(
+            [
+                str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path),
+                st.st_size,
+                st.st_mtime_ns,
+            ]
+        )
+    return out
+
+
+def known_fingerprint(cfg: Config, files: list[Path], verify: bool, log=print) -> str:
+    """The dataset fingerprint: the sha256 of the source content and layout, recomputed only when a source file's
+    (path, size, mtime) changed since the last ingest (`<root>/datasets/.index/`), or with `verify`. An ImageNet
+    folder is ~150 GB: it is hashed once, not at every run. What this misses: a file rewritten with the same
+    size and its old mtime restored (`--verify` re-hashes everything)."""
+    data = cfg.data
+    base = Path(data.source_path) if data.source_path else None
+    spec = json.dumps(_source_spec(data), sort_keys=True)
+    key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    url = storage.join(cfg.root, "datasets", ".index", f"{data.dataset_name}-{key}.json")
+    stamps = _stamps(files, base)
+    if not verify and storage.exists(url):
+        index = storage.read_json(url)
+        if index.get("stamps") == stamps and index.get("format") == FORMAT_VERSION:
+            return index["fingerprint"]
+    fp = fingerprint(data, files)
+    if verify and storage.exists(url):
+        before = storage.read_json(url).get("fingerprint")
+        log(
+            f"[ingest] --verify: source content {'unchanged' if before == fp else f'CHANGED ({before} → {fp})'}"
+        )
+    storage.write_json(url, {"format": FORMAT_VERSION, "spec": spec, "stamps": stamps, "fingerprint": fp})
+    return fp
+
+
+def ingest(cfg: Config, log=print, verify: bool = False) -> DatasetMeta:
+    """Ingest the configured source under `<root>/datasets/<name>-<fp>/`; a no-op if it is already there
+    (decided from the files' sizes and mtimes; `verify` re-hashes their content)."""
     data = cfg.data
     splits, classes, encoding, files = load_source(data)
-    fp = fingerprint(data, files)
+    fp = known_fingerprint(cfg, files, verify, log)
     out = storage.dataset_dir(cfg.root, data.dataset_name, fp)
     meta_url = storage.join(out, "dataset.json")
     if storage.exists(meta_url):

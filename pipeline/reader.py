@@ -186,6 +186,21 @@ class ReadPlan:
         return total
 
 
+def image_plan(cfg, meta: DatasetMeta, split: str = "train") -> ReadPlan:
+    """A ReadPlan for images and labels only (no teacher outputs) of an ingested dataset."""
+    from pipeline import storage
+    from pipeline.views import make_view_spec
+
+    return ReadPlan(
+        storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
+        split,
+        tuple(meta.image_shape) if meta.image_shape else None,
+        make_view_spec(cfg, meta.encoding).to_dict(),
+        meta.row_group_rows,
+        meta.num_classes,
+    )
+
+
 def noisy_labels(
     labels: np.ndarray, idx: np.ndarray, noise: float, seed: int, num_classes: int
 ) -> np.ndarray:
@@ -303,7 +318,8 @@ def build_dataset(
     if node_id is not None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        remote_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": strategy}
     blocks = max(1, -(-len(read_items) // items_per_task))
     ds = ray.data.from_items(read_items, override_num_blocks=blocks)
     return ds.map_batches(

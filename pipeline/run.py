@@ -32,12 +32,19 @@ HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def program_name() -> str:
+    """`camkd` when run as the installed console script, else `python pipeline/run.py` (the same CLI)."""
+    return "camkd" if Path(sys.argv[0]).name == "camkd" else "python pipeline/run.py"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or program_name()
     parser = argparse.ArgumentParser(
-        prog="pipeline/run.py",
-        description="camkd-ray: precompute teacher knowledge once, then distill students (CA-MKD) on Ray.",
-        epilog="Examples:\n  python pipeline/run.py quickstart\n"
-        "  python pipeline/run.py train --config configs/cifar100-resnet32x4x3-resnet8x4.yaml --set train.epochs=10\n"
+        prog=prog,
+        description="camkd-ray: precompute teacher knowledge once, then distill students (CA-MKD) on Ray. "
+        "The same CLI is installed as the `camkd` command and runs as `python pipeline/run.py`.",
+        epilog=f"Examples:\n  {prog} quickstart\n"
+        f"  {prog} train --config configs/cifar100-resnet32x4x3-resnet8x4.yaml --set train.epochs=10\n"
         "  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
         "python pipeline/run.py all --config configs/quickstart.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "train":
             p.add_argument(
                 "--name", help="run name under <root>/runs/<experiment>/ (default: from the config)"
+            )
+        if stage == "ingest":
+            p.add_argument(
+                "--verify",
+                action="store_true",
+                help="re-hash every source file (normally an unchanged size and mtime means unchanged content)",
             )
         if stage == "quickstart":
             p.add_argument("--root", help="output folder (default ./camkd-runs)")
@@ -154,7 +167,7 @@ def run(args: argparse.Namespace) -> object:
     if stage == "ingest":
         from pipeline.ingest import ingest
 
-        return ingest(cfg).model_dump()
+        return ingest(cfg, verify=args.verify).model_dump()
     if stage == "quickstart":
         from pipeline.quickstart import run_quickstart
 

@@ -79,13 +79,15 @@ def quiet_ray_data(preserve_order: bool | None = None) -> None:
     or a Train worker that runs its own readers). `preserve_order` sets the execution's row order."""
     import ray.data
 
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data's tuning hints (memory per operator) are for its own defaults; our read tasks ask for their memory.
+    ctx.issue_detectors_config.detectors = []
     if preserve_order is not None:
         ctx.execution_options.preserve_order = preserve_order
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

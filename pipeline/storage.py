@@ -227,19 +227,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(url: str, chunk: int = 1 << 22) -> str:
-    fs, path = pyarrow_fs(url)
-
-    def digest() -> str:
-        h = hashlib.sha256()
-        with fs.open_input_stream(path) as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
-
-    return retrying(digest, url)
-
-
 def list_sizes(url: str) -> dict[str, int]:
     """{base name: size in bytes} of the files directly in a folder ({} if it does not exist); one listing."""
     fs, path = pyarrow_fs(url)

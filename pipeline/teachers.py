@@ -7,8 +7,10 @@ precompute imports directly. This module never trains and never imports Ray: wor
 
 from __future__ import annotations
 
+import argparse
 import io
 import pickle
+import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,14 +51,37 @@ class TeacherRef:
         return cls(**{k: d[k] for k in ("name", "arch", "checkpoint", "sha256", "num_classes", "in_chans")})
 
 
+SAFETENSORS_MAGIC_MAX_HEADER = 100_000_000
+# The one non-tensor class a weights-only load may build: RepDistiller's `*_last.pth` files pickle the training
+# options (`'opt'`, an argparse.Namespace of strings and numbers) next to the weights.
+SAFE_CLASSES = [argparse.Namespace]
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors files start with an 8-byte little-endian header length and a JSON header."""
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n < min(len(data), SAFETENSORS_MAGIC_MAX_HEADER) and data[8:9] == b"{"
+
+
 def load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Parse checkpoint bytes (weights only) → (state_dict, metadata).
 
-    Accepts this project's model files, `{"state_dict": ...}`, RepDistiller's `{"model": ...}` and plain state
-    dicts; strips a DDP `module.` prefix.
+    Accepts this project's model files, `{"state_dict": ...}`, RepDistiller's and mdistiller's `{"model": ...}`
+    (RepDistiller's `*_last.pth` also pickle `'opt'`, an argparse.Namespace: the one class allowed besides
+    tensors), `.safetensors` files and plain state dicts; strips a DDP `module.` prefix.
     """
+    if _is_safetensors(data):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return _strip_module(load_safetensors(data)), {}
+        except Exception as e:
+            raise TeacherError(f"{where} is not a readable safetensors file: {e}") from None
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise TeacherError(
             f"refusing to load {where}: it contains pickled Python objects, not just tensors "
@@ -75,9 +100,13 @@ def load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], d
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TeacherError(f"{where} does not hold a state_dict (a mapping of parameter names to tensors)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj, meta
+    return _strip_module(obj), meta
+
+
+def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
 
 
 def save_model_file(url: str, model: models.FeatureClassifier, extra: dict[str, Any] | None = None) -> str:
@@ -124,10 +153,33 @@ def _shape_hint(e: RuntimeError) -> str:
     return lines[0] if lines else "shapes differ"
 
 
-def read_checkpoint(url: str, name: str) -> bytes:
+def read_checkpoint(url: str, name: str, member: str | None = None) -> bytes:
+    """A checkpoint file's bytes; with `member`, one file inside a tar archive (mdistiller's
+    `cifar_teachers.tar` holds `<arch>_vanilla/ckpt_epoch_240.pth` for each teacher), read without extracting
+    the rest."""
     if not storage.exists(url):
         raise TeacherError(f"teacher {name!r}: checkpoint {url!r} does not exist; fix teachers[].checkpoint")
-    return storage.read_bytes(url)
+    if member is None:
+        return storage.read_bytes(url)
+    fs, path = storage.pyarrow_fs(url)
+    try:
+        with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            try:
+                info = tar.getmember(member)
+            except KeyError:
+                names = [m.name for m in tar.getmembers() if m.name.endswith((".pth", ".pt", ".safetensors"))]
+                raise TeacherError(
+                    f"teacher {name!r}: {url} has no member {member!r}; it holds {names[:12]}"
+                    f"{' ...' if len(names) > 12 else ''}; fix teachers[].member"
+                ) from None
+            extracted = tar.extractfile(info)
+            if extracted is None:
+                raise TeacherError(f"teacher {name!r}: {member!r} in {url} is not a regular file")
+            return extracted.read()
+    except tarfile.TarError as e:
+        raise TeacherError(
+            f"teacher {name!r}: {url} is not a readable tar archive ({e}); fix teachers[].checkpoint"
+        ) from None
 
 
 def trained_checkpoint_url(cfg: Config, teacher: TeacherConfig) -> str:
@@ -165,7 +217,8 @@ def _import(cfg: Config, teacher: TeacherConfig, url: str, copy: bool) -> tuple[
     root = storage.normalize_url(cfg.root)
     index_url = _import_index_url(root)
     index = storage.read_json(index_url) if storage.exists(index_url) else {}
-    known = index.get(url)
+    key = url if teacher.member is None else f"{url}::{teacher.member}"
+    known = index.get(key)
     stamp = _source_stamp(url)
     if known and (stamp is None or all(known.get(k) == v for k, v in stamp.items())):
         inside = imported_checkpoint_url(root, teacher.arch, known["sha256"])
@@ -176,13 +229,13 @@ def _import(cfg: Config, teacher: TeacherConfig, url: str, copy: bool) -> tuple[
             f"teacher {teacher.name!r}: checkpoint {url!r} does not exist here and was never imported into "
             f"{root}; fix teachers[].checkpoint, or run `python pipeline/run.py teachers` where the file exists"
         )
-    data = read_checkpoint(url, teacher.name)
+    data = read_checkpoint(url, teacher.name, teacher.member)
     sha = storage.sha256_bytes(data)
     inside = imported_checkpoint_url(root, teacher.arch, sha)
     if copy:
         if not storage.exists(inside):
             storage.write_bytes_atomic(inside, data)
-        index[url] = {"sha256": sha, "arch": teacher.arch, **stamp}
+        index[key] = {"sha256": sha, "arch": teacher.arch, **stamp}
         storage.write_json(index_url, index)
     return inside, data, sha
 
@@ -204,6 +257,7 @@ def resolve(
             return TeacherRef(teacher.name, teacher.arch, url, sha, num_classes, in_chans)
     elif teacher.checkpoint is not None:
         url = storage.normalize_url(teacher.checkpoint)
+        data = read_checkpoint(url, teacher.name, teacher.member)
     else:
         url = trained_checkpoint_url(cfg, teacher)
         if not storage.exists(url):

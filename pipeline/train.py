@@ -135,6 +135,7 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
 RESUME_NEUTRAL = (
     "ray",
     "tune",
+    "tracking",
     "train.max_failures",
     "train.export",
     "train.nan_check_every",

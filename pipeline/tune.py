@@ -23,6 +23,7 @@ SWEEP_FILE = "sweep.json"
 # Fields a sweep may resume under changed: where Ray runs and how many trials run at once.
 SWEEP_NEUTRAL = (
     "ray",
+    "tracking",
     "train.max_failures",
     "scaling.check_resources",
     "train.export",

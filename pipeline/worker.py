@@ -336,6 +336,30 @@ class DummyBatch:
 
 
 # ============================================================================================== the loop
+class Progress:
+    """Rank 0's progress line inside an epoch, from host timers only (no device sync): step, samples/s, ETA."""
+
+    def __init__(self, run: WorkerRun, epoch: int, steps: int) -> None:
+        self.every = run.cfg.tracking.progress_seconds if run.rank == 0 else 0
+        self.run, self.epoch, self.steps = run, epoch, steps
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, step: int, input_wait: float) -> None:
+        if not self.every or step == 0:
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = step * self.run.cfg.train.batch_size / (now - self.start)
+        eta = (self.steps - step) * (now - self.start) / step
+        print(
+            f"[train] epoch {self.epoch + 1}/{self.run.cfg.train.epochs}: step {step}/{self.steps} "
+            f"({100 * step / self.steps:.0f} %), {rate:.0f} samples/s, ETA {eta:.0f} s, input wait {input_wait:.1f} s",
+            flush=True,
+        )
+
+
 class WorkerRun:
     """One worker's run: set up from the plan and the last checkpoint, then train epoch by epoch."""
 
@@ -401,6 +425,7 @@ class WorkerRun:
         val_units = [Slice(**s) for s in plan.val_slices]
         eval_batch = max(self.per_worker_batch, 256)
         self.stream = None
+        self.tracker = None
         self.fatal: str | None = None
         self.dummy = DummyBatch(plan, self.train_read, self.per_worker_batch, device)
         my_val = contiguous_shares(val_units, self.world)[self.rank]
@@ -480,10 +505,12 @@ class WorkerRun:
         stats = EpochStats(self.device, self.k, self.plan.num_classes)
         self.step_fn.model.train()
         spec = self.plan.spec
+        progress = Progress(self, epoch, steps)
         for step in range(steps):
             t0 = time.perf_counter()
             batch = self._next_batch(self.stream)
             stats.input_wait += time.perf_counter() - t0
+            progress.tick(step, stats.input_wait)
             images = normalize(batch["image"], spec["mean"], spec["std"])
             if cfg.train.channels_last and self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -644,10 +671,16 @@ class WorkerRun:
         import ray.train
 
         self.history.append(record)
-        metrics = {k: v for k, v in record.items() if k != "class_weight"}
+        metrics = {k: v for k, v in record.items() if k not in ("class_weight", "workers")}  # numbers only
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        if self.tracker is None:
+            from pipeline.tracking import Tracker
+
+            name = self.plan.run_dir.rstrip("/").rsplit("/", 1)[-1]
+            self.tracker = Tracker(self.cfg.tracking, self.plan.run_dir, name, self.plan.cfg)
+        self.tracker.log(record, epoch + 1)
         terms = ", ".join(
             f"{n} {v:.3f}" for n, v in record.items() if n.startswith("train_") and n != "train_top1"
         )
@@ -702,3 +735,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[train] rank {run.rank} stopping: a stored file could not be used")
             return
         run.report(epoch, record)
+    if run.tracker is not None:
+        run.tracker.close()

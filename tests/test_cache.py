@@ -103,7 +103,7 @@ def test_int8_features_and_topk_logits_within_stated_bounds(cached):
     # plus 2^-11·|x| because teacher maps travel from the inference actors to the writers in float16
     q, scale = rows["t0_feat"], rows["t0_feat_scale"].astype(np.float32)
     assert q.dtype == np.int8 and scale.shape == (64, fmap.shape[1])
-    deq = q.astype(np.float32) * scale[:, :, None, None]
+    deq = cache.dequantize_int8(q, scale)
     bound = np.abs(fmap).reshape(64, fmap.shape[1], -1).max(-1) / 127 * 0.5 * (1 + 2**-8)
     assert (np.abs(deq - fmap) <= bound[:, :, None, None] + 2**-11 * np.abs(fmap) + 1e-7).all()
     # top-k logits travel raw (decoded on the training device); the k largest are exact (fp16), the tail keeps

@@ -30,6 +30,7 @@ EXACT_PARAMS = {
     "resnet110": 1_736_564,
     "resnet8x4": 1_233_540,
     "resnet32x4": 7_433_860,
+    "ResNet50": 23_705_252,
     "wrn_16_1": 180_916,
     "wrn_16_2": 703_284,
     "wrn_40_1": 569_780,
@@ -46,6 +47,7 @@ EXACT_PARAMS = {
 }
 PAPER_PARAMS_M = {
     "resnet32x4": 7.43,
+    "ResNet50": 23.71,
     "resnet8x4": 1.23,
     "wrn_40_2": 2.26,
     "resnet56": 0.86,
@@ -125,6 +127,7 @@ def test_head_state_dict_is_exactly_the_classifier(name: str) -> None:
     "name,shape",
     [
         ("resnet32x4", (2, 256, 8, 8)),
+        ("ResNet50", (2, 2048, 4, 4)),
         ("resnet8x4", (2, 256, 8, 8)),
         ("resnet56", (2, 64, 8, 8)),
         ("wrn_40_2", (2, 128, 8, 8)),

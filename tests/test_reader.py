@@ -9,16 +9,15 @@ from pipeline import ingest, storage
 from pipeline.collectives import CollectiveDeviceError, Collectives
 from pipeline.config import validate
 from pipeline.reader import (
-    ReadPlan,
     Slice,
     build_dataset,
     contiguous_shares,
     epoch_shares,
+    image_plan,
     items,
     row_group_slices,
     split_ranges,
 )
-from pipeline.views import make_view_spec
 
 
 def _units(parts=5, rows=100, group=32, last=60):
@@ -109,14 +108,7 @@ def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray
     quiet_ray_data(preserve_order=True)
     try:
         units = row_group_slices(meta, "train", 0, meta.split("train").rows)
-        plan = ReadPlan(
-            storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
-            "train",
-            None,
-            make_view_spec(cfg, meta.encoding).to_dict(),
-            meta.row_group_rows,
-            meta.num_classes,
-        )
+        plan = image_plan(cfg, meta)
         seen = []
         for epoch in (0, 1):
             share = epoch_shares(units, 0, epoch, 1, 16)[0]

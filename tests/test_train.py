@@ -134,3 +134,46 @@ def test_teacher_trained_here_is_imported_by_precompute(ray_cluster, tmp_path):
     model = teachers.build_model(ref)  # weights_only load of the file the trainer wrote
     assert isinstance(model, models.FeatureClassifier)
     assert teacher_stage.run_stage(cfg)[0]["id"] == ref.id, "a second `teachers` run must not retrain"
+
+
+def test_runs_write_tensorboard_events_and_an_mlflow_store(cached, tmp_path):
+    """Tracking: TensorBoard event files (read back with TensorBoard's own reader) and a real MLflow store
+    (sqlite) hold the run's per-epoch metrics, the same values as its summary."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = with_updates(
+        cached[0],
+        {
+            "strategy.name": "aver",
+            "strategy.teachers": ["t1", "t2"],
+            "train.epochs": 2,
+            "train.export": False,
+            "tracking.mlflow": {"uri": store, "experiment": "camkd-test"},
+        },
+    )
+    summary = train.fit(cfg, cached[2], str(tmp_path / "runs"), "tracked")
+    events = EventAccumulator(str(tmp_path / "runs" / "tracked" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"val_top1", "train_kd", "weight/t1", "lr", "samples_per_s", "test_top1"} <= set(tags), tags
+    val = [(e.step, e.value) for e in events.Scalars("val_top1")]
+    assert val == [(h["epoch"], pytest.approx(h["val_top1"], abs=1e-6)) for h in summary["history"]]
+    mlflow.set_tracking_uri(store)
+    run = mlflow.search_runs(experiment_names=["camkd-test"], output_format="list")[0]
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_top1")
+    assert [(m.step, m.value) for m in history] == [(h["epoch"], h["val_top1"]) for h in summary["history"]]
+    assert run.info.run_name == "tracked" and run.data.params["strategy.name"] == "aver"
+
+
+def test_the_python_api_returns_typed_results(cached):
+    from pipeline import api
+
+    cfg, _, meta, *_ = cached
+    again = api.load(None, {"root": cfg.root, "data": cfg.data.model_dump(mode="json"), "train.epochs": 2})
+    assert again.train.epochs == 2 and again.root == cfg.root
+    assert api.ingest(again).fingerprint == meta.fingerprint
+    result = api.precompute(cfg)
+    assert isinstance(result, api.PrecomputeResult) and result.renders == 0
+    assert [t["computed_parts"] for t in result.teachers] == [0, 0]

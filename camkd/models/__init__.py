@@ -21,6 +21,7 @@ from .resnet import (
     resnet56,
     resnet110,
 )
+from .resnetv2 import ResNet50
 from .shufflenetv1 import ShuffleV1
 from .shufflenetv2 import ShuffleV2
 from .tvision import SUPPORTED as TORCHVISION_FAMILIES
@@ -42,6 +43,7 @@ _ZOO: dict[str, Callable[..., FeatureClassifier]] = {
     "resnet110": resnet110,
     "resnet8x4": resnet8x4,
     "resnet32x4": resnet32x4,
+    "ResNet50": ResNet50,  # RepDistiller's CIFAR ResNet50 (bottleneck, 23.7 M parameters at 100 classes)
     "wrn_16_1": wrn_16_1,
     "wrn_16_2": wrn_16_2,
     "wrn_40_1": wrn_40_1,
