@@ -100,6 +100,30 @@ def bytes_per_sample(ref, rows: int = 256) -> dict[str, float]:
     return out
 
 
+def precision_error(ref, device, rows: int = 256) -> dict[str, float | str]:
+    """What bf16 inference does to a teacher's outputs and to the KD targets cached from them, against fp32."""
+    model = teachers.build_model(ref).to(device)
+    x = torch.randn(rows, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        f32 = model.forward_features(x)
+        z32 = model.forward_head(f32).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            f16 = model.forward_features(x)
+            z16 = model.forward_head(f16).float()
+    f16 = f16.float()
+    p32, p16 = torch.softmax(z32 / 4, 1), torch.softmax(z16 / 4, 1)
+    kl = (p32 * (p32.clamp_min(1e-12).log() - p16.clamp_min(1e-12).log())).sum(1).mean()
+    return {
+        "device": str(device),
+        "logits_max_abs": float((z16 - z32).abs().max()),
+        "logits_rel": float((z16 - z32).norm() / z32.norm()),
+        "features_rel": float((f16 - f32).norm() / f32.norm()),
+        "kd_target_max_abs": float((p16 - p32).abs().max()),
+        "kd_target_kl": float(kl),
+        "top1_agreement": float((z16.argmax(1) == z32.argmax(1)).float().mean()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1536)
@@ -196,6 +220,14 @@ def main() -> None:
             f"   (first item after {first:.1f} s)"
         )
         print(f"renders: {rows[0]['renders']} for {total} (image, view) pairs and {len(refs)} teachers")
+    error = precision_error(refs[0], device)
+    result["bf16_vs_fp32"] = error
+    print(
+        f"bf16 autocast vs fp32 ({error['device']}, one batch of 256): logits max |Δ| {error['logits_max_abs']:.3g} "
+        f"(rel {error['logits_rel']:.2e}), maps rel {error['features_rel']:.2e}, KD targets softmax(z/4): "
+        f"max |Δp| {error['kd_target_max_abs']:.2e}, mean KL {error['kd_target_kl']:.2e}, top-1 agreement "
+        f"{error['top1_agreement']:.4f}"
+    )
     sizes = bytes_per_sample(refs[0])
     shutil.rmtree(root, ignore_errors=True)
     result["bytes_per_sample_per_view"] = sizes

@@ -344,7 +344,10 @@ class TrainConfig(Strict):
         3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
     )
     keep_checkpoints: int = Field(2, ge=1)
-    export: bool = Field(True, description="write student.pt and a torch.export artifact at the end")
+    export: bool = Field(
+        True,
+        description="also write a torch.export artifact (student.pt2) at the end; student.pt is always written",
+    )
 
     @field_validator("milestones")
     @classmethod

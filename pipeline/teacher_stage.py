@@ -60,6 +60,7 @@ def teacher_config(cfg: Config, teacher: TeacherConfig) -> Config:
             "train.label_swaps": [list(p) for p in t.label_swaps],
             "train.limit_train": t.limit_train,
             "train.seed": t.seed,
+            "train.export": False,  # the teacher file is student.pt; no torch.export artifact needed
             "train.milestones": [m for m in (int(t.epochs * 0.5), int(t.epochs * 0.75)) if 0 < m < t.epochs]
             if t.epochs >= 4
             else [],

@@ -257,8 +257,7 @@ def fit(
         "resumes": history[-1].get("resumes", 0),
         "history": history,
     }
-    if cfg.train.export:
-        summary["exports"] = export_student(cfg, plan, state["best_student"], run_dir, log=log)
+    summary["exports"] = export_student(cfg, plan, state["best_student"], run_dir, log=log)
     storage.write_json(summary_url, summary)
     log(
         f"[train] {name}: best val top-1 {summary['best_val_top1']:.4f} after {summary['epochs']} epochs "
@@ -270,8 +269,8 @@ def fit(
 def export_student(
     cfg: Config, plan: TrainPlan, student_state: dict, run_dir: str, log=print
 ) -> dict[str, str]:
-    """student.pt (state_dict + config, importable as a teacher) and student.pt2 (torch.export, for serving), from
-    the weights of the best validation epoch."""
+    """student.pt (state_dict + config, importable as a teacher), always, and with `train.export` student.pt2
+    (torch.export, for serving; a few seconds per run), from the weights of the best validation epoch."""
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     student.load_state_dict(student_state)
     student.eval()
@@ -279,6 +278,8 @@ def export_student(
     pt_url = storage.join(run_dir, "student.pt")
     teachers.save_model_file(pt_url, student, extra)
     out = {"state_dict": pt_url}
+    if not cfg.train.export:
+        return out
     h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
     example = torch.zeros(2, plan.channels, h, w)
     try:

@@ -337,3 +337,13 @@ def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_
     b = cache.load_manifest(store.replace(str(tmp_path / "a"), str(tmp_path / "b")))
     assert [p.digest for p in a.views[0].parts] == [p.digest for p in b.views[0].parts], "resumed = clean run"
     assert not [n for n in storage.listdir(vdir) if storage.TMP_MARK in n]
+
+
+@pytest.mark.fault
+def test_asking_for_gpus_the_cluster_lacks_is_a_clear_error(cached, tmp_path):
+    cfg, _, meta, *_ = cached
+    gpu = with_updates(_copy(cfg, tmp_path), {"cache.use_gpu": True, "views.count": 3})
+    with pytest.raises(
+        CacheError, match=r"cache.use_gpu is true but the cluster has no GPU.*cache.wait_for_gpus"
+    ):
+        precompute.run_stage(gpu)
