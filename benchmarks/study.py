@@ -12,7 +12,8 @@ Arms (every camkd arm is the authors' semantics unless it says otherwise; V = ca
 
     python benchmarks/study.py [--root ./camkd-runs] [--seeds 3] [--epochs 15] [--train-rows 2700]
 
-Resumable: finished runs are not trained again. `--groups ab` runs some groups only.
+Resumable: finished runs are not trained again. `--groups ab` runs some groups only; `--report-only` writes the
+tables from the runs finished so far.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main() -> None:
         "--train-rows", type=int, default=2700, help="training rows per student (a stratified prefix)"
     )
     ap.add_argument("--groups", default="abcd")
+    ap.add_argument(
+        "--report-only", action="store_true", help="tables from the runs finished so far; trains nothing"
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "study"))
     args = ap.parse_args()
 
@@ -97,14 +101,20 @@ def main() -> None:
     )["name"]
     todo = [a for a in arms(args.epochs, best_teacher) if a[0] in args.groups]
     for features in sorted({u.get("cache.features", "fp16") for _, _, u in todo}):
-        precompute.run_stage(with_updates(base, {"views.count": args.epochs, "cache.features": features}))
+        if not args.report_only:
+            precompute.run_stage(with_updates(base, {"views.count": args.epochs, "cache.features": features}))
     runs_root = storage.runs_dir(base.root, base.experiment)
     results: dict[str, dict] = {}
     started = time.time()
     for group, name, updates in todo:
         for seed in range(args.seeds):
             cfg = with_updates(base, {**updates, "train.seed": seed})
-            summary = train.fit(cfg, meta, runs_root, f"{slug(name)}-s{seed}")
+            run = f"{slug(name)}-s{seed}"
+            if args.report_only:
+                url = storage.join(runs_root, run, train.SUMMARY_FILE)
+                if not storage.exists(url) or storage.read_json(url).get("status") != "finished":
+                    continue
+            summary = train.fit(cfg, meta, runs_root, run)
             last = summary["history"][-1]
             entry = results.setdefault(name, {"group": group, "runs": []})
             entry["runs"].append(

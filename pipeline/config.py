@@ -6,6 +6,7 @@ allowed. Stages receive validated `Config` objects and never read the environmen
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -727,7 +728,12 @@ def bind_config(url: str, cfg: Config, neutral: tuple[str, ...], what: str, fix:
 
     new = cfg.model_dump(mode="json")
     if storage.exists(url):
-        diff = [d for d in config_diff(storage.read_json(url)["config"], new) if not d.startswith(neutral)]
+        old = storage.read_json(url)["config"]
+        # Fields added since the folder was started compare as their defaults, not as "missing"; when a field
+        # has since been removed or renamed, the stored dump is compared as it is.
+        with contextlib.suppress(ValidationError):
+            old = type(cfg).model_validate(old).model_dump(mode="json")
+        diff = [d for d in config_diff(old, new) if not d.startswith(neutral)]
         if diff:
             raise BindingError(f"{what} was started with a different config ({'; '.join(diff[:6])}). {fix}")
     else:

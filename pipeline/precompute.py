@@ -198,18 +198,24 @@ def _summary_row(ref: teachers.TeacherRef, manifest: Manifest, store: str, compu
 
 
 @lru_cache(maxsize=64)
-def _feature_shape(ref: teachers.TeacherRef, channels: int, height: int, width: int) -> tuple[int, ...]:
+def _probe(ref: teachers.TeacherRef, channels: int, height: int, width: int) -> tuple[tuple[int, ...], int]:
+    """(C, H, W of the feature map, bytes of weights and buffers) of one teacher."""
     import torch
 
     model = teachers.build_model(ref)
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with torch.no_grad():
-        return tuple(model.forward_features(torch.zeros(1, channels, height, width)).shape[1:])
+        return tuple(model.forward_features(torch.zeros(1, channels, height, width)).shape[1:]), nbytes
+
+
+def _probe_of(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> tuple[tuple[int, ...], int]:
+    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
+    return _probe(ref, meta.channels, h, w)
 
 
 def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
     """C, H, W of the teacher's feature map on this dataset's views (one probe forward per teacher and run)."""
-    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
-    return list(_feature_shape(ref, meta.channels, h, w))
+    return list(_probe_of(ref, meta, spec)[0])
 
 
 def _write_head(ref: teachers.TeacherRef, tdir: str) -> dict[str, Any]:
@@ -291,23 +297,26 @@ def _actor_range(cfg: Config, use_gpu: bool, items: int) -> tuple[int, int]:
 
 def _memory_requests(ps: PrecomputeSpec, meta: DatasetMeta) -> dict[str, int]:
     """Heap each stage holds for one item (the largest image part), asked of Ray so that the items in flight
-    fit: rendered pixels, fp32 logits + fp16 maps of every teacher, and their encoded copies. Requests that
+    fit: rendered pixels, the teachers' weights, fp32 logits + fp16 maps of every teacher, and their encoded
+    copies. Requests that
     differ also keep Ray Data from fusing the stages into one process."""
     rows = max(p.rows for p in meta.split("train").parts)
     spec = ViewSpec.from_dict(ps.spec)
     pixels = int(np.prod(meta.image_shape)) if meta.image_shape else 3 * spec.size * spec.size
-    outputs = 0
+    outputs = weights = 0
     for t in ps.teachers:
         ref = teachers.TeacherRef.from_dict(t)
-        maps = 2 * int(np.prod(feature_shape(ref, meta, spec))) if ps.fmt.features != "none" else 0
+        shape, nbytes = _probe_of(ref, meta, spec)
+        maps = 2 * int(np.prod(shape)) if ps.fmt.features != "none" else 0
         outputs += rows * (4 * meta.num_classes + maps)
+        weights += nbytes
     task, actor = (
         192 * 2**20,
         768 * 2**20,
     )  # a Ray worker process; one that has imported torch and the teachers
     return {
         "render": task + 3 * rows * pixels,
-        "infer": actor + 2 * rows * pixels + 2 * outputs,
+        "infer": actor + 2 * weights + 2 * rows * pixels + 2 * outputs,  # weights: the file and the model
         "write": task + 3 * outputs + 1,
     }
 

@@ -12,6 +12,7 @@ int8 features travel as stored and are expanded on the training device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -322,16 +323,20 @@ def build_dataset(
         remote_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": strategy}
     blocks = max(1, -(-len(read_items) // items_per_task))
     ds = ray.data.from_items(read_items, override_num_blocks=blocks)
-    return ds.map_batches(
-        read_slices,
-        fn_kwargs={"plan": plan},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=read_cpus,
-        memory=read_memory_bytes(plan),
-        concurrency=read_tasks,
-        **remote_args,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn; its named replacement (label_selector + fallback_strategy) has
+        # no soft node affinity yet, and a hard one would stall a worker whose node is busy.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.* is deprecated")
+        return ds.map_batches(
+            read_slices,
+            fn_kwargs={"plan": plan},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=read_cpus,
+            memory=read_memory_bytes(plan),
+            concurrency=read_tasks,
+            **remote_args,
+        )
 
 
 def teacher_outputs_from_batch(

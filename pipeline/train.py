@@ -190,6 +190,7 @@ def fit(
     if storage.exists(summary_url):
         summary = storage.read_json(summary_url)
         if summary.get("status") == "finished":
+            _check_same_run(run_dir, cfg)  # a finished run of another config is not this run's result
             log(
                 f"[train] {name}: already finished (best val top-1 {summary['best_val_top1']:.4f}); "
                 f"summary at {summary_url}. Delete {run_dir} to train it again"

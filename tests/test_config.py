@@ -161,3 +161,25 @@ def test_relative_paths_are_resolved_once_where_the_config_is_validated(tmp_path
     assert validate({"root": "s3://bucket/prefix/"}).root == "s3://bucket/prefix"
     monkeypatch.chdir("/")
     assert validate(cfg.model_dump(mode="json")).root == str(tmp_path / "runs"), "validated again: unchanged"
+
+
+def test_a_folder_is_bound_to_its_config_and_survives_fields_added_since(tmp_path):
+    """bind_config refuses a different config, but a folder started before a field existed is not 'different'
+    for that field when the field holds its default (a resumed run after an upgrade)."""
+    import json
+
+    from pipeline.config import BindingError, bind_config, with_updates
+
+    cfg = validate({"root": str(tmp_path)}, "test")
+    url = str(tmp_path / "run.json")
+    bind_config(url, cfg, (), "run x", "fix")
+    stored = json.loads(Path(url).read_text())
+    del stored["config"]["data"]["image_column"]  # as written by a version without that field
+    Path(url).write_text(json.dumps(stored))
+    bind_config(url, cfg, (), "run x", "fix")  # the default: the same config
+    with pytest.raises(
+        BindingError, match=r"run x was started with a different config \(train\.lr: None → 0\.1\)"
+    ):
+        bind_config(url, with_updates(cfg, {"train.lr": 0.1}), (), "run x", "fix")
+    with pytest.raises(BindingError, match=r"data\.image_column: 'image' → 'img'"):
+        bind_config(url, with_updates(cfg, {"data.image_column": "img"}), (), "run x", "fix")
