@@ -204,6 +204,25 @@ def test_confidence_weights_properties():
     assert w.requires_grad is False
 
 
+def test_a_confidently_wrong_teacher_loses_weight_on_its_swapped_classes_only_with_labels():
+    """The quickstart's `swapped` teacher in miniature: two teachers right everywhere (moderately sure), one
+    confidently right on classes 2-9 and confidently wrong on 0 and 1 (their labels exchanged). CA-MKD's
+    label-aware weight for it falls on exactly classes 0 and 1; EBKD's label-free weight rises there, since it is
+    sure of itself."""
+    g = torch.Generator().manual_seed(0)
+    b, c = 400, 10
+    labels = torch.arange(b) % c
+    good = [F.one_hot(labels, c).float() * 3 + torch.randn(b, c, generator=g) * 0.3 for _ in range(2)]
+    swap = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7, 8, 9])[labels]
+    wrong = F.one_hot(swap, c).float() * 8 + torch.randn(b, c, generator=g) * 0.3
+    teachers = torch.stack([*good, wrong])
+    camkd_w = losses.confidence_weights(teachers, labels)[2]
+    ebkd_w = losses.entropy_weights(teachers)[2]
+    on = labels < 2
+    assert camkd_w[on].mean() < 0.5 * camkd_w[~on].mean(), (camkd_w[on].mean(), camkd_w[~on].mean())
+    assert ebkd_w[on].mean() >= ebkd_w[~on].mean() * 0.99, (ebkd_w[on].mean(), ebkd_w[~on].mean())
+
+
 def test_one_teacher_is_a_clear_error():
     with pytest.raises(ValueError, match=r"at least 2 teachers.*K=1.*'kd'"):
         losses.confidence_weights(torch.randn(1, 4, 3), torch.zeros(4, dtype=torch.long))
