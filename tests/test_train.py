@@ -85,7 +85,7 @@ def test_same_run_name_with_another_config_is_refused(one_worker, cached):
         train._check_same_run(os.path.join(out, "w1"), other)
     # w1 has finished: its summary is not handed back as the result of another config either
     with pytest.raises(BindingError, match=r"strategy\.beta: 5\.0 → 10\.0"):
-        train.fit(other, cached[2], out, "w1")
+        train.fit(other, cached[2], str(out), "w1")
 
 
 def test_cached_and_online_first_step_agree(cached):
