@@ -59,7 +59,13 @@ def arms(epochs: int, best_teacher: str) -> list[tuple[str, str, dict]]:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "=." else "-" for c in name).replace("=", "").strip("-")
+    """An ASCII run name for an arm ("camkd β=0.5" → "camkd-beta0.5"): Ray Train's metric tags take ASCII only."""
+    name = name.replace("β", "beta")
+    return (
+        "".join(c if (c.isascii() and c.isalnum()) or c in "=." else "-" for c in name)
+        .replace("=", "")
+        .strip("-")
+    )
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

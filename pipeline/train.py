@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from dataclasses import asdict
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from camkd import models, strategy_class
 from pipeline import storage, teachers
 from pipeline.cache import check_manifest_dataset, check_parts_present, find_store, output_format
-from pipeline.config import Config, bind_config
+from pipeline.config import NAME_RE, Config, ConfigError, bind_config
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.reader import Slice, row_group_slices, split_ranges
 from pipeline.views import make_view_spec, view_for_epoch
@@ -185,6 +186,11 @@ def fit(
 
     from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 
+    if not re.fullmatch(NAME_RE, name):
+        raise ConfigError(
+            f"run name {name!r}: use ASCII letters, digits, '_', '.' and '-' (at most 64, starting with a letter "
+            "or digit); Ray Train tags its metrics with the name and takes ASCII only"
+        )
     run_dir = storage.join(storage_path, name)
     summary_url = storage.join(run_dir, SUMMARY_FILE)
     if storage.exists(summary_url):

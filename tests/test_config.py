@@ -183,3 +183,14 @@ def test_a_folder_is_bound_to_its_config_and_survives_fields_added_since(tmp_pat
         bind_config(url, with_updates(cfg, {"train.lr": 0.1}), (), "run x", "fix")
     with pytest.raises(BindingError, match=r"data\.image_column: 'image' → 'img'"):
         bind_config(url, with_updates(cfg, {"data.image_column": "img"}), (), "run x", "fix")
+
+
+def test_a_run_name_ray_cannot_tag_is_refused_before_anything_runs(tmp_path):
+    """A non-ASCII run name once failed inside Ray Train's controller (its metric tags take ASCII only), after
+    three worker-group restarts; it is refused up front, naming the rule."""
+    from pipeline import train
+
+    cfg = validate({"root": str(tmp_path)}, "test")
+    with pytest.raises(ConfigError, match=r"run name 'camkd-β0\.5': use ASCII letters, digits"):
+        train.fit(cfg, None, str(tmp_path), "camkd-β0.5")
+    assert not list(tmp_path.iterdir()), "nothing was written"
