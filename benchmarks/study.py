@@ -92,6 +92,7 @@ def main() -> None:
         base,
         {
             "experiment": "study",
+            "strategy.beta": 50.0,  # the authors' β, whatever the quickstart uses
             "train.epochs": args.epochs,
             "train.milestones": [int(args.epochs * 2 / 3), int(args.epochs * 0.87)],
             "train.limit_train": args.train_rows,
