@@ -21,7 +21,7 @@ import torch
 from camkd import models, strategy_class
 from pipeline import storage, teachers
 from pipeline.cache import check_manifest_dataset, check_parts_present, find_store, output_format
-from pipeline.config import NAME_RE, Config, ConfigError, bind_config
+from pipeline.config import Config, ConfigError, bind_config
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.reader import Slice, row_group_slices, split_ranges
 from pipeline.views import make_view_spec, view_for_epoch
@@ -38,6 +38,11 @@ from pipeline.worker import (
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (non-finite loss, failed workers, bad setup)."""
+
+
+# A run is a folder (local or object store) and a Ray Train run name: ASCII, no separators (default names look
+# like "resnet8-camkd-good-a+good-b", "torchvision:resnet18-ce").
+RUN_NAME_RE = r"[A-Za-z0-9_+:=-][A-Za-z0-9_.+:=-]{0,127}"
 
 
 def run_name_for(cfg: Config) -> str:
@@ -186,10 +191,10 @@ def fit(
 
     from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 
-    if not re.fullmatch(NAME_RE, name):
+    if not re.fullmatch(RUN_NAME_RE, name):
         raise ConfigError(
-            f"run name {name!r}: use ASCII letters, digits, '_', '.' and '-' (at most 64, starting with a letter "
-            "or digit); Ray Train tags its metrics with the name and takes ASCII only"
+            f"run name {name!r}: use ASCII letters, digits and _ . - + : = (at most 128, not starting with a dot, no spaces or slashes); "
+            "Ray Train tags its metrics with the name and takes ASCII only"
         )
     run_dir = storage.join(storage_path, name)
     summary_url = storage.join(run_dir, SUMMARY_FILE)

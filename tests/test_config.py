@@ -191,6 +191,6 @@ def test_a_run_name_ray_cannot_tag_is_refused_before_anything_runs(tmp_path):
     from pipeline import train
 
     cfg = validate({"root": str(tmp_path)}, "test")
-    with pytest.raises(ConfigError, match=r"run name 'camkd-β0\.5': use ASCII letters, digits"):
+    with pytest.raises(ConfigError, match=r"run name .camkd-β0\.5.: use ASCII letters, digits and"):
         train.fit(cfg, None, str(tmp_path), "camkd-β0.5")
     assert not list(tmp_path.iterdir()), "nothing was written"
