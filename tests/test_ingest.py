@@ -104,13 +104,18 @@ def test_idx_gz_fashion_mnist_layout(tmp_path):
     assert ingest.ingest(cfg, log=logs.append).fingerprint != meta.fingerprint
 
 
-def test_uncompressed_idx_and_memory_filesystem(tmp_path):
-    src = tmp_path / "mnist"
+def uncompressed_idx_source(src, seed: int, train: int, test: int):
+    """A folder of uncompressed MNIST-style idx files: random 28×28 images, labels cycling through 10 classes."""
     src.mkdir()
-    rng = np.random.default_rng(3)
-    for prefix, n in (("train", 12), ("t10k", 5)):
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
         write_idx(src / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)), compress=False)
         write_idx(src / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
+    return src
+
+
+def test_uncompressed_idx_and_memory_filesystem(tmp_path):
+    src = uncompressed_idx_source(tmp_path / "mnist", seed=3, train=12, test=5)
     cfg = validate(
         {"root": "memory://camkd-test", "data": {"source": "mnist", "path": str(src), "rows_per_part": 5}}
     )
@@ -339,12 +344,7 @@ def _views_render(cfg, meta):
 def test_ingest_decides_done_from_size_and_mtime_and_verify_rehashes(tmp_path):
     """An unchanged source is not re-read: the fingerprint comes from the stored (path, size, mtime) index. The
     documented blind spot: same size and the old mtime restored; --verify re-hashes and sees it."""
-    src = tmp_path / "fm"
-    src.mkdir()
-    rng = np.random.default_rng(6)
-    for prefix, n in (("train", 40), ("t10k", 10)):
-        write_idx(src / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)), compress=False)
-        write_idx(src / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
+    src = uncompressed_idx_source(tmp_path / "fm", seed=6, train=40, test=10)
     cfg = validate({"root": str(tmp_path / "root"), "data": {"source": "idx", "path": str(src)}})
     first = ingest.ingest(cfg)
     labels = src / "train-labels-idx1-ubyte"

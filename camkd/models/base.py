@@ -90,3 +90,13 @@ class FeatureClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, in_chans={self.in_chans}, num_classes={self.num_classes}"
+
+
+def init_resnet_weights(model: nn.Module) -> None:
+    """RepDistiller's ResNet initialisation: Kaiming-normal (fan_out) convolutions, unit-weight zero-bias norms."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
