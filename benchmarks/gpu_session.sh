@@ -1,29 +1,59 @@
 #!/usr/bin/env bash
-# The GPU checks, in priority order, for a lent GPU machine (one GPU, no network, no Ray preinstalled). Run it
-# after the Ray wheels are installed (see ../shared/tools/device-ray-wheels; add xxhash, safetensors and PyYAML
-# wheels to .whl2 if the machine lacks them) with PYTHONPATH=/tmp/site:$PWD. Each step writes its output and its
-# one JSON line under $OUT (default ./gpu-out); a step that fails does not stop the next.
+# The GPU checks, in priority order, for a lent GPU machine (one GPU, no network, no Ray preinstalled), inside one
+# time budget. Run it after the Ray wheels are installed (see the project's notes on GPU sessions) with
+# PYTHONPATH=/tmp/site:$PWD; without Ray the Ray steps fail and the others still run.
 #
-#   1. the real loop through Ray Train on one GPU (NCCL process group, every collective on the device) and the
-#      Ray path ÷ in-memory ratio, batch 256, cached CA-MKD (3 × resnet32x4 → resnet8x4)
-#   2. the same at batch 64, and cached ÷ CE at both batches (in-memory)
-#   3. precompute on the GPU: 3 teachers in one pass, fp32 and bf16 (plain loop), then the Ray pipeline
+#   BUDGET=500 OUT=./gpu-out bash benchmarks/gpu_session.sh
+#
+#   1. ray_b256: the real loop through Ray Train + Ray Data on one GPU (NCCL process group: every collective on the
+#      device) and the Ray path ÷ in-memory ratio, batch 256, cached CA-MKD (3 × resnet32x4 → resnet8x4), with
+#      cached ÷ CE and cached ÷ online in memory
+#   2. in-memory at batch 64; 3. channels_last and 4. bf16 autocast at batch 256
+#   5. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline
+#   6. torch.compile of student + strategy at batch 256
+# Each step's output goes to $OUT/session.log and its last line (one JSON object) to $OUT/results.jsonl; a step
+# that fails does not stop the next; a step that would not finish inside BUDGET seconds is cut or skipped.
 set -u
 OUT="${OUT:-./gpu-out}"
+BUDGET="${BUDGET:-500}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
-step() {  # name, command...
-  local name=$1
-  shift
-  echo "=== $name: $*" | tee -a "$OUT/steps.txt"
-  if timeout 900 "$@" >"$OUT/$name.log" 2>&1; then echo "ok" >>"$OUT/steps.txt"; else echo "FAILED ($?)" >>"$OUT/steps.txt"; fi
-  tail -n 1 "$OUT/$name.log" >"$OUT/$name.json"
+export PYTHONUNBUFFERED=1
+deadline=$(($(date +%s) + BUDGET))
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+python3 -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)' >>"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+step() { # name, timeout, command...
+  local name=$1 limit=$2 left rc start
+  shift 2
+  left=$((deadline - $(date +%s) - 5))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then
+    echo "=== $name: skipped (budget spent)" | tee -a "$OUT/session.log"
+    echo "{\"step\": \"$name\", \"skipped\": true}" >>"$OUT/results.jsonl"
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/session.log"
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.tmp" 2>&1
+  rc=$?
+  cat "$OUT/$name.tmp" >>"$OUT/session.log"
+  echo "=== $name: rc $rc in $(($(date +%s) - start)) s" | tee -a "$OUT/session.log"
+  if ((rc == 0)); then
+    printf '{"step": "%s", "seconds": %d, "result": %s}\n' "$name" $(($(date +%s) - start)) \
+      "$(tail -n 1 "$OUT/$name.tmp")" >>"$OUT/results.jsonl"
+  else
+    printf '{"step": "%s", "rc": %d}\n' "$name" "$rc" >>"$OUT/results.jsonl"
+    tail -n 25 "$OUT/$name.tmp"
+  fi
+  rm -f "$OUT/$name.tmp"
 }
-step ray_b256 python benchmarks/train_throughput.py --device cuda --amp off --batch 256 --rounds 3 \
-  --ray-images 16384 --ray-epochs 3 --threads 8
-step ray_b64 python benchmarks/train_throughput.py --device cuda --amp off --batch 64 --rounds 3 \
-  --ray-images 8192 --ray-epochs 3 --threads 8
-step inmem_b256_bf16 python benchmarks/train_throughput.py --device cuda --amp bf16 --batch 256 --skip-ray
-step precompute_fp32 python benchmarks/precompute.py --device cuda --precision fp32 --images 16384 --batch 512 --skip-ray
-step precompute_bf16 python benchmarks/precompute.py --device cuda --precision bf16 --images 16384 --batch 512 --skip-ray
-cat "$OUT/steps.txt"
+tt="python3 benchmarks/train_throughput.py --device cuda --threads 8"
+step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 3
+step inmem_b64 60 $tt --batch 64 --steps 40 --rounds 3 --skip-ray
+step inmem_b256_channels_last 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
+  --opts channels_last
+step inmem_b256_bf16 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --amp bf16
+step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precision bf16 --images 16384 \
+  --batch 512 --rows-per-part 1024 --threads 8
+step inmem_b256_compile 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts compile
+cat "$OUT/results.jsonl"

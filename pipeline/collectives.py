@@ -31,6 +31,11 @@ class Collectives:
         return dist.is_available() and dist.is_initialized()
 
     @property
+    def backend(self) -> str:
+        """The process group's backend ("nccl", "gloo"), or "none" outside a process group."""
+        return str(dist.get_backend()) if self.active else "none"
+
+    @property
     def world(self) -> int:
         return dist.get_world_size() if self.active else 1
 

@@ -266,6 +266,7 @@ def fit(
         "wall_seconds": round(time.time() - started, 1),
         "checkpoint": result.checkpoint.path,
         "workers": next((h["workers"] for h in reversed(history) if "workers" in h), []),
+        "backend": next((h["backend"] for h in reversed(history) if "backend" in h), "none"),
         "resumes": history[-1].get("resumes", 0),
         "history": history,
     }

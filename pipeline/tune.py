@@ -122,7 +122,9 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
     if summary["epochs"] <= done_before:
         # The run had trained every epoch before this attempt (the driver died between the last epoch and Tune
         # recording it): nothing was reported this time, so hand Tune the last epoch's metrics from the record.
-        last = {k: v for k, v in summary["history"][-1].items() if k not in ("class_weight", "workers")}
+        last = {
+            k: v for k, v in summary["history"][-1].items() if k not in ("class_weight", "workers", "backend")
+        }
         ray.tune.report(last)
 
 

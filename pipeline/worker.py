@@ -626,6 +626,7 @@ class WorkerRun:
         }
         if epoch == self.start_epoch:
             record["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in self.placement]
+            record["backend"] = self.coll.backend
         for name, total in zip(names, term_sums):
             record[name if "/" in name else f"train_{name}"] = total / max(seen, 1)
         if self.k and class_count.sum() > 0:
@@ -671,7 +672,9 @@ class WorkerRun:
         import ray.train
 
         self.history.append(record)
-        metrics = {k: v for k, v in record.items() if k not in ("class_weight", "workers")}  # numbers only
+        metrics = {
+            k: v for k, v in record.items() if k not in ("class_weight", "workers", "backend")
+        }  # numbers only
         if self.rank != 0:
             ray.train.report(metrics)
             return
