@@ -10,7 +10,8 @@
 #      cached ÷ CE and cached ÷ online in memory
 #   2. in-memory at batch 64; 3. channels_last and 4. bf16 autocast at batch 256
 #   5. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline
-#   6. torch.compile of student + strategy at batch 256
+#   6. torch.compile of student + strategy at batch 256, 7. the same with channels_last
+# STEPS=ray_b256,precompute_bf16 runs only the steps named.
 # Each step's output goes to $OUT/session.log and its last line (one JSON object) to $OUT/results.jsonl; a step
 # that fails does not stop the next; a step that would not finish inside BUDGET seconds is cut or skipped.
 set -u
@@ -25,6 +26,7 @@ cat "$OUT/gpu.txt"
 step() { # name, timeout, command...
   local name=$1 limit=$2 left rc start
   shift 2
+  [[ -z "${STEPS:-}" || ",$STEPS," == *",$name,"* ]] || return 0
   left=$((deadline - $(date +%s) - 5))
   ((left < limit)) && limit=$left
   if ((limit < 20)); then
@@ -56,4 +58,6 @@ step inmem_b256_bf16 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --amp b
 step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precision bf16 --images 16384 \
   --batch 512 --rows-per-part 1024 --threads 8
 step inmem_b256_compile 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts compile
+step inmem_b256_compile_channels_last 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
+  --opts compile,channels_last
 cat "$OUT/results.jsonl"

@@ -388,14 +388,14 @@ def precompute_teachers(
                 .map_batches(
                     render_item,
                     fn_kwargs={"ps": ps},
-                    batch_size=None,
+                    batch_size=1,
                     num_cpus=cfg.cache.render_cpus,
                     memory=memory["render"],
                 )
                 .map_batches(
                     TeacherPool,
                     fn_constructor_kwargs={"ps": ps, "precision": cfg.cache.precision},
-                    batch_size=None,
+                    batch_size=1,
                     compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
                     num_cpus=cfg.cache.cpus_per_actor,
                     num_gpus=1 if use_gpu else 0,
@@ -404,7 +404,7 @@ def precompute_teachers(
                 .map_batches(
                     write_item,
                     fn_kwargs={"ps": ps},
-                    batch_size=None,
+                    batch_size=1,
                     num_cpus=cfg.cache.write_cpus,
                     memory=memory["write"],
                 )

@@ -60,15 +60,16 @@ def render_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, n
         rendered = render_eval(images, spec, ps.image_shape)
     else:
         rendered = render_train(images, idx, view, spec, ps.image_shape)
-    n = len(idx)
+    # One row per item (its arrays as tensor cells): every stage takes `batch_size=1`, which Ray Data requires of
+    # a GPU stage, and an item is never split across batches nor merged with another.
     return {
-        "idx": idx,
-        "label": rows["label"].to_numpy().astype(np.int64),
-        "pixels": rendered.pixels,
-        "part": np.full(n, part, dtype=object),
-        "view": np.full(n, view, dtype=np.int64),
-        "mask": np.full(n, mask, dtype=np.int64),
-        "renders": np.full(n, n, dtype=np.int64),  # images decoded and augmented for this item (all its rows)
+        "idx": idx[None],
+        "label": rows["label"].to_numpy().astype(np.int64)[None],
+        "pixels": rendered.pixels[None],
+        "part": np.array([part], dtype=object),
+        "view": np.array([view], dtype=np.int64),
+        "mask": np.array([mask], dtype=np.int64),
+        "renders": np.array([len(idx)], dtype=np.int64),  # images decoded and augmented for this item
     }
 
 
@@ -119,16 +120,17 @@ class TeacherPool:
         return np.concatenate(logits), (np.concatenate(feats) if features else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One item (one row, see render_item) → the same row with each teacher's outputs as tensor cells."""
         view, mask = int(batch["view"][0]), int(batch["mask"][0])
-        pixels = batch.pop("pixels")
+        pixels = batch.pop("pixels")[0]
         features = view != TEST and self.ps.fmt.features != "none"
         out = dict(batch)
         for k in range(len(self.ps.teachers)):
             if mask >> k & 1:
                 logits, feats = self.infer(k, pixels, features)
-                out[f"t{k}_logits"] = logits
+                out[f"t{k}_logits"] = logits[None]
                 if feats is not None:
-                    out[f"t{k}_feat"] = feats
+                    out[f"t{k}_feat"] = feats[None]
         return out
 
 
@@ -139,20 +141,20 @@ RECORD_KEYS = ("teacher", "part", "view", "rows", "bytes", "digest", "correct", 
 def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np.ndarray]:
     """Each teacher's outputs of one item → its cache part (then its receipt); one record row per teacher."""
     part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
-    idx, labels = batch["idx"], batch["label"]
+    idx, labels = batch["idx"][0], batch["label"][0]
     spec = ViewSpec.from_dict(ps.spec)
     out: dict[str, list] = {key: [] for key in RECORD_KEYS}
     renders = int(batch["renders"][0])
     for k, teacher in enumerate(ps.teachers):
         if not mask >> k & 1:
             continue
-        logits = batch[f"t{k}_logits"]
+        logits = batch[f"t{k}_logits"][0]
         if not np.isfinite(logits).all():
             raise CacheError(f"teacher {teacher['name']!r} produced non-finite logits on {part}, view {view}")
         correct = int((logits.argmax(1) == labels).sum())
         size, digest = 0, ""
         if view != TEST:
-            feats = batch.get(f"t{k}_feat")
+            feats = batch[f"t{k}_feat"][0] if f"t{k}_feat" in batch else None
             table = encode_outputs(idx, logits, feats, ps.fmt)
             meta = part_metadata(teacher["id"], ps.dataset_fp, spec, ps.fmt, view, part, len(idx))
             encoded = tables.encode_table(table, ps.group_rows, meta, ps.compression)
