@@ -11,7 +11,8 @@
 #   2. in-memory at batch 64; 3. channels_last and 4. bf16 autocast at batch 256
 #   5. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline
 #   6. torch.compile of student + strategy at batch 256, 7. the same with channels_last
-# STEPS=ray_b256,precompute_bf16 runs only the steps named.
+# STEPS=ray_b256,precompute_bf16 runs only the steps named; RAY_VARIANTS=compile,pin_off adds Ray-path CA-MKD runs
+# with those config changes (benchmarks/train_throughput.py --ray-variants); PRECOMPUTE_IMAGES sizes step 5.
 # Each step's output goes to $OUT/session.log and its last line (one JSON object) to $OUT/results.jsonl; a step
 # that fails does not stop the next; a step that would not finish inside BUDGET seconds is cut or skipped.
 set -u
@@ -50,12 +51,13 @@ step() { # name, timeout, command...
   rm -f "$OUT/$name.tmp"
 }
 tt="python3 benchmarks/train_throughput.py --device cuda --threads 8"
-step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 3
+step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 3 \
+  --ray-variants "${RAY_VARIANTS:-}"
 step inmem_b64 60 $tt --batch 64 --steps 40 --rounds 3 --skip-ray
 step inmem_b256_channels_last 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts channels_last
 step inmem_b256_bf16 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --amp bf16
-step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precision bf16 --images 16384 \
+step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precision bf16 --images "${PRECOMPUTE_IMAGES:-16384}" \
   --batch 512 --rows-per-part 1024 --threads 8
 step inmem_b256_compile 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts compile
 step inmem_b256_compile_channels_last 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \

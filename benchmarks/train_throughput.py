@@ -129,11 +129,28 @@ def in_memory_rates(
     return {m: statistics.median(v) for m, v in samples.items()}
 
 
+# Ray-path variants of the cached CA-MKD run (--ray-variants): config changes a GPU user would try.
+RAY_VARIANTS = {
+    "compile": {"train.compile": True},
+    "channels_last": {"train.channels_last": True},
+    "compile_channels_last": {"train.compile": True, "train.channels_last": True},
+    "pin_off": {"train.pin_memory": False},
+    "prefetch1": {"train.prefetch_batches": 1},
+}
+
+
 def ray_path(
-    n_images: int, epochs: int, threads: int, batch: int = 64, device: str = "cpu", amp: str = "off"
+    n_images: int,
+    epochs: int,
+    threads: int,
+    batch: int = 64,
+    device: str = "cpu",
+    amp: str = "off",
+    variants: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Steady-state samples/s (epochs after the first) of the real Ray Train + Ray Data pipeline: one worker
-    (one GPU with --device cuda, NCCL as the process group backend), its reader beside it."""
+    (one GPU with --device cuda, NCCL as the process group backend), its reader beside it. CE, cached CA-MKD,
+    then cached CA-MKD with each variant's config changes, on the same cache."""
     import ray
 
     from pipeline import precompute, teachers, train
@@ -186,12 +203,14 @@ def ray_path(
     meta = ingest(cfg, log=lambda *_: None)
     precompute.run_stage(cfg, log=lambda *_: None)
     out = {}
-    for strategy in ("ce", "camkd"):
+    runs = [("ce", {"strategy.name": "ce"}), ("camkd", {})]
+    runs += [(f"camkd+{v}", RAY_VARIANTS[v]) for v in variants]
+    for strategy, updates in runs:
         s = train.fit(
-            with_updates(cfg, {"strategy.name": strategy}),
+            with_updates(cfg, updates),
             meta,
             str(root / "runs"),
-            strategy,
+            strategy.replace("+", "-"),
             log=lambda *_: None,
         )
         out[f"{strategy}_backend"] = s["backend"]
@@ -200,6 +219,7 @@ def ray_path(
         out[f"{strategy}_input_wait_s_per_epoch"] = sum(
             h["input_wait_seconds"] for h in s["history"][1:]
         ) / len(steady)
+        print(f"  Ray path {strategy}: {out[strategy]:.1f} samples/s ({s['backend']})", flush=True)
     ray.shutdown()
     return out
 
@@ -215,6 +235,11 @@ def main() -> None:
     ap.add_argument("--ray-images", type=int, default=1536)
     ap.add_argument("--ray-epochs", type=int, default=3)
     ap.add_argument("--skip-ray", action="store_true", help="in-memory only (e.g. on a machine without Ray)")
+    ap.add_argument(
+        "--ray-variants",
+        default="",
+        help=f"Ray-path CA-MKD variants, comma-separated: {', '.join(RAY_VARIANTS)}",
+    )
     ap.add_argument("--modes", default="ce,cached,online", help="in-memory setups to time (comma-separated)")
     ap.add_argument(
         "--opts",
@@ -242,6 +267,8 @@ def main() -> None:
     unknown = [m for m in modes if m not in ("ce", "cached", "online")] + sorted(
         opts - {"channels_last", "compile"}
     )
+    variants = tuple(v for v in args.ray_variants.split(",") if v)
+    unknown += [v for v in variants if v not in RAY_VARIANTS]
     if not args.skip_ray and not {"ce", "cached"} <= set(modes):
         unknown.append("(the Ray path needs --modes with ce and cached, or --skip-ray)")
     if unknown or not modes:
@@ -271,15 +298,16 @@ def main() -> None:
         print(f"  {k:<50} {v:10.1f}")
     if not args.skip_ray:
         ray_rates = ray_path(
-            args.ray_images, args.ray_epochs, args.threads, args.batch, args.device, args.amp
+            args.ray_images, args.ray_epochs, args.threads, args.batch, args.device, args.amp, variants
         )
-        result["ray_backend"] = ray_rates.pop("camkd_backend")
-        ray_rates.pop("ce_backend")
+        result["ray_backend"] = ray_rates["camkd_backend"]
+        for k in [k for k in ray_rates if k.endswith("_backend")]:
+            ray_rates.pop(k)
         result["ray_samples_per_s"] = {k: round(v, 1) for k, v in ray_rates.items()}
         result["ray_over_in_memory_cached"] = round(ray_rates["camkd"] / rates["cached"], 3)
         result["ray_over_in_memory_ce"] = round(ray_rates["ce"] / rates["ce"], 3)
         print(f"Ray Train + Ray Data (steady state, epochs 2..; process group: {result['ray_backend']})")
-        for k in ("ce", "camkd"):
+        for k in ["ce", "camkd"] + [f"camkd+{v}" for v in variants]:
             print(
                 f"  {k:<50} {ray_rates[k]:10.1f}   (input wait {ray_rates[k + '_input_wait_s_per_epoch']:.2f} s/epoch)"
             )
@@ -293,6 +321,10 @@ def main() -> None:
             f"  Ray path ÷ in-memory (CA-MKD)      {result['ray_over_in_memory_cached']:.3f}   (≥ 0.90 CPU, ≥ 0.8 GPU)"
         )
         print(f"  Ray path ÷ in-memory (CE)          {result['ray_over_in_memory_ce']:.3f}")
+        for v in variants:
+            print(
+                f"  Ray CA-MKD+{v} ÷ Ray CA-MKD{'':<{22 - len(v)}} {ray_rates[f'camkd+{v}'] / ray_rates['camkd']:.3f}"
+            )
     print(json.dumps(result))
 
 
