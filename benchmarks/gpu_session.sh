@@ -12,7 +12,8 @@
 #   5. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline
 #   6. torch.compile of student + strategy at batch 256, 7. the same with channels_last
 # STEPS=ray_b256,precompute_bf16 runs only the steps named; RAY_VARIANTS=compile,pin_off adds Ray-path CA-MKD runs
-# with those config changes (benchmarks/train_throughput.py --ray-variants); PRECOMPUTE_IMAGES sizes step 5.
+# with those config changes (benchmarks/train_throughput.py --ray-variants); PROFILE=1 profiles 20 steps of epoch 2
+# of each Ray-path run (torch.profiler tables and traces, $OUT/profile.tgz); PRECOMPUTE_IMAGES sizes step 5.
 # Each step's output goes to $OUT/session.log and its last line (one JSON object) to $OUT/results.jsonl; a step
 # that fails does not stop the next; a step that would not finish inside BUDGET seconds is cut or skipped.
 set -u
@@ -51,8 +52,8 @@ step() { # name, timeout, command...
   rm -f "$OUT/$name.tmp"
 }
 tt="python3 benchmarks/train_throughput.py --device cuda --threads 8"
-step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 3 \
-  --ray-variants "${RAY_VARIANTS:-}"
+step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 4 \
+  --ray-variants "${RAY_VARIANTS:-}" ${PROFILE:+--profile-dir /tmp/camkd-profile}
 step inmem_b64 60 $tt --batch 64 --steps 40 --rounds 3 --skip-ray
 step inmem_b256_channels_last 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts channels_last
@@ -62,4 +63,5 @@ step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precis
 step inmem_b256_compile 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts compile
 step inmem_b256_compile_channels_last 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts compile,channels_last
+[[ -d /tmp/camkd-profile ]] && tar czf "$OUT/profile.tgz" -C /tmp camkd-profile
 cat "$OUT/results.jsonl"

@@ -2,6 +2,7 @@
 
 import io
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ def test_one_worker_learns_and_reports_every_term(one_worker):
     _, _, summary = one_worker
     h = summary["history"]
     assert [e["epoch"] for e in h] == [1, 2, 3] and summary["status"] == "finished"
+    assert summary["backend"] == "gloo", (
+        "one worker still runs a process group: every collective is exercised"
+    )
     assert h[-1]["train_ce"] < h[0]["train_ce"], "loss must go down"
     assert h[-1]["train_top1"] > 0.5
     assert summary["best_val_top1"] > 0.3, (
@@ -180,3 +184,24 @@ def test_the_python_api_returns_typed_results(cached):
     result = api.precompute(cfg)
     assert isinstance(result, api.PrecomputeResult) and result.renders == 0
     assert [t["computed_parts"] for t in result.teachers] == [0, 0]
+
+
+def test_step_profiler_writes_a_table_of_the_second_epoch_only_when_asked(tmp_path, monkeypatch):
+    run = SimpleNamespace(
+        start_epoch=0, rank=0, device=torch.device("cpu"), plan=SimpleNamespace(run_dir="/r/runs/camkd-x")
+    )
+    steps = 30
+    monkeypatch.delenv(worker.PROFILE_ENV, raising=False)
+    assert worker.StepProfiler(run, 1, steps).prof is None
+    monkeypatch.setenv(worker.PROFILE_ENV, str(tmp_path))
+    assert worker.StepProfiler(run, 0, steps).prof is None, "epoch 1 holds the reader's start: not profiled"
+    assert worker.StepProfiler(run, 1, 10).prof is None, "too few steps for the schedule"
+    profiler = worker.StepProfiler(run, 1, steps)
+    x = torch.randn(64, 64)
+    for _ in range(steps):
+        x = torch.tanh(x @ x)
+        profiler.step()
+    profiler.close()
+    table = (tmp_path / "camkd-x-rank0-epoch2.txt").read_text()
+    assert table.startswith("20 steps") and "aten::mm" in table
+    assert (tmp_path / "camkd-x-rank0-epoch2.trace.json.gz").stat().st_size > 0
