@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks, in priority order, for a lent GPU machine (one GPU, no network, no Ray preinstalled), inside one
-# time budget. Run it after the Ray wheels are installed (see the project's notes on GPU sessions) with
-# PYTHONPATH=/tmp/site:$PWD; without Ray the Ray steps fail and the others still run.
+# The GPU checks, in priority order, for a GPU machine (one GPU), inside one time budget. It needs torch, pyarrow,
+# pydantic, xxhash, PyYAML and Ray importable (on an offline machine: `pip install --no-index --target /tmp/site`
+# from carried wheels, then PYTHONPATH=/tmp/site:$PWD); without Ray the Ray steps fail and the others still run.
 #
 #   BUDGET=500 OUT=./gpu-out bash benchmarks/gpu_session.sh
 #
