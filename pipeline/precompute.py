@@ -335,6 +335,47 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(cfg.cache.use_gpu)
 
 
+def stages(
+    items: list[dict[str, Any]],
+    ps: PrecomputeSpec,
+    cfg: Config,
+    use_gpu: bool,
+    replicas: tuple[int, int],
+    memory: dict[str, int],
+):
+    """The lazy Ray Dataset of the three stages: render (CPU tasks) → TeacherPool (an autoscaling actor pool, one
+    GPU each with `use_gpu`) → write (CPU tasks). One row per (part, view) item throughout, so every stage takes
+    `batch_size=1` (Ray Data refuses `batch_size=None` on a GPU stage)."""
+    import ray
+
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            render_item,
+            fn_kwargs={"ps": ps},
+            batch_size=1,
+            num_cpus=cfg.cache.render_cpus,
+            memory=memory["render"],
+        )
+        .map_batches(
+            TeacherPool,
+            fn_constructor_kwargs={"ps": ps, "precision": cfg.cache.precision},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
+            num_cpus=cfg.cache.cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+            memory=memory["infer"],
+        )
+        .map_batches(
+            write_item,
+            fn_kwargs={"ps": ps},
+            batch_size=1,
+            num_cpus=cfg.cache.write_cpus,
+            memory=memory["write"],
+        )
+    )
+
+
 def precompute_teachers(
     cfg: Config, refs: list[teachers.TeacherRef], meta: DatasetMeta, overwrite: bool = False, log=print
 ) -> list[dict[str, Any]]:
@@ -383,32 +424,7 @@ def precompute_teachers(
         ctx = ray.data.DataContext.get_current()
         block_limit, ctx.target_max_block_size = ctx.target_max_block_size, None  # an item is one block
         try:
-            ds = (
-                ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(
-                    render_item,
-                    fn_kwargs={"ps": ps},
-                    batch_size=1,
-                    num_cpus=cfg.cache.render_cpus,
-                    memory=memory["render"],
-                )
-                .map_batches(
-                    TeacherPool,
-                    fn_constructor_kwargs={"ps": ps, "precision": cfg.cache.precision},
-                    batch_size=1,
-                    compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                    num_cpus=cfg.cache.cpus_per_actor,
-                    num_gpus=1 if use_gpu else 0,
-                    memory=memory["infer"],
-                )
-                .map_batches(
-                    write_item,
-                    fn_kwargs={"ps": ps},
-                    batch_size=1,
-                    num_cpus=cfg.cache.write_cpus,
-                    memory=memory["write"],
-                )
-            )
+            ds = stages(items, ps, cfg, use_gpu, (low, high), memory)
             bar = tqdm(total=len(items), desc="precompute", unit="item")
             loop_start = time.time()
             seen_items: set[tuple[str, int]] = set()

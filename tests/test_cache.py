@@ -347,3 +347,13 @@ def test_asking_for_gpus_the_cluster_lacks_is_a_clear_error(cached, tmp_path):
         CacheError, match=r"cache.use_gpu is true but the cluster has no GPU.*cache.wait_for_gpus"
     ):
         precompute.run_stage(gpu)
+
+
+def test_the_gpu_pipeline_is_one_ray_accepts(cached):
+    """Ray Data refuses some stage arguments only when a stage asks for GPUs (batch_size=None did): build the
+    GPU pipeline (lazily: this cluster has no GPU to run it) and see Ray accept every stage."""
+    cfg, *_ = cached
+    item = {"part": "part-00000.parquet", "view": 0, "mask": 1}
+    memory = {"render": 2**28, "infer": 2**29, "write": 2**28}
+    ds = precompute.stages([item], ps=None, cfg=cfg, use_gpu=True, replicas=(1, 2), memory=memory)
+    assert "TeacherPool" in str(ds)
