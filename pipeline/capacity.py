@@ -17,8 +17,9 @@ from typing import Any
 READ_FIXED_US = 74.0
 READ_US_PER_KB = 1.70
 DECODE_US = 1960.0
-# Student rates the GPU side must be fed: CIFAR-sized (README performance table, H200, batch 256, fp32,
-# in-memory loop), and an assumption for 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
+# Student rates the GPU side must be fed: CIFAR-sized (an H200, batch 256, fp32, in-memory loop, measured in an
+# earlier round; the H100 in the README's performance table gives 18.6-29.8k cached CA-MKD), and an assumption for
+# 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
 
 # Image sizes of the sources whose shape is known before ingest.

@@ -341,9 +341,9 @@ PROFILE_ENV = "CAMKD_PROFILE_DIR"
 
 class StepProfiler:
     """With $CAMKD_PROFILE_DIR set (a local folder on every worker's node), profiles steps 6–25 of the run's
-    second epoch (steps 4–5 warm the profiler up) with torch.profiler (CPU, and CUDA on GPUs) and writes each rank's operator table and Chrome
-    trace there: how a slow step spends its time (kernels, host syncs, copies, the reader's threads). Off, it
-    costs nothing."""
+    second epoch (steps 4–5 warm the profiler up) with torch.profiler (CPU, and CUDA on GPUs) and writes each
+    rank's operator table and Chrome trace there: how a slow step spends its time (kernels, host syncs, copies,
+    the reader's threads). Off, it costs nothing."""
 
     WAIT, WARMUP, ACTIVE = 3, 2, 20
 
