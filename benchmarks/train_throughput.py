@@ -149,10 +149,11 @@ def ray_path(
     amp: str = "off",
     variants: tuple[str, ...] = (),
     profile_dir: str | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], str]:
     """Steady-state samples/s (epochs after the first) of the real Ray Train + Ray Data pipeline: one worker
     (one GPU with --device cuda, NCCL as the process group backend), its reader beside it. CE, cached CA-MKD,
-    then cached CA-MKD with each variant's config changes, on the same cache."""
+    then cached CA-MKD with each variant's config changes, on the same cache. Also returns the process group's
+    backend."""
     import ray
 
     from pipeline import precompute, teachers, train
@@ -206,7 +207,7 @@ def ray_path(
     quiet_ray_data()
     meta = ingest(cfg, log=lambda *_: None)
     precompute.run_stage(cfg, log=lambda *_: None)
-    out = {}
+    out, backend = {}, "none"
     runs = [("ce", {"strategy.name": "ce"}), ("camkd", {})]
     runs += [(f"camkd+{v}", RAY_VARIANTS[v]) for v in variants]
     for strategy, updates in runs:
@@ -217,7 +218,7 @@ def ray_path(
             strategy.replace("+", "-"),
             log=lambda *_: None,
         )
-        out[f"{strategy}_backend"] = s["backend"]
+        backend = s["backend"]
         # Steady state: after the reader's start (epoch 1) and, with torch.compile, after its second compile
         # (epoch 2: the epoch number becomes dynamic and CA-MKD's warm-up branch flips).
         # The profiled epoch (2, with --profile-dir) is left out too.
@@ -232,7 +233,7 @@ def ray_path(
         )
         print(f"  Ray path {strategy}: {out[strategy]:.1f} samples/s ({s['backend']})", flush=True)
     ray.shutdown()
-    return out
+    return out, backend
 
 
 def main() -> None:
@@ -263,6 +264,20 @@ def main() -> None:
         help="in-memory step options, comma-separated: channels_last (GPU), compile (torch.compile)",
     )
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    opts = frozenset(o for o in args.opts.split(",") if o)
+    unknown = [m for m in modes if m not in ("ce", "cached", "online")] + sorted(
+        opts - {"channels_last", "compile"}
+    )
+    variants = tuple(v for v in args.ray_variants.split(",") if v)
+    unknown += [v for v in variants if v not in RAY_VARIANTS]
+    if not args.skip_ray and not {"ce", "cached"} <= set(modes):
+        unknown.append("(the Ray path needs --modes with ce and cached, or --skip-ray)")
+    if unknown or not modes:
+        ap.error(
+            f"unknown or missing entries {unknown or ['--modes is empty']}; --modes: ce,cached,online; "
+            f"--opts: channels_last,compile; --ray-variants: {','.join(RAY_VARIANTS)}"
+        )
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = amp_dtype(args.amp, device)
@@ -277,19 +292,6 @@ def main() -> None:
         cached = (
             torch.stack([t.forward_head(f) for t, f in zip(teachers, fm)]).half(),
             [f.half() for f in fm],
-        )
-    modes = [m for m in args.modes.split(",") if m]
-    opts = frozenset(o for o in args.opts.split(",") if o)
-    unknown = [m for m in modes if m not in ("ce", "cached", "online")] + sorted(
-        opts - {"channels_last", "compile"}
-    )
-    variants = tuple(v for v in args.ray_variants.split(",") if v)
-    unknown += [v for v in variants if v not in RAY_VARIANTS]
-    if not args.skip_ray and not {"ce", "cached"} <= set(modes):
-        unknown.append("(the Ray path needs --modes with ce and cached, or --skip-ray)")
-    if unknown or not modes:
-        ap.error(
-            f"unknown --modes/--opts entries {unknown}; modes: ce,cached,online; opts: channels_last,compile"
         )
     rates = in_memory_rates(
         images, labels, teachers, cached, args.batch, args.steps, args.rounds, device, dtype, modes, opts
@@ -313,7 +315,7 @@ def main() -> None:
     for k, v in rates.items():
         print(f"  {k:<50} {v:10.1f}")
     if not args.skip_ray:
-        ray_rates = ray_path(
+        ray_rates, result["ray_backend"] = ray_path(
             args.ray_images,
             args.ray_epochs,
             args.threads,
@@ -323,9 +325,6 @@ def main() -> None:
             variants,
             args.profile_dir,
         )
-        result["ray_backend"] = ray_rates["camkd_backend"]
-        for k in [k for k in ray_rates if k.endswith("_backend")]:
-            ray_rates.pop(k)
         result["ray_samples_per_s"] = {k: round(v, 1) for k, v in ray_rates.items()}
         result["ray_over_in_memory_cached"] = round(ray_rates["camkd"] / rates["cached"], 3)
         result["ray_over_in_memory_ce"] = round(ray_rates["ce"] / rates["ce"], 3)

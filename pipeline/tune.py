@@ -17,6 +17,7 @@ from pipeline.config import Config, Domain, bind_config, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.report import error_summary, write_sweep_report
 from pipeline.train import TrainingError
+from pipeline.worker import NON_METRIC_KEYS
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"
@@ -122,9 +123,7 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
     if summary["epochs"] <= done_before:
         # The run had trained every epoch before this attempt (the driver died between the last epoch and Tune
         # recording it): nothing was reported this time, so hand Tune the last epoch's metrics from the record.
-        last = {
-            k: v for k, v in summary["history"][-1].items() if k not in ("class_weight", "workers", "backend")
-        }
+        last = {k: v for k, v in summary["history"][-1].items() if k not in NON_METRIC_KEYS}
         ray.tune.report(last)
 
 

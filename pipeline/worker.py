@@ -337,6 +337,8 @@ class DummyBatch:
 
 # ============================================================================================== the loop
 PROFILE_ENV = "CAMKD_PROFILE_DIR"
+# Epoch-record entries that are not numbers: kept in the history, never reported to Ray Train / Tune as metrics.
+NON_METRIC_KEYS = ("class_weight", "workers", "backend")
 
 
 class StepProfiler:
@@ -729,9 +731,7 @@ class WorkerRun:
         import ray.train
 
         self.history.append(record)
-        metrics = {
-            k: v for k, v in record.items() if k not in ("class_weight", "workers", "backend")
-        }  # numbers only
+        metrics = {k: v for k, v in record.items() if k not in NON_METRIC_KEYS}  # numbers only
         if self.rank != 0:
             ray.train.report(metrics)
             return
