@@ -1,8 +1,10 @@
 """Augmentation replay: view parameters are a pure function of (seed, idx, view) and render the right pixels."""
 
+import dataclasses
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.views import (
@@ -35,23 +37,26 @@ def test_crop_flip_params_cover_the_range():
     assert 0.45 < flip.mean() < 0.55
 
 
-def test_render_train_view_matches_a_manual_crop_and_flip():
+@pytest.mark.parametrize("shape,pad", [((32, 32, 3), 4), ((28, 20, 1), 2), ((32, 32, 3), 0)])
+def test_render_train_view_matches_a_manual_crop_and_flip(shape, pad):
+    spec = dataclasses.replace(CROP, pad=pad)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, size=(16, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 255, size=(16, *shape), dtype=np.uint8)
     idx = np.arange(100, 116)
-    out = render_train_view([im.tobytes() for im in images], idx, 1, CROP, (32, 32, 3))
-    assert out.shape == (16, 3, 32, 32) and out.dtype == np.uint8
-    dy, dx, flip = crop_flip_params(CROP, idx, 1)
+    out = render_train_view([im.tobytes() for im in images], idx, 1, spec, shape)
+    assert out.shape == (16, shape[2], shape[0], shape[1]) and out.dtype == np.uint8
+    dy, dx, flip = crop_flip_params(spec, idx, 1)
+    assert flip.any() and not flip.all() and (pad == 0 or len(set(dx)) > 1)
     for i in range(16):
-        padded = np.pad(images[i], ((4, 4), (4, 4), (0, 0)))
-        crop = padded[dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+        padded = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))
+        crop = padded[dy[i] : dy[i] + shape[0], dx[i] : dx[i] + shape[1]]
         if flip[i]:
             crop = crop[:, ::-1]
         assert np.array_equal(out[i], crop.transpose(2, 0, 1))
     # same (seed, idx, view) → same pixels, from a different batch composition
-    again = render_train_view([im.tobytes() for im in images[3:5]], idx[3:5], 1, CROP, (32, 32, 3))
+    again = render_train_view([im.tobytes() for im in images[3:5]], idx[3:5], 1, spec, shape)
     assert np.array_equal(again, out[3:5])
-    assert np.array_equal(render_eval_view(images, CROP), images.transpose(0, 3, 1, 2))
+    assert np.array_equal(render_eval_view(images, spec), images.transpose(0, 3, 1, 2))
 
 
 def test_rrc_views_of_encoded_images():
