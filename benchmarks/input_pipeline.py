@@ -59,6 +59,7 @@ from pipeline.reader import (
     build_dataset,
     epoch_shares,
     items,
+    items_per_task,
     read_memory_bytes,
     read_slices,
     row_group_slices,
@@ -243,7 +244,9 @@ def delivered(plan, units, epochs: int, batch: int, replay: bool = False) -> flo
     ds = build_dataset(plan, read_items, 0.5)
     if replay:
         whole = next(read_slices(_items(units[:1], -1), plan))
-        ds = ray.data.from_items(read_items, override_num_blocks=-(-len(read_items) // 8)).map_batches(
+        ds = ray.data.from_items(
+            read_items, override_num_blocks=-(-len(read_items) // items_per_task(plan))
+        ).map_batches(
             replay_slices,
             fn_kwargs={"block": ray.put(whole)},
             batch_size=1,

@@ -104,6 +104,12 @@ class DataConfig(Strict):
         description="rows per Parquet row group: the unit a read task reads and yields (its memory); smaller for "
         "large rows (224-px images: 256)",
     )
+    compression: Literal["none", "snappy", "zstd", "lz4"] = Field(
+        "lz4",
+        description="codec of the stored image parts; not part of the dataset's identity (a dataset already "
+        "ingested keeps its codec). lz4 decodes ~2.6× faster than zstd (Fashion-MNIST: 0.40 vs 1.06 ms per "
+        "1024 rows, 1.52× vs 1.76× smaller): the read task's cost for raw-pixel datasets",
+    )
     order_seed: int = Field(0, description="seed of the stored, class-stratified random row order")
     val_fraction: float = Field(
         0.1,

@@ -478,7 +478,13 @@ def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
 
 # ------------------------------------------------------------------------------------------------ ingest
 def _write_split(
-    out_dir: str, split: RawSplit, rows_per_part: int, row_group_rows: int, encoding: str, seed: int
+    out_dir: str,
+    split: RawSplit,
+    rows_per_part: int,
+    row_group_rows: int,
+    encoding: str,
+    seed: int,
+    compression: str,
 ) -> SplitInfo:
     """Write a split in its stratified order: part p holds positions [p·rows_per_part, ...), idx = position."""
     n = len(split.labels)
@@ -504,7 +510,7 @@ def _write_split(
             }
         )
         meta = {META_KEY: json.dumps({"format": FORMAT_VERSION, "part": storage.part_name(p)}).encode()}
-        encoded = tables.encode_table(table, row_group_rows, meta, compression="zstd")
+        encoded = tables.encode_table(table, row_group_rows, meta, compression)
         tables.write_table(storage.join(out_dir, storage.part_name(p)), encoded)
         parts.append(PartInfo(name=storage.part_name(p), rows=stop - start, first_idx=start))
     counts = np.bincount(split.labels, minlength=int(split.labels.max()) + 1 if n else 0)
@@ -615,6 +621,7 @@ def ingest(cfg: Config, log=print, verify: bool = False) -> DatasetMeta:
             data.row_group_rows,
             encoding,
             data.order_seed,
+            data.compression,
         )
         log(f"[ingest] {split_name}: {infos[split_name].rows} rows in {len(infos[split_name].parts)} part(s)")
     first = splits["train"].images

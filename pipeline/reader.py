@@ -4,10 +4,11 @@ Rows are addressed by `idx`, their position in the stored (class-stratified, ran
 are idx [0, train_end), the validation hold-out idx [train_end, rows) of the training split. Every epoch the
 row groups of the training range are put in a new order drawn from (seed, epoch) — not from Ray's own reseeding,
 which restarts on resume — and the sequence is cut into one equal share per worker (a share may start or end
-inside a row group), so every worker takes the same number of steps. A read task reads one row group of the
-image part and of each teacher's cache part for that view (column projection, checksums verified, idx checked
-row for row), renders the view and yields it: its memory is one row group, requested from Ray. Top-k logits and
-int8 features travel as stored and are expanded on the training device.
+inside a row group), so every worker takes the same number of steps. A read task takes a run of such items and,
+one row group at a time, reads the image part and each teacher's cache part for that view (column projection,
+checksums verified, idx checked row for row), renders the view and yields it; its memory (a few row groups and
+what Ray Data buffers into a block) is requested from Ray. Top-k logits and int8 features travel as stored and
+are expanded on the training device.
 """
 
 from __future__ import annotations
@@ -294,11 +295,26 @@ def _read_slice(s: Slice, plan: ReadPlan, spec: ViewSpec, manifests: list[Manife
         yield out
 
 
+TASK_OUTPUT_BYTES = 64 * 2**20  # what one read task aims to yield: fewer, longer tasks for small rows
+OUTPUT_BUFFER_BYTES = 128 * 2**20  # Ray Data gathers a task's yields into blocks of up to this size
+
+
+def items_per_task(plan: ReadPlan) -> int:
+    """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32. Ray Data's start-up
+    per task is tens of milliseconds here; for logits-only rows (3.7 KB) 32 items per task delivered 35k
+    samples/s against 26–29k with 8 (`benchmarks/input_pipeline.py` (c), both cores)."""
+    return int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.row_bytes() * plan.group_rows))))
+
+
 def read_memory_bytes(plan: ReadPlan) -> int:
-    """Heap a read task asks Ray for: the process (~190 MB with pyarrow and numpy) plus one row group four times
-    over (as read, as rendered/decoded, as an Arrow block, serialised into the object store). Measured peak for
-    1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps): 568 MB against this 592 MB."""
-    return int(4 * plan.row_bytes() * plan.group_rows + 192 * 2**20)
+    """Heap a read task asks Ray for: the process (~190 MB with pyarrow and numpy), one row group four times
+    over (as read, as rendered/decoded, as an Arrow block, serialised), and the yields Ray Data holds until they
+    fill a block (up to 128 MiB or the task's whole output). Measured peaks of private memory over a run on both
+    cores: 566 MiB for 1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps; this asks 718 MiB), 219 MiB for
+    32 × 1024 rows × 3.7 KB (logits only)."""
+    group = plan.row_bytes() * plan.group_rows
+    held = min(items_per_task(plan) * group, OUTPUT_BUFFER_BYTES)
+    return int(4 * group + held + 192 * 2**20)
 
 
 def build_dataset(
@@ -307,10 +323,10 @@ def build_dataset(
     read_cpus: float,
     read_tasks: int | None = None,
     node_id: str | None = None,
-    items_per_task: int = 8,
 ):
-    """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes a few items and
-    yields one block per row group, so its memory stays one row group whatever the part size. One dataset can
+    """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes
+    `items_per_task` items and yields one row group at a time (Ray Data gathers the yields into blocks of up to
+    128 MiB), so its memory is bounded whatever the part size (`read_memory_bytes`). One dataset can
     span many epochs (the worker's whole run): no executor start-up between epochs. With `node_id` the read
     tasks prefer that node (soft affinity): a worker's data is read next to it."""
     import ray.data
@@ -321,7 +337,7 @@ def build_dataset(
 
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=True)
         remote_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": strategy}
-    blocks = max(1, -(-len(read_items) // items_per_task))
+    blocks = max(1, -(-len(read_items) // items_per_task(plan)))
     ds = ray.data.from_items(read_items, override_num_blocks=blocks)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn; its named replacement (label_selector + fallback_strategy) has

@@ -99,6 +99,15 @@ def test_idx_gz_fashion_mnist_layout(tmp_path):
         and os.path.getmtime(storage.join(ddir, "dataset.json")) == stamp
     )
     assert "no-op" in logs[-1]
+    # The parts' codec (data.compression, lz4 by default) is not part of the dataset's identity.
+    assert (
+        pq.ParquetFile(ddir + "/train/part-00001.parquet").metadata.row_group(0).column(2).compression
+        == "LZ4"
+    )
+    zstd = validate(
+        {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(mode="json"), "compression": "zstd"}}
+    )
+    assert ingest.fingerprint(zstd.data, []) == ingest.fingerprint(cfg.data, [])
     # Changing the content changes the fingerprint.
     write_idx(src / "t10k-labels-idx1-ubyte.gz", (np.arange(20) + 1) % 10)
     assert ingest.ingest(cfg, log=logs.append).fingerprint != meta.fingerprint
