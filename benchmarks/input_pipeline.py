@@ -10,9 +10,7 @@ random teacher outputs of the right shapes: the reader's cost does not depend on
 
 For each: the rate of one read task in this process (one core, profiled), then the rate Ray Data delivers to an
 `iter_torch_batches` consumer with all of the machine's cores (per core = that ÷ cores; goals at CIFAR scale
-(a) ≥ 8k and (c) ≥ 30k samples/s per core, so ≤ 4 cores feed a GPU), and beside it Ray Data's own ceiling: the
-same pipeline and consumer with read tasks that yield a block read beforehand instead of reading. The last line
-is one JSON object.
+(a) ≥ 8k and (c) ≥ 30k samples/s per core, so ≤ 4 cores feed a GPU). The last line is one JSON object.
 
     python benchmarks/input_pipeline.py [--rows 6144] [--scenarios abcd]
 """
@@ -30,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +56,6 @@ from pipeline.reader import (
     build_dataset,
     epoch_shares,
     items,
-    items_per_task,
     read_memory_bytes,
     read_slices,
     row_group_slices,
@@ -217,42 +213,14 @@ def one_task(plan, units, profile: bool = False):
     return rows / seconds, nbytes / max(rows, 1), top
 
 
-def replay_slices(batch: dict[str, np.ndarray], block) -> Iterator[dict[str, np.ndarray]]:
-    """A read task that does no reading: for each item it yields the rows of one block read beforehand, as many
-    rows and in as many pieces as `read_slices` would. What Ray Data alone costs for blocks of this shape."""
-    import ray
-
-    block = ray.get(block) if isinstance(block, ray.ObjectRef) else block
-    for first, rows, lo, hi, epoch in zip(*(batch[k] for k in ("first_idx", "rows", "lo", "hi", "epoch"))):
-        n = int(min(hi, first + rows) - max(lo, first))
-        start = n // 2 if epoch >= 0 and n >= 2 else 0
-        yield {k: v[start:n] for k, v in block.items()}
-        if start:
-            yield {k: v[:start] for k, v in block.items()}
-
-
-def delivered(plan, units, epochs: int, batch: int, replay: bool = False) -> float:
+def delivered(plan, units, epochs: int, batch: int) -> float:
     """Samples/s an iter_torch_batches consumer receives in steady state from one reader over `epochs` epochs
-    (as a training worker reads), with every core: timed from the end of the first epoch to the end. With
-    `replay`, the read tasks yield a block read beforehand instead of reading (Ray Data's own ceiling)."""
-    import ray
-
+    (as a training worker reads), with every core: timed from the end of the first epoch to the end."""
     read_items = []
     for epoch in range(epochs):
         read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
     first_epoch = sum(u.size for u in units) // batch * batch
     ds = build_dataset(plan, read_items, 0.5)
-    if replay:
-        whole = next(read_slices(_items(units[:1], -1), plan))
-        ds = ray.data.from_items(
-            read_items, override_num_blocks=-(-len(read_items) // items_per_task(plan))
-        ).map_batches(
-            replay_slices,
-            fn_kwargs={"block": ray.put(whole)},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=0.5,
-        )
     n, start = 0, None
     for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4):
         n += len(b["label"])
@@ -359,7 +327,6 @@ def main() -> None:
         )
         task_rate, row_bytes, top = one_task(plan, units, profile=True)
         rate = delivered(plan, units, args.epochs, args.batch)
-        ceiling = delivered(plan, units, args.epochs, args.batch, replay=True)
         r = {
             "what": SCENARIOS[name]["what"],
             "rows": meta.split("train").rows,
@@ -368,7 +335,6 @@ def main() -> None:
             "delivered_samples_per_s": round(rate),
             "per_core_samples_per_s": round(rate / cores),
             "per_core_mb_per_s": round(rate / cores * row_bytes / 1e6, 1),
-            "ray_ceiling_per_core_samples_per_s": round(ceiling / cores),
             "profile_top": top,
         }
         if name == "d":
@@ -388,18 +354,12 @@ def main() -> None:
     print(f"\nmachine: {cores} cores; rates in samples/s; 'per core' = delivered ÷ {cores}")
     print(
         f"{'':3}{'scenario':<44}{'B/sample':>10}{'1 task':>9}{'delivered':>11}{'per core':>10}{'MB/s/core':>11}"
-        f"{'Ray ceiling/core':>18}"
     )
     for name, r in results.items():
         print(
             f"{name:<3}{r['what']:<44}{r['bytes_per_sample']:>10}{r['one_task_samples_per_s']:>9}"
             f"{r['delivered_samples_per_s']:>11}{r['per_core_samples_per_s']:>10}{r['per_core_mb_per_s']:>11}"
-            f"{r['ray_ceiling_per_core_samples_per_s']:>18}"
         )
-    print(
-        "'Ray ceiling': the same pipeline and consumer with read tasks that yield a block read beforehand instead "
-        "of reading (what Ray Data alone delivers for blocks of this shape)"
-    )
     for name, r in results.items():
         print(f"\n{name}: where one read task's time goes (cProfile, tottime):")
         for line in r["profile_top"][:6]:
