@@ -300,9 +300,10 @@ OUTPUT_BUFFER_BYTES = 128 * 2**20  # Ray Data gathers a task's yields into block
 
 
 def items_per_task(plan: ReadPlan) -> int:
-    """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32. Ray Data's start-up
-    per task is tens of milliseconds here; for logits-only rows (3.7 KB) 32 items per task delivered 35k
-    samples/s against 26–29k with 8 (`benchmarks/input_pipeline.py` (c), both cores)."""
+    """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32. A Ray Data task costs
+    ~25 ms to start on a 2-core VM; for logits-only rows (3.7 KB, 1024-row groups) the 17 items this picks
+    delivered 35.5k samples/s against 24.3k with 8 (`benchmarks/input_pipeline.py` (c), both cores, medians of
+    three interleaved runs)."""
     return int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.row_bytes() * plan.group_rows))))
 
 
