@@ -187,6 +187,10 @@ class ReadPlan:
             total += int(m.bytes_per_sample.get("on_disk", 0))
         return total
 
+    def group_bytes(self) -> int:
+        """Bytes one full row group of delivered rows takes: the unit of a read task's memory."""
+        return self.row_bytes() * self.group_rows
+
 
 def image_plan(cfg, meta: DatasetMeta, split: str = "train") -> ReadPlan:
     """A ReadPlan for images and labels only (no teacher outputs) of an ingested dataset."""
@@ -304,7 +308,7 @@ def items_per_task(plan: ReadPlan) -> int:
     ~25 ms to start on a 2-core VM; for logits-only rows (3.7 KB, 1024-row groups) the 17 items this picks
     delivered 35.5k samples/s against 24.3k with 8 (`benchmarks/input_pipeline.py` (c), both cores, medians of
     three interleaved runs)."""
-    return int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.row_bytes() * plan.group_rows))))
+    return int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.group_bytes()))))
 
 
 def read_memory_bytes(plan: ReadPlan) -> int:
@@ -313,7 +317,7 @@ def read_memory_bytes(plan: ReadPlan) -> int:
     fill a block (up to 128 MiB or the task's whole output). Measured peaks of private memory over a run on both
     cores: 566 MiB for 1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps; this asks 718 MiB), 219 MiB for
     32 × 1024 rows × 3.7 KB (logits only)."""
-    group = plan.row_bytes() * plan.group_rows
+    group = plan.group_bytes()
     held = min(items_per_task(plan) * group, OUTPUT_BUFFER_BYTES)
     return int(4 * group + held + 192 * 2**20)
 
