@@ -93,7 +93,12 @@ def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
     for t in load_trials(sweep):
         arm = t["params"].get("arm", {})
         others = {k: v for k, v in t["params"].items() if k != "arm"}
-        res = t["results"]
+        # One result per epoch, the first reported: a trial re-run after its sweep was interrupted may report its
+        # last epoch again, with Tune's clock started over.
+        first: dict[int, dict[str, Any]] = {}
+        for r in t["results"]:
+            first.setdefault(r["epoch"], r)
+        res = [first[e] for e in sorted(first)]
         epochs = max((r["epoch"] for r in res), default=0)
         best = max((r["val_top1"] for r in res), default=float("nan"))
         # A trial that errored and then finished on a resumed sweep keeps Tune's old error.txt: finished wins.

@@ -174,6 +174,22 @@ def checkpointed_epochs(run_dir: str) -> int:
     return max(epochs, default=0)
 
 
+def recorded_history(run_dir: str) -> list[dict[str, Any]]:
+    """The epoch records a run has kept: all of them once finished (summary.json), else those of its last
+    checkpoint (where a resumed run starts); [] for a run that never finished an epoch."""
+    summary_url = storage.join(run_dir, SUMMARY_FILE)
+    if storage.exists(summary_url):
+        summary = storage.read_json(summary_url)
+        if summary.get("status") == "finished":
+            return summary["history"]
+    epoch = checkpointed_epochs(run_dir)
+    if epoch == 0:
+        return []
+    state_url = storage.join(run_dir, f"{CHECKPOINT_PREFIX}{epoch:04d}", STATE_FILE)
+    state = torch.load(io.BytesIO(storage.read_bytes(state_url)), map_location="cpu", weights_only=True)
+    return state["history"]
+
+
 def fit(
     cfg: Config,
     meta: DatasetMeta,

@@ -141,8 +141,7 @@ def check_same_sweep(out: str, cfg: Config) -> None:
 def run_stage(cfg: Config, log=print) -> dict[str, Any]:
     """The `tune` stage: run (or resume) the sweep, then write the leaderboard and plots."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+    from pipeline.asha import ResumableASHA
     from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 
     meta = require_dataset(cfg, log=log)
@@ -169,7 +168,8 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
         )
     else:
         scheduler = (
-            ASHAScheduler(
+            ResumableASHA(
+                storage.join(out, "train"),
                 time_attr="epoch",
                 max_t=cfg.train.epochs,
                 grace_period=min(t.asha.grace_period, cfg.train.epochs),

@@ -40,10 +40,12 @@ def copy_root(cached, tmp_path):
 
 @pytest.mark.fault
 @pytest.mark.slow
-def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_path, ray_cluster):
+def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_path, ray_cluster, capsys):
     """One real sweep exercises it all: 4 trials (2 strategies × 2 learning rates), ASHA stops the useless learning
     rate, the driver is SIGKILLed after the first trial finished and the re-run resumes without repeating it, and
-    teacher t3 (configured, in no trial) has no cache at all, so reading it would fail."""
+    teacher t3 (configured, in no trial) has no cache at all, so reading it would fail. Tune does not keep ASHA's
+    rungs across the kill: the finished trial's results must be put back, or the later trials are compared only
+    with each other and whether the useless rate is stopped depends on where the kill fell."""
     import ray
 
     root = copy_root(cached, tmp_path)
@@ -83,6 +85,7 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
     logs: list[str] = []
     result = tune.run_stage(cfg, log=logs.append)
     assert any("resuming the sweep" in line for line in logs)
+    assert f"[tune] ASHA: trial {finished_before[0]} comes back with its results of epoch 1–2" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json")) == stamp, (
         "re-ran a finished trial"
     )

@@ -1,0 +1,37 @@
+"""ASHA early stopping whose rungs survive a resumed sweep.
+
+Tune saves a sweep's trials and search state, not its scheduler's: `Tuner.restore` starts ASHA with empty rungs,
+so the trials that ran before the interruption are never compared against, and whether a later trial is stopped
+depends on where the sweep was cut. Each trial of a sweep is a training run at `<train_root>/<trial id>` that
+keeps its epoch records (the summary once finished, else its last checkpoint); when Tune (re-)adds a trial, its
+records are put back into its bracket, values only, as ASHA saw them when they were reported.
+"""
+
+from __future__ import annotations
+
+from ray.tune.schedulers import ASHAScheduler
+
+from pipeline import storage
+
+
+class ResumableASHA(ASHAScheduler):
+    def __init__(self, train_root: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_root = train_root
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        from pipeline.train import recorded_history
+
+        bracket = self._trial_info[trial.trial_id]
+        epochs = []
+        for record in recorded_history(storage.join(self.train_root, trial.trial_id)):
+            if self._time_attr in record and self._metric in record:
+                bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
+                epochs.append(record[self._time_attr])
+        if epochs:
+            print(
+                f"[tune] ASHA: trial {trial.trial_id} comes back with its results of {self._time_attr} "
+                f"{epochs[0]}–{epochs[-1]} in its rungs",
+                flush=True,
+            )
