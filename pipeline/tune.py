@@ -141,6 +141,7 @@ def check_same_sweep(out: str, cfg: Config) -> None:
 def run_stage(cfg: Config, log=print) -> dict[str, Any]:
     """The `tune` stage: run (or resume) the sweep, then write the leaderboard and plots."""
     from ray import tune
+
     from pipeline.asha import ResumableASHA
     from pipeline.runtime import check_resources, check_root_shared, ensure_ray
 

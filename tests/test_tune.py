@@ -85,7 +85,10 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
     logs: list[str] = []
     result = tune.run_stage(cfg, log=logs.append)
     assert any("resuming the sweep" in line for line in logs)
-    assert f"[tune] ASHA: trial {finished_before[0]} comes back with its results of epoch 1–2" in capsys.readouterr().out
+    assert (
+        f"[tune] ASHA: trial {finished_before[0]} comes back with its results of epoch 1–2"
+        in capsys.readouterr().out
+    )
     assert os.path.getmtime(os.path.join(train_root, finished_before[0], "summary.json")) == stamp, (
         "re-ran a finished trial"
     )
