@@ -137,6 +137,7 @@ RAY_VARIANTS = {
     "compile_channels_last": {"train.compile": True, "train.channels_last": True},
     "pin_off": {"train.pin_memory": False},
     "prefetch1": {"train.prefetch_batches": 1},
+    "threads": {"scaling.reader": "threads", "scaling.read_threads": 2},
 }
 
 

@@ -98,6 +98,13 @@ class Estimate:
             f"({self.read_us_per_sample:.0f} µs of read CPU per sample; measured on a 2-core VM, see README "
             f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
+        if cfg.scaling.reader == "threads":
+            if cfg.scaling.read_threads < need:
+                out.append(
+                    f"warning: scaling.read_threads {cfg.scaling.read_threads} per worker < {need:.1f}: the GPU would "
+                    "wait for input at that rate"
+                )
+            return out
         have = cfg.scaling.read_cpus * (cfg.scaling.read_tasks or 0)
         if cfg.scaling.read_tasks and have < need:
             out.append(

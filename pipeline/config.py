@@ -376,6 +376,12 @@ class ScalingSettings(Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads per worker; default: cpus_per_worker"
     )
+    reader: Literal["ray_data", "threads"] = Field(
+        "ray_data",
+        description="ray_data: Ray Data read tasks (any node's CPUs, blocks through the object store); threads: "
+        "read_threads threads inside each training worker (its own CPUs: count them in cpus_per_worker)",
+    )
+    read_threads: int = Field(2, ge=1, description="reader threads per worker with reader: threads")
     read_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each Ray Data read task")
     read_tasks: int | None = Field(
         None, ge=1, description="concurrent read tasks per worker (default: as many as fit)"

@@ -360,6 +360,129 @@ def build_dataset(
         )
 
 
+def row_group_items(read_items: list[dict[str, Any]], group_rows: int) -> list[dict[str, Any]]:
+    """The read items cut at row-group boundaries: `read_slices` yields the same blocks for them, one each."""
+    out = []
+    for item in read_items:
+        s = Slice(item["part"], item["first_idx"], item["rows"], item["lo"], item["hi"])
+        for g in s.row_groups(group_rows):
+            lo = s.first_idx + g * group_rows
+            out.append(item | asdict(s.cut(lo, lo + group_rows)))
+    return out
+
+
+def _read_item(item: dict[str, Any], plan: ReadPlan) -> list[dict[str, np.ndarray]]:
+    batch = {k: np.array([v], dtype=object if k == "part" else np.int64) for k, v in item.items()}
+    return list(read_slices(batch, plan))
+
+
+class ShuffleBuffer:
+    """Rows gathered into batches of `batch_size` drawn at random from the last `size` + `batch_size` rows
+    (`size` 0: in order). Rows are copied into a preallocated pool once, out of it once (into the batch), and
+    at most once more inside it (the pool's tail fills the holes a batch leaves)."""
+
+    def __init__(self, batch_size: int, size: int = 0, seed: int | None = None) -> None:
+        self.b, self.size = batch_size, size
+        self.rng = np.random.default_rng(seed)
+        self.pool: dict[str, np.ndarray] = {}
+        self.filled = 0
+        self.pending: list[dict[str, np.ndarray]] = []  # in-order mode: blocks not yet batched
+        self.pending_rows = 0
+
+    def add(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        n = len(block["idx"])
+        if self.size == 0:
+            self.pending.append(block)
+            self.pending_rows += n
+            while self.pending_rows >= self.b:
+                yield self._in_order(self.b)
+            return
+        need = self.filled + n
+        if not self.pool or need > len(self.pool["idx"]):
+            cap = max(need, self.size + self.b + n)
+            grown = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
+            for k, v in self.pool.items():
+                grown[k][: self.filled] = v[: self.filled]
+            self.pool = grown
+        for k, v in block.items():
+            self.pool[k][self.filled : need] = v
+        self.filled = need
+        while self.filled >= self.size + self.b:
+            yield self._draw(self.b)
+
+    def finish(self, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+        if self.size == 0:
+            while self.pending_rows >= self.b or (not drop_last and self.pending_rows):
+                yield self._in_order(min(self.b, self.pending_rows))
+            return
+        while self.filled >= self.b or (not drop_last and self.filled):
+            yield self._draw(min(self.b, self.filled))
+
+    def _in_order(self, n: int) -> dict[str, np.ndarray]:
+        pieces, taken = [], 0
+        while taken < n:
+            block = self.pending[0]
+            rows = len(block["idx"])
+            take = min(rows, n - taken)
+            pieces.append({k: v[:take] for k, v in block.items()})
+            if take == rows:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = {k: v[take:] for k, v in block.items()}
+            taken += take
+        self.pending_rows -= n
+        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+    def _draw(self, n: int) -> dict[str, np.ndarray]:
+        sel = self.rng.choice(self.filled, size=n, replace=False)
+        batch = {k: v[sel] for k, v in self.pool.items()}
+        end = self.filled - n
+        taken = np.zeros(n, dtype=bool)
+        taken[sel[sel >= end] - end] = True
+        holes = np.sort(sel[sel < end])
+        movers = end + np.flatnonzero(~taken)
+        for v in self.pool.values():
+            v[holes] = v[movers]
+        self.filled = end
+        return batch
+
+
+def local_batches(
+    plan: ReadPlan,
+    read_items: list[dict[str, Any]],
+    batch_size: int,
+    threads: int,
+    drop_last: bool = True,
+    shuffle_buffer: int = 0,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """`read_slices` in `threads` threads of this process (the `threads` reader): the items' row groups read in
+    order, `2 × threads` ahead, and gathered into batches of `batch_size` rows (through a local shuffle buffer of
+    `shuffle_buffer` rows when > 0). Batches never enter Ray's object store: no serialisation, no shared-memory
+    copy, no task to schedule; the reading shares the training process's CPUs. Parquet decoding and the numpy
+    gathers release the GIL. An exception of a read (a corrupt part) is raised here, in the batch's turn."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = row_group_items(read_items, plan.group_rows)
+    buffer = ShuffleBuffer(batch_size, shuffle_buffer, shuffle_seed)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camkd-read")
+    ahead: deque = deque()
+    try:
+        next_item = 0
+        while next_item < len(work) or ahead:
+            while next_item < len(work) and len(ahead) < 2 * threads:
+                ahead.append(pool.submit(_read_item, work[next_item], plan))
+                next_item += 1
+            for block in ahead.popleft().result():
+                yield from buffer.add(block)
+        yield from buffer.finish(drop_last)
+    finally:
+        for f in ahead:
+            f.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def teacher_outputs_from_batch(
     batch: dict, num_teachers: int, logits: bool, features: bool, num_classes: int
 ):

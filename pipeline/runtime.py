@@ -132,7 +132,8 @@ def check_resources(cfg: Config, trials: int | None = None) -> None:
     total_cpu = sum(n.cpus for n in nodes)
     workers = s.num_workers * (trials or 1)
     need_gpu = s.gpus_per_worker if s.use_gpu else 0.0
-    need_cpu = s.cpus_per_worker + s.read_cpus
+    # Ray Data read tasks reserve their own CPUs (at least one beside each worker); reader threads use the worker's.
+    need_cpu = s.cpus_per_worker + (s.read_cpus if s.reader == "ray_data" else 0.0)
     hint = "or set scaling.check_resources=false on an autoscaling cluster that will add nodes"
     if need_gpu and total_gpu < s.num_workers * need_gpu:
         raise ClusterError(
@@ -143,8 +144,9 @@ def check_resources(cfg: Config, trials: int | None = None) -> None:
     drivers = trials * cfg.tune.trial_cpus if trials else 0.0  # each concurrent Tune trial's own driver
     if total_cpu < workers * need_cpu + drivers:
         raise ClusterError(
-            f"{workers} worker(s) need {need_cpu:g} CPU each (scaling.cpus_per_worker {s.cpus_per_worker:g} + one "
-            f"read task at scaling.read_cpus {s.read_cpus:g}){f' plus {drivers:g} for trial drivers' if drivers else ''}, "
+            f"{workers} worker(s) need {need_cpu:g} CPU each (scaling.cpus_per_worker {s.cpus_per_worker:g}"
+            + (f" + one read task at scaling.read_cpus {s.read_cpus:g}" if s.reader == "ray_data" else "")
+            + f"){f' plus {drivers:g} for trial drivers' if drivers else ''}, "
             f"but the cluster has {total_cpu:g} CPU(s); lower scaling.num_workers / scaling.cpus_per_worker / "
             f"tune.max_concurrent_trials, {hint}"
         )

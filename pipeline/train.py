@@ -151,6 +151,8 @@ RESUME_NEUTRAL = (
     "scaling.check_resources",
     "scaling.read_tasks",
     "scaling.read_cpus",
+    "scaling.reader",
+    "scaling.read_threads",
 )
 
 

@@ -21,7 +21,7 @@ from pipeline.worker import NON_METRIC_KEYS
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"
-# Fields a sweep may resume under changed: where Ray runs and how many trials run at once.
+# Fields a sweep may resume under changed: where Ray runs, how many trials run at once, how rows are read.
 SWEEP_NEUTRAL = (
     "ray",
     "tracking",
@@ -29,6 +29,10 @@ SWEEP_NEUTRAL = (
     "scaling.check_resources",
     "train.export",
     "tune.max_concurrent_trials",
+    "scaling.reader",
+    "scaling.read_threads",
+    "scaling.read_cpus",
+    "scaling.read_tasks",
 )
 
 

@@ -41,6 +41,7 @@ from pipeline.reader import (
     contiguous_shares,
     epoch_shares,
     items,
+    local_batches,
     teacher_outputs_from_batch,
 )
 from pipeline.storage import StorageUnavailable
@@ -235,6 +236,46 @@ class EvalStats:
 
 
 # ============================================================================================== evaluation
+def torch_batches(
+    read_plan: ReadPlan,
+    read_items: list[dict[str, Any]],
+    scaling,
+    batch_size: int,
+    device: torch.device,
+    node_id: str | None,
+    drop_last: bool = False,
+    prefetch_batches: int = 1,
+    pin_memory: bool = False,
+    shuffle_buffer: int = 0,
+    shuffle_seed: int | None = None,
+):
+    """Batches of tensors on `device` from `scaling.reader`: Ray Data read tasks, or threads in this process.
+    Both give the same batches in the same order without a shuffle buffer."""
+    if scaling.reader == "ray_data":
+        ds = build_dataset(read_plan, read_items, scaling.read_cpus, scaling.read_tasks, node_id)
+        yield from ds.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=drop_last,
+            device=device,
+            prefetch_batches=prefetch_batches,
+            pin_memory=pin_memory,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=shuffle_seed,
+        )
+        return
+    batches = local_batches(
+        read_plan, read_items, batch_size, scaling.read_threads, drop_last, shuffle_buffer, shuffle_seed
+    )
+    for batch in batches:
+        out = {}
+        for k, v in batch.items():
+            t = torch.from_numpy(v)
+            if pin_memory:
+                t = t.pin_memory()
+            out[k] = t.to(device, non_blocking=pin_memory)
+        yield out
+
+
 class EvalSet:
     """One worker's share of an evaluation split: read once through Ray Data and kept on the device (or pinned
     host memory) when it fits in `train.eval_memory_mb`, else re-read at every pass."""
@@ -252,7 +293,7 @@ class EvalSet:
         cfg = plan.config
         self.read_plan = plan.read_plan(split, with_teachers=False)
         self.slices, self.device, self.batch_size, self.node_id = slices, device, batch_size, node_id
-        self.read_cpus, self.read_tasks = cfg.scaling.read_cpus, cfg.scaling.read_tasks
+        self.scaling = cfg.scaling
         rows = sum(s.size for s in slices)
         self.rows = rows
         fits = rows * (self.read_plan.row_bytes()) <= cfg.train.eval_memory_mb * 2**20
@@ -263,10 +304,10 @@ class EvalSet:
     def _stream(self):
         if not self.slices:
             return
-        ds = build_dataset(
-            self.read_plan, items(self.slices, EVAL_VIEW), self.read_cpus, self.read_tasks, self.node_id
-        )
-        for batch in ds.iter_torch_batches(batch_size=self.batch_size, device=self.device):
+        read_items = items(self.slices, EVAL_VIEW)
+        for batch in torch_batches(
+            self.read_plan, read_items, self.scaling, self.batch_size, self.device, self.node_id
+        ):
             yield batch["image"], batch["label"]
 
     def batches(self):
@@ -530,19 +571,20 @@ class WorkerRun:
             share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
             self.steps[epoch] = sum(s.size for s in share) // b
             read_items += items(share, view_for_epoch(epoch, cfg.views.count), epoch)
-        ds = build_dataset(
-            self.train_read, read_items, cfg.scaling.read_cpus, cfg.scaling.read_tasks, self.node_id
-        )
         shuffle = cfg.train.shuffle_buffer if not cfg.train.deterministic else 0
         return iter(
-            ds.iter_torch_batches(
-                batch_size=b,
+            torch_batches(
+                self.train_read,
+                read_items,
+                cfg.scaling,
+                b,
+                self.device,
+                self.node_id,
                 drop_last=True,
-                device=self.device,
                 prefetch_batches=cfg.train.prefetch_batches,
                 pin_memory=self.pin_memory,
-                local_shuffle_buffer_size=shuffle or None,
-                local_shuffle_seed=cfg.train.seed * 100_003 + self.start_epoch if shuffle else None,
+                shuffle_buffer=shuffle,
+                shuffle_seed=cfg.train.seed * 100_003 + self.start_epoch if shuffle else None,
             )
         )
 

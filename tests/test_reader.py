@@ -9,12 +9,14 @@ from pipeline import ingest, storage
 from pipeline.collectives import CollectiveDeviceError, Collectives
 from pipeline.config import validate
 from pipeline.reader import (
+    ShuffleBuffer,
     Slice,
     build_dataset,
     contiguous_shares,
     epoch_shares,
     image_plan,
     items,
+    local_batches,
     row_group_slices,
     split_ranges,
 )
@@ -122,6 +124,61 @@ def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray
         assert seen[0] != seen[1] and sorted(i for b in seen[0] for i in b) == list(range(128))
     finally:
         quiet_ray_data(preserve_order=False)
+
+
+def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_cluster):
+    """Both readers, in order: the same batches, row for row and pixel for pixel, for training shares that start
+    and end inside row groups (3 workers) with their per-epoch rotation, and for evaluation slices (last batch
+    short)."""
+    from pipeline.reader import EVAL_VIEW
+    from pipeline.runtime import quiet_ray_data
+
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    plan = image_plan(cfg, meta)
+    units = row_group_slices(meta, "train", 0, meta.split("train").rows)
+    cases = [(items(epoch_shares(units, 0, e, 3, 5)[1], 0, e), True) for e in (0, 1)]
+    cases.append((items(contiguous_shares(units, 3)[2], EVAL_VIEW), False))
+    quiet_ray_data(preserve_order=True)
+    try:
+        for read_items, drop_last in cases:
+            ray_batches = list(
+                build_dataset(plan, read_items, 0.5).iter_batches(
+                    batch_size=5, drop_last=drop_last, batch_format="numpy"
+                )
+            )
+            mine = list(local_batches(plan, read_items, 5, threads=3, drop_last=drop_last))
+            assert len(mine) == len(ray_batches) > 3
+            for a, b in zip(mine, ray_batches):
+                assert set(a) == set(b)
+                for k in a:
+                    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    finally:
+        quiet_ray_data(preserve_order=False)
+
+
+def test_the_shuffle_buffer_mixes_rows_across_blocks_and_loses_none():
+    blocks = [
+        {"idx": np.arange(s, s + 16), "x": np.arange(s, s + 16)[:, None] * [1, 2]} for s in range(0, 160, 16)
+    ]
+
+    def run(size, seed, drop_last):
+        buf = ShuffleBuffer(8, size, seed)
+        out = [b for block in blocks for b in buf.add(block)]
+        return out + list(buf.finish(drop_last))
+
+    in_order = run(0, None, True)
+    assert [b["idx"].tolist() for b in in_order] == [list(range(s, s + 8)) for s in range(0, 160, 8)]
+    shuffled = run(32, 7, False)
+    rows = np.concatenate([b["idx"] for b in shuffled])
+    assert sorted(rows.tolist()) == list(range(160)) and all(len(b["idx"]) == 8 for b in shuffled)
+    assert all((b["x"] == b["idx"][:, None] * [1, 2]).all() for b in shuffled), "columns stay row-aligned"
+    spans = [int(b["idx"].max() - b["idx"].min()) for b in shuffled]
+    assert np.median(spans) > 16, "a batch draws from more than one 16-row block"
+    assert [b["idx"].tolist() for b in run(32, 7, False)] == [b["idx"].tolist() for b in shuffled]
+    assert [b["idx"].tolist() for b in run(32, 8, False)] != [b["idx"].tolist() for b in shuffled]
+    buf = ShuffleBuffer(8, 32, 0)
+    left = [b for block in blocks[:1] for b in buf.add({k: v[:13] for k, v in block.items()})]
+    assert left == [] and [len(b["idx"]) for b in buf.finish(True)] == [8], "drop_last drops the short batch"
 
 
 def test_collectives_take_only_tensors_of_the_training_device():

@@ -66,6 +66,21 @@ def test_two_worker_ddp_matches_one_worker(one_worker, cached, tmp_path):
     assert two["best_val_top1"] > 0.3 and one["best_val_top1"] > 0.3
 
 
+def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
+    """scaling.reader threads: the deterministic reference run (Ray Data reader), read by two threads inside the
+    worker instead, is the same run: the same batches in the same order, so the same losses epoch for epoch."""
+    cfg, _, reference = one_worker
+    cfg_threads = with_updates(cfg, {"scaling.reader": "threads", "scaling.read_threads": 2})
+    got = train.fit(cfg_threads, cached[2], str(tmp_path), "threads")
+    assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
+    for a, b in zip(got["history"], reference["history"]):
+        assert (a["train_loss"], a["train_top1"], a["val_top1"]) == (
+            b["train_loss"],
+            b["train_top1"],
+            b["val_top1"],
+        )
+
+
 def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
     cfg, out, summary = one_worker
     logs = []
