@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -241,6 +242,7 @@ def delivered_threads(plan, units, epochs: int, batch: int, threads: int) -> flo
         read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
     first_epoch = sum(u.size for u in units) // batch * batch
     n, start = 0, None
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # as the worker does
     for b in local_batches(plan, read_items, batch, threads):
         tensors = {k: torch.from_numpy(v) for k, v in b.items()}
         n += len(tensors["label"])

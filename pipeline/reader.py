@@ -419,6 +419,14 @@ class ShuffleBuffer:
             yield self._draw(min(self.b, self.filled))
 
     def _in_order(self, n: int) -> dict[str, np.ndarray]:
+        first = self.pending[0]
+        if len(first["idx"]) >= n:  # the batch lies inside one block: views, no copy (most batches)
+            self.pending_rows -= n
+            if len(first["idx"]) == n:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = {k: v[n:] for k, v in first.items()}
+            return {k: v[:n] for k, v in first.items()}
         pieces, taken = [], 0
         while taken < n:
             block = self.pending[0]

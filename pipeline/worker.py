@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +270,11 @@ def torch_batches(
     for batch in batches:
         out = {}
         for k, v in batch.items():
-            t = torch.from_numpy(v)
+            with warnings.catch_warnings():
+                # Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's
+                # own iter_torch_batches: nothing in training writes into a batch in place.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                t = torch.from_numpy(v)
             if pin_memory:
                 t = t.pin_memory()
             out[k] = t.to(device, non_blocking=pin_memory)
