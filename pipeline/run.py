@@ -111,12 +111,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
+    from pipeline import storage
+
     print("# resolved config")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print("\n# plan")
     meta = None
     try:
-        meta = _plan_lines(cfg, stage)
+        with storage.one_attempt():
+            meta = _plan_lines(cfg, stage)
     except Exception as e:  # the config is valid; storage may just not be reachable from this machine
         print(f"storage {cfg.root}: not reachable from here ({type(e).__name__}: {e}); the plan needs it")
     print("\n# capacity (model fed by benchmarks/input_pipeline.py; README 'Capacity')")
