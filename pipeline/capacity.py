@@ -1,8 +1,8 @@
 """The capacity model: what a config costs in cache storage and in read CPUs per training worker.
 
-Fed by `benchmarks/input_pipeline.py` (the Ray Data reader alone, delivered samples/s ÷ cores, 2-core x86 VM,
-2026-11): a read costs about READ_FIXED_US per sample plus READ_US_PER_KB per KB it carries, and an encoded image
-adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Faster server cores need fewer; the
+Fed by `benchmarks/input_pipeline.py` (the reader alone, delivered samples/s ÷ cores, 2-core x86 VM, 2026-11): a
+read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`), and
+an encoded image adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Faster server cores need fewer; the
 model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
 """
 
@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# Measured per core (see the module docstring): (a) 102 KB/sample 4.0k/s, (b) 54 KB 5.7k/s, (c) 3.7 KB 12.4k/s,
-# (d) 224-px JPEG + 2 × int8 maps 361 KB 377/s. A least-squares line through (a)-(c) and the JPEG remainder of (d).
-READ_FIXED_US = 74.0
-READ_US_PER_KB = 1.70
+# Measured per core (see the module docstring). Ray Data: (a) 102 KB/sample 4.0k/s, (b) 54 KB 5.7k/s, (c) 3.7 KB
+# 12.4k/s, (d) 224-px JPEG + 2 × int8 maps 361 KB 377/s: a least-squares line through (a)-(c) and the JPEG remainder
+# of (d). Threads (a later run): (a) 8.0k/s, (b) 12.9k/s, (c) 46.2k/s: the line through them; (d) ran at the same
+# rate with both readers (decode-bound), so DECODE_US is shared.
+READ_US = {"ray_data": (74.0, 1.70), "threads": (18.0, 1.07)}  # (µs per sample, µs per KB)
 DECODE_US = 1960.0
 # Student rates the GPU side must be fed: CIFAR-sized (an H200, batch 256, fp32, in-memory loop, measured in an
 # earlier round; the H100 in the README's performance table gives 18.6-29.8k cached CA-MKD), and an assumption for
@@ -53,6 +54,7 @@ class Estimate:
     teachers: list[TeacherBytes]
     rate: float
     workers: int
+    reader: str = "ray_data"
 
     @property
     def reader_bytes(self) -> int:
@@ -67,9 +69,8 @@ class Estimate:
 
     @property
     def read_us_per_sample(self) -> float:
-        return (
-            READ_FIXED_US + READ_US_PER_KB * self.reader_bytes / 1024 + (DECODE_US if self.encoded else 0.0)
-        )
+        fixed, per_kb = READ_US[self.reader]
+        return fixed + per_kb * self.reader_bytes / 1024 + (DECODE_US if self.encoded else 0.0)
 
     @property
     def read_cpus_per_worker(self) -> float:
@@ -95,7 +96,8 @@ class Estimate:
         need = self.read_cpus_per_worker
         out.append(
             f"read CPUs per worker at {self.rate:,.0f} samples/s: {need:.1f} "
-            f"({self.read_us_per_sample:.0f} µs of read CPU per sample; measured on a 2-core VM, see README "
+            f"({self.read_us_per_sample:.0f} µs of read CPU per sample with the {self.reader} reader; measured on a "
+            "2-core VM, see README "
             f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
         if cfg.scaling.reader == "threads":
@@ -182,7 +184,9 @@ def estimate(
             rate = GPU_RATES["distill" if cfg.teachers else "ce"]
         else:
             rate = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
-    return Estimate(rows, cfg.views.count, pixels, encoded, teachers, rate, cfg.scaling.num_workers)
+    return Estimate(
+        rows, cfg.views.count, pixels, encoded, teachers, rate, cfg.scaling.num_workers, cfg.scaling.reader
+    )
 
 
 def as_dict(e: Estimate) -> dict[str, Any]:
