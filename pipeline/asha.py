@@ -24,8 +24,19 @@ class ResumableASHA(ASHAScheduler):
         from pipeline.train import recorded_history
 
         bracket = self._trial_info[trial.trial_id]
+        run_dir = storage.join(self.train_root, trial.trial_id)
+        try:
+            history = recorded_history(run_dir)
+        except Exception as e:
+            # The trial itself will meet the same file and fail naming it; the rest of the sweep goes on.
+            print(
+                f"[tune] ASHA: the records of trial {trial.trial_id} at {run_dir} could not be read "
+                f"({type(e).__name__}: {e}); its earlier results are not in the rungs",
+                flush=True,
+            )
+            return
         epochs = []
-        for record in recorded_history(storage.join(self.train_root, trial.trial_id)):
+        for record in history:
             if self._time_attr in record and self._metric in record:
                 bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
                 epochs.append(record[self._time_attr])
