@@ -122,7 +122,8 @@ def worker_slots(node: NodeView, cpus: float, gpus: float) -> int:
 
 def check_resources(cfg: Config, trials: int | None = None) -> None:
     """Fail fast (instead of waiting forever) when the cluster cannot host what the run asks for: every Train
-    worker with at least one read task beside it on its node (reads prefer the worker's node), the GPUs asked
+    worker with at least one Ray Data read task beside it on its node (reads prefer the worker's node; the threads
+    reader runs on the worker's own CPUs), the GPUs asked
     for, concurrent trials and their drivers, and a placement strategy that can be met."""
     if not cfg.scaling.check_resources:
         return
