@@ -264,17 +264,17 @@ def torch_batches(
             local_shuffle_seed=shuffle_seed,
         )
         return
+    # Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's own
+    # iter_torch_batches: nothing in training writes into a batch in place. Filtered once for this worker
+    # process, not per tensor (catch_warnings on the step's path would swap the filter list twice per tensor).
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     batches = local_batches(
         read_plan, read_items, batch_size, scaling.read_threads, drop_last, shuffle_buffer, shuffle_seed
     )
     for batch in batches:
         out = {}
         for k, v in batch.items():
-            with warnings.catch_warnings():
-                # Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's
-                # own iter_torch_batches: nothing in training writes into a batch in place.
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                t = torch.from_numpy(v)
+            t = torch.from_numpy(v)
             if pin_memory:
                 t = t.pin_memory()
             out[k] = t.to(device, non_blocking=pin_memory)
