@@ -336,11 +336,11 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from pipeline.runtime import quiet_ray_data
+    from pipeline.runtime import local_ray_options, quiet_ray_data
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="camkd-input-bench-"))
-    ray.init(num_cpus=cores, log_to_driver=False, include_dashboard=False)
+    ray.init(**local_ray_options(cores), log_to_driver=False, include_dashboard=False)
     quiet_ray_data()
     results = {}
     for name in args.scenarios:

@@ -43,13 +43,14 @@ TEACHERS = ["resnet32x4", "resnet32x4", "resnet32x4"]  # three seeds, the paper'
 
 
 def plain_loop(cfg, meta, refs, batch: int, views: int, device, dtype) -> float:
-    """Images/s (per image and view) of a single-process loop: read parts, render each view once, run every
-    teacher on it (logits + fp16 feature maps to host memory)."""
+    """Images/s (per image and view) of a single-process loop: load the teachers, read parts, render each view
+    once, run every teacher on it (logits + fp16 feature maps to host memory). Its clock starts before the
+    teachers load, as the Ray path's does (its actors load them)."""
+    start = time.perf_counter()
     models_ = [teachers.build_model(r).to(device) for r in refs]
     spec = make_view_spec(cfg, meta.encoding)
     ddir = storage.dataset_dir(cfg.root, meta.name, meta.fingerprint)
     n = 0
-    start = time.perf_counter()
     with (
         torch.no_grad(),
         torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
@@ -190,9 +191,10 @@ def main() -> None:
         import ray
 
         from pipeline.precompute import precompute_teachers
-        from pipeline.runtime import quiet_ray_data
+        from pipeline.runtime import local_ray_options, quiet_ray_data
 
-        ray.init(num_cpus=args.threads, log_to_driver=False, include_dashboard=False)
+        # Ray as `run.py` starts it on one machine (its worker-pool setting), without the dashboard
+        ray.init(**local_ray_options(args.threads), log_to_driver=False, include_dashboard=False)
         quiet_ray_data()
         start = time.perf_counter()
         rows = precompute_teachers(cfg, refs, meta, log=lambda *_: None)

@@ -160,7 +160,7 @@ def ray_path(
     from pipeline import precompute, teachers, train
     from pipeline.config import validate, with_updates
     from pipeline.ingest import ingest
-    from pipeline.runtime import quiet_ray_data
+    from pipeline.runtime import local_ray_options, quiet_ray_data
 
     root = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
     files = []
@@ -202,9 +202,10 @@ def ray_path(
     )
     if profile_dir:  # read by every Ray Train worker (they inherit the local cluster's environment)
         os.environ["CAMKD_PROFILE_DIR"] = os.path.abspath(profile_dir)
-    gpus = {"num_gpus": 1} if device == "cuda" else {}
-    # No dashboard: nothing here needs the state API, and a GPU machine may lack ray[default]'s packages.
-    ray.init(num_cpus=max(2, threads), log_to_driver=False, include_dashboard=False, **gpus)
+    # Ray as `run.py` starts it on one machine; no dashboard: nothing here needs the state API, and a GPU machine
+    # may lack ray[default]'s packages.
+    options = local_ray_options(max(2, threads), 1 if device == "cuda" else None)
+    ray.init(**options, log_to_driver=False, include_dashboard=False)
     quiet_ray_data()
     meta = ingest(cfg, log=lambda *_: None)
     precompute.run_stage(cfg, log=lambda *_: None)

@@ -50,9 +50,7 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
                 ray.init(address=address, log_to_driver=True)
             else:
                 ray.init(
-                    address="local",
-                    num_cpus=cfg.ray.num_cpus if cfg else None,
-                    num_gpus=cfg.ray.num_gpus if cfg else None,
+                    **local_ray_options(cfg.ray.num_cpus if cfg else None, cfg.ray.num_gpus if cfg else None)
                 )
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = address or "a new local instance"
@@ -72,6 +70,22 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
             f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s)"
         )
     quiet_ray_data()
+
+
+def local_ray_options(num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    """`ray.init` arguments of a Ray started on this machine (`run.py` without an address, and the benchmarks).
+
+    Ray keeps an idle worker process only while a whole CPU is free; our stages run fractional-CPU tasks beside
+    actors that hold most CPUs (precompute's render/write tasks beside the teacher pool, read tasks beside Train
+    workers), so each of their tasks would start a new process (Python, Ray and pyarrow imports: ~2.5 s of CPU
+    here, taken from the actor). Keeping up to one idle process per CPU removes that churn."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "_system_config": {"num_workers_soft_limit": max(2, int(cpus))},
+    }
 
 
 def quiet_ray_data(preserve_order: bool | None = None) -> None:
