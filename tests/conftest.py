@@ -39,9 +39,12 @@ def ray_cluster():
     # Ray Train's controller polls its workers every 2 s by default; polling faster only shortens the tail of the
     # many tiny runs in this suite (about 3 s each). Set before Ray starts so drivers and workers inherit it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=True, log_to_driver=False)
-    from pipeline.runtime import quiet_ray_data
+    from pipeline.runtime import local_ray_options, quiet_ray_data
+
+    if (
+        not ray.is_initialized()
+    ):  # started as run.py starts a local Ray (its worker-pool setting), with the dashboard
+        ray.init(**local_ray_options(RAY_CPUS), include_dashboard=True, log_to_driver=False)
 
     quiet_ray_data()
     yield ray
