@@ -41,9 +41,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from pipeline.runtime import local_ray_options, quiet_ray_data
 
-    if (
-        not ray.is_initialized()
-    ):  # started as run.py starts a local Ray (its worker-pool setting), with the dashboard
+    # Started as run.py starts a local Ray (its worker-pool setting), with the dashboard.
+    if not ray.is_initialized():
         ray.init(**local_ray_options(RAY_CPUS), include_dashboard=True, log_to_driver=False)
 
     quiet_ray_data()
