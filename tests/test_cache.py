@@ -126,6 +126,26 @@ def test_int8_features_and_topk_logits_within_stated_bounds(cached):
     assert stores[0].endswith("-topk3-int8")
 
 
+def test_int8_quantisation_reads_float16_maps_as_their_float32_copy_and_refuses_overflow():
+    """The writers quantise the float16 maps the actors send without widening them first: the same bytes as
+    quantising their float32 copy (zero channels, negative peaks, subnormals included). Maps that overflowed
+    float16 are refused in both storage formats instead of being written as garbage."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 8, 4, 4)) * rng.uniform(0, 30, (16, 8, 1, 1))).astype(np.float16)
+    x[0, 0] = 0
+    x[1, 1] = -(x[1, 1] ** 2)
+    x[2, 2] = np.float16(1e-6)
+    q16, s16 = cache.quantize_int8(x)
+    q32, s32 = cache.quantize_int8(x.astype(np.float32))
+    assert q16.dtype == np.int8 and np.array_equal(q16, q32) and np.array_equal(s16, s32)
+    assert np.abs(q16).max() == 127 and (q16[0, 0] == 0).all()
+    x[3, 4, 1, 2] = np.inf
+    for features in ("int8", "fp16"):
+        fmt = cache.OutputFormat("fp16", 10, features, 5)
+        with pytest.raises(ValueError, match="teacher features hold"):
+            cache.encode_outputs(np.arange(16), np.zeros((16, 5), np.float32), x, fmt)
+
+
 def test_second_run_added_teacher_and_more_views_compute_only_whats_missing(cached, tmp_path):
     cfg, _, meta, *_ = cached
     again = precompute.run_stage(cfg)
