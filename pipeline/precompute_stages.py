@@ -155,7 +155,10 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
         size, digest = 0, ""
         if view != TEST:
             feats = batch[f"t{k}_feat"][0] if f"t{k}_feat" in batch else None
-            table = encode_outputs(idx, logits, feats, ps.fmt)
+            try:
+                table = encode_outputs(idx, logits, feats, ps.fmt)
+            except ValueError as e:
+                raise CacheError(f"teacher {teacher['name']!r} on {part}, view {view}: {e}") from None
             meta = part_metadata(teacher["id"], ps.dataset_fp, spec, ps.fmt, view, part, len(idx))
             encoded = tables.encode_table(table, ps.group_rows, meta, ps.compression)
             url = storage.join(view_dir(ps.stores[k], view), part)
