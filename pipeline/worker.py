@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -55,6 +57,13 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
 NO_BAD_STEP = 2**62
+
+
+def say(line: str) -> None:
+    """One progress line to the driver's console. Ray Train (2.60) patches `print` in its workers to go through
+    logging, and the driver then shows every printed line twice; a write to stdout shows it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @dataclass
@@ -449,10 +458,9 @@ class Progress:
         self.last = now
         rate = step * self.run.cfg.train.batch_size / (now - self.start)
         eta = (self.steps - step) * (now - self.start) / step
-        print(
+        say(
             f"[train] epoch {self.epoch + 1}/{self.run.cfg.train.epochs}: step {step}/{self.steps} "
-            f"({100 * step / self.steps:.0f} %), {rate:.0f} samples/s, ETA {eta:.0f} s, input wait {input_wait:.1f} s",
-            flush=True,
+            f"({100 * step / self.steps:.0f} %), {rate:.0f} samples/s, ETA {eta:.0f} s, input wait {input_wait:.1f} s"
         )
 
 
@@ -549,9 +557,7 @@ class WorkerRun:
         self.best_student = {k: v.cpu() for k, v in state["best_student"].items()}
         self.resumes = state.get("resumes", 0) + 1
         if self.rank == 0:
-            print(
-                f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})"
-            )
+            say(f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})")
 
     # ------------------------------------------------------------------------------------------ training
     def _teacher_outputs(self, batch: dict, images: torch.Tensor) -> TeacherOutputs:
@@ -796,11 +802,10 @@ class WorkerRun:
             if "test_top1" in record
             else ""
         )
-        print(
+        say(
             f"[train] epoch {epoch + 1}/{self.cfg.train.epochs}: {terms}; top-1 train {record['train_top1']:.4f} "
             f"val {record['val_top1']:.4f} (best {self.best:.4f}){test}; {record['samples_per_s']:.0f} samples/s, "
-            f"{record['epoch_seconds']:.1f} s",
-            flush=True,
+            f"{record['epoch_seconds']:.1f} s"
         )
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(
@@ -829,17 +834,21 @@ class WorkerRun:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # Ray Train (2.60) logs each report at INFO through a logger named after its file, under the root logger, so
+    # the LoggingConfig level does not reach it ("Reporting training result …", the whole metrics dict); the
+    # epoch line says the same in one line. Warnings and errors still show.
+    logging.getLogger().setLevel(logging.WARNING)
     run = WorkerRun(config)
     for epoch in range(run.start_epoch, run.cfg.train.epochs):
         t0 = time.time()
         stats, stop_reason = run.train_epoch(epoch)
         if stop_reason is not None:
-            print(f"[train] rank {run.rank} stopping: {stop_reason}")
+            say(f"[train] rank {run.rank} stopping: {stop_reason}")
             return
         train_seconds = time.time() - t0
         record = run.finish_epoch(epoch, stats, t0, train_seconds)
         if record is None:
-            print(f"[train] rank {run.rank} stopping: a stored file could not be used")
+            say(f"[train] rank {run.rank} stopping: a stored file could not be used")
             return
         run.report(epoch, record)
     if run.tracker is not None:
