@@ -14,6 +14,16 @@ as cores, in the consumer's process) delivers (per core = that ÷ cores; goals a
 (a) ≥ 8k and (c) ≥ 30k samples/s per core, so ≤ 4 cores feed a GPU). The last line is one JSON object.
 
     python benchmarks/input_pipeline.py [--rows 6144] [--scenarios abcd]
+
+Latency hiding (`--latency-ms N`): the reader over a storage layer that delays every open and every read by N ms
+and counts them (`delay://N/<folder>`, `pipeline/latency.py`: the delay is a sleep, so the ratio measures latency
+hiding, not a server's CPU), against the same layer at 0 ms. For scenarios (a) and (c) by default: delivered
+samples/s of both readers at N ms and at 0 ms and their ratio, requests per 1,000 samples, and the round trips a
+read task waits for in series per row group (time with at least one request outstanding ÷ N ms ÷ row groups).
+`--root s3-proxy` runs the same over a real S3 protocol: moto's server behind the test proxy, which delays every
+request by N ms and counts them (`tests/s3server.py`).
+
+    python benchmarks/input_pipeline.py --latency-ms 25 [--scenarios ac] [--rows 12288] [--root s3-proxy]
 """
 
 from __future__ import annotations
@@ -135,10 +145,18 @@ def synthetic_store(cfg, meta, k: int, fmt: OutputFormat, shape: list[int] | Non
         head={},
     )
     storage.write_json(manifest_url(store), manifest.model_dump())
-    return TeacherSource(teacher["name"], store, manifest.model_dump())
+    return TeacherSource.from_manifest(teacher["name"], store, manifest)
 
 
-def setup(name: str, rows: int, work: Path, decode: str = "full", group_rows: int = 256):
+def setup(
+    name: str,
+    rows: int,
+    work: Path,
+    decode: str = "full",
+    group_rows: int = 256,
+    root: str | None = None,
+    part_rows: int = 4096,
+):
     sc = SCENARIOS[name]
     if name == "d":
         src = work / "jpegs"
@@ -155,14 +173,16 @@ def setup(name: str, rows: int, work: Path, decode: str = "full", group_rows: in
     else:
         data = {
             "source": "synthetic",
-            "rows_per_part": 4096,
+            "rows_per_part": part_rows,
             "row_group_rows": group_rows,
             "synthetic": {"train": rows, "test": 64, "num_classes": 100, "size": 32},
         }
         shape, classes = [256, 8, 8], 100
     cfg = validate(
         {
-            "root": str(work / f"root-{name}-{group_rows}"),
+            "root": (root.rstrip("/") + f"/root-{name}-{group_rows}")
+            if root
+            else str(work / f"root-{name}-{group_rows}"),
             "data": data,
             "views": {"count": 1, "decode": decode},
             "cache": {"logits": sc["logits"], "topk": 200, "features": sc["features"]},
@@ -184,6 +204,7 @@ def setup(name: str, rows: int, work: Path, decode: str = "full", group_rows: in
         sources,
         logits=True,
         features=sc["features"] != "none",
+        scope=f"bench-{name}-{time.time_ns()}",  # as a training worker reads: each part opened once per run
     )
     units = row_group_slices(meta, "train", 0, meta.split("train").rows)
     return cfg, meta, plan, units
@@ -216,13 +237,15 @@ def one_task(plan, units, profile: bool = False):
     return rows / seconds, nbytes / max(rows, 1), top
 
 
-def delivered(plan, units, epochs: int, batch: int) -> float:
+def delivered(plan, units, epochs: int, batch: int, from_first_batch: bool = False) -> float:
     """Samples/s an iter_torch_batches consumer receives in steady state from one reader over `epochs` epochs
-    (as a training worker reads), with every core: timed from the end of the first epoch to the end."""
+    (as a training worker reads), with every core: timed from the end of the first epoch to the end (or, with
+    `from_first_batch`, from the first batch: Ray Data reads ahead, so a slow reader can still have the last epochs
+    buffered by the time the first one is consumed)."""
     read_items = []
     for epoch in range(epochs):
         read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
-    first_epoch = sum(u.size for u in units) // batch * batch
+    first_epoch = batch if from_first_batch else sum(u.size for u in units) // batch * batch
     ds = build_dataset(plan, read_items, 0.5)
     n, start = 0, None
     for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4):
@@ -232,7 +255,9 @@ def delivered(plan, units, epochs: int, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def delivered_threads(plan, units, epochs: int, batch: int, threads: int) -> float:
+def delivered_threads(
+    plan, units, epochs: int, batch: int, threads: int, from_first_batch: bool = False
+) -> float:
     """The same as `delivered` through the `threads` reader (scaling.reader: threads): `threads` threads in this
     process, batches turned into tensors as the training worker does."""
     import torch
@@ -240,7 +265,7 @@ def delivered_threads(plan, units, epochs: int, batch: int, threads: int) -> flo
     read_items = []
     for epoch in range(epochs):
         read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
-    first_epoch = sum(u.size for u in units) // batch * batch
+    first_epoch = batch if from_first_batch else sum(u.size for u in units) // batch * batch
     n, start = 0, None
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # as the worker does
     for b in local_batches(plan, read_items, batch, threads):
@@ -257,7 +282,12 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 from pipeline.reader import ReadPlan, Slice, TeacherSource, items, read_slices
 d = json.loads(sys.argv[2])
-plan = ReadPlan(**{**d["plan"], "teachers": tuple(TeacherSource(**t) for t in d["plan"]["teachers"])})
+from pipeline.cache import OutputFormat, StoreRef
+def source(t):
+    ref = t["ref"]
+    ref = StoreRef(**{**ref, "fmt": OutputFormat(**ref["fmt"]), "feature_shape": tuple(ref["feature_shape"] or ()) or None})
+    return TeacherSource(t["name"], t["store"], ref)
+plan = ReadPlan(**{**d["plan"], "teachers": tuple(source(t) for t in d["plan"]["teachers"])})
 s = Slice(**d["slice"])
 batch = {k: np.array([v]) for k, v in items([s], 0, 0)[0].items()}
 for block in read_slices(batch, plan):  # warm: imports and first allocations
@@ -325,6 +355,193 @@ def draft_gain(plan, units, n: int = 128) -> dict[str, float]:
     return out
 
 
+def _at(plan: ReadPlan, local_root: str, root: str) -> ReadPlan:
+    """The same plan with every URL moved from `local_root` to `root` (the delayed view of the same files)."""
+    from dataclasses import replace
+
+    def move(url: str) -> str:
+        return root + url[len(local_root) :] if url.startswith(local_root) else url
+
+    sources = tuple(replace(t, store=move(t.store)) for t in plan.teachers)
+    scope = f"{plan.scope}-{root}" if getattr(plan, "scope", None) else None
+    extra = {"scope": scope} if scope else {}
+    return replace(plan, dataset_dir=move(plan.dataset_dir), teachers=sources, **extra)
+
+
+def task_batches(units) -> list[dict[str, np.ndarray]]:
+    """The item batches one Ray Data read task hands `read_slices`, in order, as `build_dataset` makes them."""
+    from pipeline import reader
+
+    per_call = getattr(reader, "ITEMS_PER_CALL", None)  # None: every item of the task in one call
+    rows = items(units, 0, 0)
+    size = per_call or len(rows)
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        out.append(
+            {k: np.array([r[k] for r in chunk], dtype=object if k == "part" else np.int64) for k in chunk[0]}
+        )
+    return out
+
+
+SERIAL_PROBE_S = (
+    0.1  # latency at which serial round trips are counted: CPU time and the GIL then blur them little
+)
+
+
+def counted_task(plan, units, latency_s: float, counter, at=None) -> dict[str, float]:
+    """One read task's work over `units` (two epochs) in this process, through the counting layer: rows/s and
+    requests; then, at latency, the round trips a row group's read waits for in series: the same reads one item
+    at a time (no read ahead) at SERIAL_PROBE_S per request, time with at least one request outstanding ÷ that
+    latency ÷ row groups. `at(seconds)` gives the plan at another latency (None: measure at `latency_s`)."""
+    from dataclasses import replace
+
+    out = _task_rate(plan, units, counter)
+    if latency_s > 0:
+        serial, probe = out, latency_s
+        if hasattr(plan, "read_ahead"):
+            probe = SERIAL_PROBE_S if at is not None else latency_s
+            slow = at(probe) if at is not None else plan
+            scope = f"{slow.scope}-serial" if slow.scope else None
+            serial = _task_rate(replace(slow, read_ahead=0, scope=scope), units, counter)
+        if "busy_seconds" in serial:
+            out["serial_round_trips_per_row_group"] = round(
+                serial["busy_seconds"] / probe / (2 * len(units)), 2
+            )
+    out.pop("busy_seconds", None)
+    return out
+
+
+def _task_rate(plan, units, counter) -> dict[str, float]:
+    from pipeline.reader import items_per_task
+
+    start_counts = counter()
+    rows, start = 0, time.perf_counter()
+    per_task = items_per_task(plan)
+    for _ in range(2):  # two epochs: a training reader meets every part again (its opens are remembered)
+        for i in range(0, len(units), per_task):
+            for batch in task_batches(units[i : i + per_task]):
+                for block in read_slices(batch, plan):
+                    rows += len(block["idx"])
+    seconds = time.perf_counter() - start
+    end = counter()
+    d = {k: end[k] - start_counts[k] for k in end}
+    groups = 2 * len(units)
+    out = {
+        "one_task_samples_per_s": round(rows / seconds),
+        "requests_per_1000_samples": round(1000 * d["requests"] / max(rows, 1), 2),
+        "reads_per_1000_samples": round(1000 * d.get("reads", d["requests"]) / max(rows, 1), 2),
+        "requests_per_row_group": round(d["requests"] / max(groups, 1), 2),
+    }
+    if "busy_seconds" in d:
+        out["busy_seconds"] = d["busy_seconds"]
+    return out
+
+
+class S3Proxy:
+    """moto's S3 server behind the test proxy, which delays every request and counts them (tests/s3server.py)."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from s3server import S3Server
+
+        self.server = S3Server().start()
+        os.environ.update(self.server.env())
+
+    def counter(self) -> dict[str, float]:
+        c = self.server.proxy.counter
+        return {"requests": c.requests, "busy_seconds": c.busy_seconds}
+
+    def set_latency(self, seconds: float) -> None:
+        self.server.proxy.counter.delay = seconds
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def latency_main(args, cores: int) -> None:
+    """--latency-ms: each scenario's reader at N ms and at 0 ms of storage latency, side by side (module doc)."""
+    import ray
+
+    from pipeline import latency
+    from pipeline.runtime import local_ray_options, quiet_ray_data
+
+    work = Path(tempfile.mkdtemp(prefix="camkd-latency-bench-"))
+    s3 = S3Proxy() if args.root == "s3-proxy" else None
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ray.init(
+        **local_ray_options(cores),
+        log_to_driver=False,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    quiet_ray_data()
+    ms = args.latency_ms
+    results = {}
+    try:
+        for name in args.scenarios:
+            base = "s3://camkd/bench" if s3 else (args.root or str(work))
+            cfg, meta, plan, units = setup(
+                name, args.rows, work, group_rows=args.row_group_rows, root=base, part_rows=args.part_rows
+            )
+            local_root = storage.normalize_url(base)
+            r: dict[str, object] = {"what": SCENARIOS[name]["what"], "rows": meta.split("train").rows}
+            for label, delay in (("0ms", 0.0), (f"{ms:g}ms", ms / 1000.0)):
+                if s3:
+                    s3.set_latency(delay)
+                    p, counter, at = plan, s3.counter, None
+                else:
+
+                    def at(seconds, plan=plan, local_root=local_root):
+                        return _at(plan, local_root, f"{latency.SCHEME}{seconds * 1000:g}{local_root}")
+
+                    p, counter = at(delay), latency.counters().snapshot
+                r[label] = counted_task(p, units, delay, counter, at)
+                r[label]["ray_data_samples_per_s"] = round(
+                    delivered(p, units, args.epochs, args.batch, from_first_batch=True)
+                )
+                r[label]["threads_samples_per_s"] = round(
+                    delivered_threads(p, units, args.epochs, args.batch, cores, from_first_batch=True)
+                )
+            slow, fast = r[f"{ms:g}ms"], r["0ms"]
+            for reader_key in ("ray_data", "threads"):
+                r[f"{reader_key}_latency_ratio"] = round(
+                    slow[f"{reader_key}_samples_per_s"] / max(fast[f"{reader_key}_samples_per_s"], 1), 3
+                )
+            r["s3_latency_ratio"] = r["ray_data_latency_ratio"]
+            r["requests_per_1000_samples"] = slow["requests_per_1000_samples"]
+            r["serial_round_trips_per_row_group"] = slow.get("serial_round_trips_per_row_group")
+            results[name] = r
+    finally:
+        ray.shutdown()
+        if s3:
+            s3.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    where = "moto S3 behind a delaying proxy" if s3 else "a local folder behind the delaying layer"
+    print(
+        f"\nmachine: {cores} cores; storage: {where}; {args.rows} rows in {args.part_rows}-row parts of "
+        f"{args.row_group_rows}-row groups; {args.epochs} epochs, rates from the first batch"
+    )
+    print(
+        f"{'':3}{'scenario':<40}{'latency':>8}{'1 task':>9}{'Ray Data':>10}{'threads':>10}"
+        f"{'req/1k':>9}{'req/rg':>8}{'serial RT/rg':>14}"
+    )
+    for name, r in results.items():
+        for label in ("0ms", f"{ms:g}ms"):
+            x = r[label]
+            print(
+                f"{name:<3}{r['what']:<40}{label:>8}{x['one_task_samples_per_s']:>9}{x['ray_data_samples_per_s']:>10}"
+                f"{x['threads_samples_per_s']:>10}{x['requests_per_1000_samples']:>9}{x['requests_per_row_group']:>8}"
+                f"{x.get('serial_round_trips_per_row_group', '–')!s:>14}"
+            )
+        print(
+            f"{name:<3}{'ratio ' + f'{ms:g} ms ÷ 0 ms':<40}{'':>8}{'':>9}{r['ray_data_latency_ratio']:>9.3f}×"
+            f"{r['threads_latency_ratio']:>9.3f}×   goal ≥ 0.8: "
+            + ("met" if min(r["ray_data_latency_ratio"], r["threads_latency_ratio"]) >= 0.8 else "MISSED")
+        )
+    print(json.dumps({"cores": cores, "latency_ms": ms, "storage": where, **results}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=24576, help="training rows of scenarios a-c")
@@ -333,7 +550,28 @@ def main() -> None:
     ap.add_argument("--scenarios", default="abcd")
     ap.add_argument("--epochs", type=int, default=6, help="epochs read per scenario; timed after the first")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument(
+        "--latency-ms",
+        type=float,
+        help="latency mode: the reader at this storage latency and at 0 ms (doc above)",
+    )
+    ap.add_argument(
+        "--part-rows", type=int, default=2048, help="latency mode: rows per image part (data.rows_per_part)"
+    )
+    ap.add_argument(
+        "--root",
+        help="latency mode: where the generated data lives (a folder or URL; s3-proxy: moto behind a proxy)",
+    )
     args = ap.parse_args()
+    if args.latency_ms is not None:
+        if args.scenarios == "abcd":
+            args.scenarios = "ac"
+        if args.rows == 24576:
+            args.rows = 12288
+        if args.epochs == 6:
+            args.epochs = 3
+        latency_main(args, os.cpu_count() or 1)
+        return
     import ray
 
     from pipeline.runtime import local_ray_options, quiet_ray_data

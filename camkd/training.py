@@ -5,6 +5,8 @@ Pure PyTorch: the caller owns data, devices and distribution (wrap the Distiller
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -57,8 +59,38 @@ class TrainStep:
         self.scaler.update()
 
 
+class Normalizer:
+    """uint8 [B,C,H,W] → float (x/255 − mean)/std. The constants are built once per device: a tensor made from
+    Python numbers on a GPU is a pageable host→device copy, which waits for the stream, so building them per call
+    would make every step wait for the previous one's backward, all-reduce and optimizer step."""
+
+    def __init__(self, mean, std) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean {list(self.mean)} and std {list(self.std)} need one value per channel")
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as [1,C,1,1] float32 tensors on `device`, made on the first call for that device."""
+        c = self._constants.get(device)
+        if c is None:
+            m = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+            s = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+            c = self._constants[device] = (m, s)
+        return c
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        m, s = self.constants(images.device)
+        return (images.float() / 255.0 - m) / s
+
+
+@lru_cache(maxsize=64)
+def _normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Normalizer:
+    return Normalizer(mean, std)
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [B,C,H,W] → float (x/255 − mean)/std, on the tensor's device."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
+    """uint8 [B,C,H,W] → float (x/255 − mean)/std, on the tensor's device (constants kept per device: no host
+    sync after the first call)."""
+    return _normalizer(tuple(float(m) for m in mean), tuple(float(s) for s in std))(images)

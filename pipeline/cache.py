@@ -175,6 +175,37 @@ class Manifest(BaseModel):
         return OutputFormat(o["logits"], o.get("topk") or 0, o["features"], o["num_classes"], o["precision"])
 
 
+@dataclass(frozen=True)
+class StoreRef:
+    """What reading one teacher's store needs, taken once from its manifest on the driver: small and picklable,
+    so read tasks get this instead of validating the manifest for every row group."""
+
+    teacher: str  # the teacher's name, for messages
+    teacher_id: str
+    dataset_fp: str
+    family: str
+    fmt: OutputFormat
+    feature_shape: tuple[int, ...] | None
+    bytes_per_sample: float  # on disk, per view
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> StoreRef:
+        shape = manifest.feature_shape
+        return cls(
+            teacher=manifest.teacher["name"],
+            teacher_id=manifest.teacher_id,
+            dataset_fp=manifest.dataset["fingerprint"],
+            family=manifest.family,
+            fmt=manifest.fmt(),
+            feature_shape=tuple(shape) if shape else None,
+            bytes_per_sample=float(manifest.bytes_per_sample.get("on_disk", 0)),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.fmt.num_classes
+
+
 def part_metadata(
     teacher_id: str, dataset_fp: str, spec: ViewSpec, fmt: OutputFormat, view: int, part: str, rows: int
 ) -> dict[bytes, bytes]:
@@ -310,15 +341,13 @@ def _fp16(x: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-def decode_outputs(
-    table: pa.Table, manifest: Manifest, logits: bool, features: bool
-) -> dict[str, np.ndarray]:
+def decode_outputs(table: pa.Table, ref: StoreRef, logits: bool, features: bool) -> dict[str, np.ndarray]:
     """A view part's columns → raw arrays, as stored: `logits` fp16 [N,C], or `topk_values` fp16 [N,k],
     `topk_index` int16/32 [N,k], `tail_logit` f32 [N]; `feat` fp16|int8 [N,C,H,W] and `feat_scale` fp16 [N,C].
     Top-k logits and int8 features are expanded on the training device (`pipeline/reader.py`)."""
     out: dict[str, np.ndarray] = {}
-    c = manifest.num_classes
-    fmt = manifest.fmt()
+    c = ref.num_classes
+    fmt = ref.fmt
     if logits:
         if fmt.logits == "fp16":
             out["logits"] = tensor_numpy(table["logits"], (c,), np.float16)
@@ -327,7 +356,7 @@ def decode_outputs(
             out["topk_index"] = tensor_numpy(table["topk_index"], (fmt.topk,), topk_index_dtype(c))
             out["tail_logit"] = table["tail_logit"].to_numpy()
     if features:
-        shape = tuple(manifest.feature_shape)
+        shape = tuple(ref.feature_shape)
         if fmt.features == "fp16":
             out["feat"] = tensor_numpy(table["feat"], shape, np.float16)
         else:
@@ -454,30 +483,35 @@ def check_parts_present(manifest: Manifest, store: str, views: list[int]) -> Non
                 )
 
 
-def open_cache_part(url: str, manifest: Manifest, view: int, part: str) -> tables.OpenTable:
-    """A cache part opened for row-group reads, checked to belong to this teacher, dataset, view and part."""
-    who = f"cache part {url} of teacher {manifest.teacher['name']!r}"
+def open_cache_part(
+    url: str, ref: StoreRef, view: int, part: str, retry=None, scope: str | None = None
+) -> tables.OpenTable:
+    """A cache part opened for row-group reads (with a `scope`, once per process and scope:
+    `tables.open_cached`), checked to belong to this teacher, dataset, view and part."""
+    who = f"cache part {url} of teacher {ref.teacher!r}"
     try:
-        table = tables.open_table(url, META_KEY)
+        table = tables.open_cached(url, META_KEY, retry, scope)
     except FileNotFoundError:
         raise CacheError(f"{who} is missing; re-run precompute (it recomputes only missing parts)") from None
     except tables.CorruptTable as e:
         raise CacheError(corrupt_message(who, e.detail)) from None
     kv = table.metadata
     mine = (
-        kv.get("teacher_id") == manifest.teacher_id
-        and kv.get("dataset_fp") == manifest.dataset["fingerprint"]
-        and kv.get("family") == manifest.family
-        and kv.get("output") == manifest.fmt().key
+        kv.get("teacher_id") == ref.teacher_id
+        and kv.get("dataset_fp") == ref.dataset_fp
+        and kv.get("family") == ref.family
+        and kv.get("output") == ref.fmt.key
     )
     if not mine:
+        tables.forget(url)
         raise CacheError(
             f"{who} was written for teacher {kv.get('teacher_id')!r} / dataset {kv.get('dataset_fp')!r} / views "
-            f"{kv.get('family')!r} / format {kv.get('output')!r}, not {manifest.teacher_id!r} / "
-            f"{manifest.dataset['fingerprint']!r} / {manifest.family!r} / {manifest.fmt().key!r}: it was copied "
+            f"{kv.get('family')!r} / format {kv.get('output')!r}, not {ref.teacher_id!r} / "
+            f"{ref.dataset_fp!r} / {ref.family!r} / {ref.fmt.key!r}: it was copied "
             "from another cache. Delete it and re-run precompute"
         )
     if kv.get("view") != view or kv.get("part") != part:
+        tables.forget(url)
         raise CacheError(
             f"{who} holds view {kv.get('view')} of {kv.get('part')}, not view {view} of {part} (misplaced); "
             "delete it and re-run precompute"
@@ -493,23 +527,25 @@ def corrupt_message(who: str, detail: str) -> str:
 
 
 def read_cache_rows(
-    part: tables.OpenTable,
-    manifest: Manifest,
-    row_groups: list[int],
-    columns: list[str],
-    expected_idx: np.ndarray,
+    part: tables.OpenTable, ref: StoreRef, row_groups: list[int], columns: list[str], retry=None
 ) -> pa.Table:
-    """Row groups of a cache part, checksums verified, aligned row for row with the image rows `expected_idx`."""
-    who = f"cache part {part.url} of teacher {manifest.teacher['name']!r}"
+    """Row groups of a cache part, checksums verified (`check_aligned` then checks it row for row against the
+    image rows)."""
     try:
-        table = part.read(row_groups, columns)
+        return part.read(row_groups, columns, retry)
     except tables.CorruptTable as e:
-        raise CacheError(corrupt_message(who, e.detail)) from None
+        tables.forget(part.url)
+        raise CacheError(
+            corrupt_message(f"cache part {part.url} of teacher {ref.teacher!r}", e.detail)
+        ) from None
+
+
+def check_aligned(table: pa.Table, part_url: str, ref: StoreRef, expected_idx: np.ndarray) -> None:
+    """A cache part's rows are the image rows `expected_idx`, in the same order."""
     idx = table["idx"].to_numpy()
     if len(idx) != len(expected_idx) or not np.array_equal(idx, expected_idx):
         row = int(np.argmax(idx[: len(expected_idx)] != expected_idx[: len(idx)])) if len(idx) else 0
         raise CacheError(
-            f"{who} does not match its image part ({len(idx)} vs {len(expected_idx)} rows, idx differs at row "
-            f"{row}); delete it and re-run precompute"
+            f"cache part {part_url} of teacher {ref.teacher!r} does not match its image part ({len(idx)} vs "
+            f"{len(expected_idx)} rows, idx differs at row {row}); delete it and re-run precompute"
         )
-    return table

@@ -1,9 +1,12 @@
-"""The capacity model: what a config costs in cache storage and in read CPUs per training worker.
+"""The capacity model: what a config costs in cache storage, and in read CPUs and read tasks per training worker.
 
 Fed by `benchmarks/input_pipeline.py` (the reader alone, delivered samples/s ÷ cores, 2-core x86 VM, 2026-11): a
 read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`), and
-an encoded image adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Faster server cores need fewer; the
-model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
+an encoded image adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Storage latency adds
+a limit per read task: it waits about SERIAL_ROUND_TRIPS round trips per row group (the image part and every
+teacher's part are read concurrently, footers remembered), with `scaling.read_ahead` row groups in flight, so one
+task delivers at most (read_ahead + 1) × rows per group ÷ (round trips × latency). Faster server cores need fewer
+CPUs; the model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ DECODE_US = 1960.0
 # earlier round; the H100 in the README's performance table gives 18.6-29.8k cached CA-MKD), and an assumption for
 # 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
+CPU_RATE = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
+# Round trips a read task waits for in series per row group (`input_pipeline.py --latency-ms`), and the latency
+# assumed per request for an object store when nothing better is known (`doctor` measures it).
+SERIAL_ROUND_TRIPS = 1.2
+OBJECT_STORE_LATENCY_S = 0.025
 
 # Image sizes of the sources whose shape is known before ingest.
 SOURCE_SHAPES = {
@@ -45,6 +53,58 @@ class TeacherBytes:
         return self.logits + self.features
 
 
+def storage_latency(root: str) -> float:
+    """Seconds per request assumed for `root`: 0 for a local path, the delay of a `delay://` root, and
+    OBJECT_STORE_LATENCY_S for an object store."""
+    from pipeline import latency
+
+    if "://" not in root or root.startswith("file://"):
+        return 0.0
+    if root.startswith(latency.SCHEME):
+        return latency.parse(root)[0]
+    return OBJECT_STORE_LATENCY_S
+
+
+def read_tasks_for(
+    rate: float, read_us: float, read_cpus: float, latency_s: float, group_rows: int, read_ahead: int
+) -> tuple[int, dict[str, float]]:
+    """Ray Data read tasks one worker needs to deliver `rate` samples/s: enough CPUs for the reading itself
+    (`read_us` µs per sample, `read_cpus` per task), and enough tasks that the storage latency is covered. Returns
+    (tasks, the two demands)."""
+    cpu_tasks = rate * read_us / 1e6 / read_cpus
+    per_task = (read_ahead + 1) * group_rows / (SERIAL_ROUND_TRIPS * latency_s) if latency_s > 0 else math.inf
+    latency_tasks = rate / per_task
+    return max(1, math.ceil(max(cpu_tasks, latency_tasks) - 1e-9)), {
+        "cpu_tasks": cpu_tasks,
+        "latency_tasks": latency_tasks,
+    }
+
+
+def plan_read_tasks(cfg, row_bytes: int, encoded: bool, group_rows: int) -> int:
+    """scaling.read_tasks, else what a worker reading rows of `row_bytes` needs at its default rate."""
+    if cfg.scaling.read_tasks:
+        return cfg.scaling.read_tasks
+    fixed, per_kb = READ_US[cfg.scaling.reader]
+    read_us = fixed + per_kb * row_bytes / 1024 + (DECODE_US if encoded else 0.0)
+    return read_tasks_for(
+        default_rate(cfg, encoded),
+        read_us,
+        cfg.scaling.read_cpus,
+        storage_latency(cfg.root),
+        group_rows,
+        cfg.scaling.read_ahead,
+    )[0]
+
+
+def default_rate(cfg, encoded: bool) -> float:
+    """The student rate a worker's reader is sized for: the measured GPU rates, or a CPU worker's."""
+    if cfg.scaling.use_gpu and encoded:
+        return GPU_RATES["224px"]
+    if cfg.scaling.use_gpu:
+        return GPU_RATES["distill" if cfg.teachers else "ce"]
+    return CPU_RATE
+
+
 @dataclass
 class Estimate:
     rows: int | None
@@ -55,6 +115,10 @@ class Estimate:
     rate: float
     workers: int
     reader: str = "ray_data"
+    latency_s: float = 0.0
+    group_rows: int = 1024
+    read_ahead: int = 2
+    read_cpus: float = 0.5
 
     @property
     def reader_bytes(self) -> int:
@@ -75,6 +139,18 @@ class Estimate:
     @property
     def read_cpus_per_worker(self) -> float:
         return self.rate * self.read_us_per_sample / 1e6
+
+    @property
+    def read_tasks(self) -> int:
+        """Ray Data read tasks per worker for `rate` (the default of scaling.read_tasks)."""
+        return read_tasks_for(
+            self.rate,
+            self.read_us_per_sample,
+            self.read_cpus,
+            self.latency_s,
+            self.group_rows,
+            self.read_ahead,
+        )[0]
 
     def lines(self, cfg) -> list[str]:
         gib = 2**30
@@ -100,6 +176,32 @@ class Estimate:
             "2-core VM, see README "
             f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
+        if cfg.scaling.reader == "ray_data":
+            tasks = cfg.scaling.read_tasks or self.read_tasks
+            _, why = read_tasks_for(
+                self.rate,
+                self.read_us_per_sample,
+                self.read_cpus,
+                self.latency_s,
+                self.group_rows,
+                self.read_ahead,
+            )
+            out.append(
+                f"read tasks per worker: {tasks}"
+                + (" (scaling.read_tasks)" if cfg.scaling.read_tasks else "")
+                + f"; the model asks {why['cpu_tasks']:.1f} for CPU and {why['latency_tasks']:.1f} for "
+                f"{self.latency_s * 1000:g} ms storage latency ({self.read_ahead} row group(s) read ahead of "
+                f"{self.group_rows} rows)"
+            )
+            store = (
+                f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
+                if cfg.scaling.read_object_store_mb
+                else "its node's object store ÷ the workers on that node"
+            )
+            out.append(
+                f"worker budget (Ray Data, per worker): {tasks} task(s) × {cfg.scaling.read_cpus:g} CPU = "
+                f"{tasks * cfg.scaling.read_cpus:g} CPUs; object store: {store}"
+            )
         if cfg.scaling.reader == "threads":
             if cfg.scaling.read_threads < need:
                 out.append(
@@ -178,14 +280,21 @@ def estimate(
         logits, feats = teacher_bytes(cfg.cache.logits, cfg.cache.topk, features, num_classes, t_shape)
         teachers.append(TeacherBytes(t.name, logits, feats, t_shape))
     if rate is None:
-        if cfg.scaling.use_gpu and encoded:
-            rate = GPU_RATES["224px"]
-        elif cfg.scaling.use_gpu:
-            rate = GPU_RATES["distill" if cfg.teachers else "ce"]
-        else:
-            rate = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
+        rate = default_rate(cfg, encoded)
+    group_rows = meta.row_group_rows if meta is not None else cfg.data.row_group_rows
     return Estimate(
-        rows, cfg.views.count, pixels, encoded, teachers, rate, cfg.scaling.num_workers, cfg.scaling.reader
+        rows,
+        cfg.views.count,
+        pixels,
+        encoded,
+        teachers,
+        rate,
+        cfg.scaling.num_workers,
+        cfg.scaling.reader,
+        latency_s=storage_latency(cfg.root),
+        group_rows=group_rows,
+        read_ahead=cfg.scaling.read_ahead,
+        read_cpus=cfg.scaling.read_cpus,
     )
 
 
@@ -196,4 +305,6 @@ def as_dict(e: Estimate) -> dict[str, Any]:
         "read_us_per_sample": round(e.read_us_per_sample, 1),
         "rate": e.rate,
         "read_cpus_per_worker": round(e.read_cpus_per_worker, 2),
+        "read_tasks_per_worker": e.read_tasks,
+        "storage_latency_ms": e.latency_s * 1000,
     }

@@ -61,6 +61,13 @@ class Collectives:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s tensor on every rank, in place; returns the tensor."""
+        self._check(tensor, "broadcast")
+        if self.active:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (picklable), in rank order."""
         if not self.active:

@@ -384,13 +384,45 @@ class ScalingSettings(Strict):
     read_threads: int = Field(2, ge=1, description="reader threads per worker with reader: threads")
     read_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each Ray Data read task")
     read_tasks: int | None = Field(
-        None, ge=1, description="concurrent read tasks per worker (default: as many as fit)"
+        None,
+        ge=1,
+        description="concurrent Ray Data read tasks per worker; default: what the capacity model says the "
+        "worker's rate needs (CPU and storage latency), at least 1 (`--dry-run` prints it)",
+    )
+    read_ahead: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="row groups each read task (or reader thread pool) fetches while it decodes one: hides "
+        "object-store latency; each costs one row group of memory",
+    )
+    read_object_store_mb: int | None = Field(
+        None,
+        ge=16,
+        description="object store each worker's Ray Data reader may fill; default: its node's store ÷ the "
+        "workers on that node",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="process-group backend: auto = nccl with GPUs, gloo on CPU; gloo with GPUs allows "
+        "fractional gpus_per_worker (several ranks on one GPU, for checks only)",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where Train workers go: STRICT_SPREAD puts each on its own node"
     )
     check_resources: bool = Field(
         True, description="fail fast when the cluster lacks the requested CPUs/GPUs"
+    )
+
+
+class StorageSettings(Strict):
+    """How storage errors that may pass (throttling, timeouts, dropped connections) are handled."""
+
+    retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="a transient storage error is retried (with backoff) for at least this long before the read "
+        "fails; a failed read is then retried as a read task, and only then does the worker group restart",
     )
 
 
@@ -512,6 +544,7 @@ class Config(Strict):
     strategy: StrategyConfig = StrategyConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingSettings = ScalingSettings()
+    storage: StorageSettings = StorageSettings()
     tune: TuneSettings = TuneSettings()
     tracking: TrackingConfig = TrackingConfig()
     ray: RaySettings = RaySettings()
@@ -542,6 +575,28 @@ class Config(Strict):
             )
         if self.cache.logits == "topk" and self.cache.topk < 2:
             raise ValueError("cache.topk must be at least 2 when cache.logits is 'topk'")
+        s = self.scaling
+        if s.use_gpu and s.backend != "gloo" and s.gpus_per_worker != 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker = {s.gpus_per_worker:g}: each NCCL rank trains on exactly one GPU, so "
+                "give it 1 (a fraction puts two NCCL ranks on one GPU, which NCCL refuses at init: 'Duplicate "
+                "GPU'; more than 1 leaves the extra GPUs idle). To share one GPU between ranks for a check, set "
+                "scaling.backend: gloo"
+            )
+        if s.use_gpu and s.backend == "gloo" and s.gpus_per_worker > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker = {s.gpus_per_worker:g}: a rank trains on one GPU; give it 1 or a "
+                "fraction (gloo ranks may share a GPU)"
+            )
+        if s.backend == "nccl" and not s.use_gpu:
+            raise ValueError(
+                "scaling.backend: nccl needs GPU workers (NCCL has no CPU transport); set scaling.use_gpu: true "
+                "or scaling.backend: auto (gloo on CPU)"
+            )
+        if self.train.sync_batchnorm and s.backend == "gloo":
+            raise ValueError(
+                "train.sync_batchnorm needs NCCL (gloo has no CUDA all_gather); leave scaling.backend: auto"
+            )
         if self.train.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError(
                 "train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm has no CPU kernels); set "

@@ -665,11 +665,14 @@ def image_part_url(dataset_dir: str, split: str, part: str) -> str:
     return storage.join(dataset_dir, split, part)
 
 
-def open_image_part(dataset_dir: str, split: str, part: str) -> tables.OpenTable:
-    """An image part opened for row-group reads; a missing or corrupt part is an IngestError with the fix."""
+def open_image_part(
+    dataset_dir: str, split: str, part: str, retry=None, scope: str | None = None
+) -> tables.OpenTable:
+    """An image part opened for row-group reads (with a `scope`, once per process and scope:
+    `tables.open_cached`); a missing or corrupt part is an IngestError with the fix."""
     url = image_part_url(dataset_dir, split, part)
     try:
-        return tables.open_table(url, META_KEY)
+        return tables.open_cached(url, META_KEY, retry, scope)
     except FileNotFoundError:
         raise IngestError(f"image part {url} is missing; delete {dataset_dir} and re-run `ingest`") from None
     except tables.CorruptTable as e:
@@ -677,11 +680,12 @@ def open_image_part(dataset_dir: str, split: str, part: str) -> tables.OpenTable
 
 
 def read_image_rows(
-    part: tables.OpenTable, row_groups: list[int] | None, columns: list[str] | None = None
+    part: tables.OpenTable, row_groups: list[int] | None, columns: list[str] | None = None, retry=None
 ) -> pa.Table:
     try:
-        return part.read(row_groups, columns or ["idx", "image", "label"])
+        return part.read(row_groups, columns or ["idx", "image", "label"], retry)
     except tables.CorruptTable as e:
+        tables.forget(part.url)
         raise IngestError(f"image part {e}; delete the dataset folder and re-run `ingest`") from None
 
 

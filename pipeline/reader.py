@@ -13,15 +13,21 @@ are expanded on the training device.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.cache import (
     Manifest,
+    StoreRef,
+    check_aligned,
     decode_outputs,
     open_cache_part,
     read_cache_rows,
@@ -149,11 +155,17 @@ def contiguous_shares(slices: list[Slice], world: int) -> list[list[Slice]]:
 
 @dataclass(frozen=True)
 class TeacherSource:
-    """One teacher's cache store, as the read task needs it (picklable)."""
+    """One teacher's cache store, as the read task needs it: its folder and its manifest's reading facts
+    (picklable and small; the manifest is validated once, on the driver)."""
 
     name: str
     store: str
-    manifest: dict[str, Any]
+    ref: StoreRef
+
+    @classmethod
+    def from_manifest(cls, name: str, store: str, manifest: Manifest | dict[str, Any]) -> TeacherSource:
+        m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest)
+        return cls(name, store, StoreRef.of(m))
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,9 @@ class ReadPlan:
     noise_seed: int = 0
     label_swaps: tuple[tuple[int, int], ...] = ()
     shuffle_seed: int = 0
+    read_ahead: int = 2  # row groups fetched while one is rendered and decoded (scaling.read_ahead)
+    retry_seconds: float = 60.0  # storage.retry_seconds
+    scope: str | None = None  # one reader's run: open files are remembered within it (tables.open_cached)
 
     def row_bytes(self) -> int:
         """Bytes one delivered row takes (pixels + teacher outputs): sizes read tasks' memory requests."""
@@ -181,11 +196,7 @@ class ReadPlan:
             pixels = int(np.prod(self.image_shape))
         else:
             pixels = 3 * spec.size * spec.size
-        total = pixels + 16
-        for t in self.teachers:
-            m = Manifest.model_validate(t.manifest)
-            total += int(m.bytes_per_sample.get("on_disk", 0))
-        return total
+        return pixels + 16 + sum(int(t.ref.bytes_per_sample) for t in self.teachers)
 
     def group_bytes(self) -> int:
         """Bytes one full row group of delivered rows takes: the unit of a read task's memory."""
@@ -234,71 +245,165 @@ def items(slices: list[Slice], view: int, epoch: int = -1) -> list[dict[str, Any
     return [asdict(s) | {"view": view, "epoch": epoch} for s in slices]
 
 
-def read_slices(batch: dict[str, np.ndarray], plan: ReadPlan) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data `map_batches` body (a generator): each item of the batch → one output block per row group:
-    `idx`, `image` (uint8 [N,C,H,W] of the item's view, or the evaluation view), `label` (int64) and per
-    teacher k the raw cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and
-    `t{k}_feat` (+ `t{k}_feat_scale`)."""
-    spec = ViewSpec.from_dict(plan.spec)
-    manifests = [Manifest.model_validate(t.manifest) for t in plan.teachers]
-    for fields in zip(*(batch[k] for k in ("part", "first_idx", "rows", "lo", "hi", "view", "epoch"))):
-        s = Slice(str(fields[0]), *(int(v) for v in fields[1:5]))
-        view, epoch = int(fields[5]), int(fields[6])
-        for block in _read_slice(s, plan, spec, manifests, None if view == EVAL_VIEW else view):
-            n = len(block["idx"])
-            if epoch < 0 or n < 2:
-                yield block
-                continue
-            # Every epoch each row group starts at another row, drawn from (seed, epoch, first idx): batches are
-            # other windows of the (random, stratified) stored order each epoch. Yielding the two halves as two
-            # blocks costs no copy (a row permutation here cost 1.1 GB/s of gather, more than the read itself).
-            start = int(np.random.default_rng([plan.shuffle_seed, epoch, int(block["idx"][0])]).integers(n))
-            yield {k: v[start:] for k, v in block.items()}
-            if start:
-                yield {k: v[:start] for k, v in block.items()}
+IO_THREADS = 32  # per process: storage reads in flight (they wait on the network, not on a core)
+_io_pool: ThreadPoolExecutor | None = None
+_io_lock = threading.Lock()
 
 
-def _read_slice(s: Slice, plan: ReadPlan, spec: ViewSpec, manifests: list[Manifest], view: int | None):
-    image_part = open_image_part(plan.dataset_dir, plan.split, s.part)
-    teacher_parts = []
+def _io() -> ThreadPoolExecutor:
+    """This process's pool for part reads. Its tasks never wait on the pool themselves, so the reader's own
+    threads (scaling.reader: threads) can wait on it without a deadlock. Arrow's own I/O pool, which performs
+    the ranged reads (8 threads by default), is widened to match: at 25 ms per request 8 threads cap a process
+    at ~320 requests/s, which for logits-only rows is ~80k rows/s whatever the cores."""
+    global _io_pool
+    with _io_lock:
+        if _io_pool is None:
+            import pyarrow as pa
+
+            pa.set_io_thread_count(max(pa.io_thread_count(), IO_THREADS))
+            _io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="camkd-io")
+        return _io_pool
+
+
+@dataclass
+class _Fetch:
+    """The reads of one item in flight: its image rows and each teacher's cache rows, all at once."""
+
+    slice: Slice
+    view: int | None  # None: the evaluation view, without teacher outputs
+    epoch: int
+    image: Future
+    teachers: list[tuple[str, Future]]
+
+    def done(self) -> bool:
+        return self.image.done() and all(f.done() for _, f in self.teachers)
+
+
+def _read_image(s: Slice, plan: ReadPlan, retry: storage.RetryPolicy):
+    part = open_image_part(plan.dataset_dir, plan.split, s.part, retry, plan.scope)
+    return read_image_rows(part, s.row_groups(plan.group_rows), retry=retry)
+
+
+def _fetch(s: Slice, view: int | None, epoch: int, plan: ReadPlan, retry: storage.RetryPolicy) -> _Fetch:
+    """Start every read of one item: the image part's row group and each teacher's, concurrently, each part
+    opened once per reader run (the footer remembered), each row group one coalesced request."""
+    pool = _io()
+    image = pool.submit(_read_image, s, plan, retry)
+    teachers = []
     if view is not None:
-        for src, manifest in zip(plan.teachers, manifests):
+        groups = s.row_groups(plan.group_rows)
+        for src in plan.teachers:
             url = f"{view_dir(src.store, view)}/{s.part}"
-            teacher_parts.append(open_cache_part(url, manifest, view, s.part))
-    for group in s.row_groups(plan.group_rows):
-        rows = read_image_rows(image_part, [group])
-        group_idx = rows["idx"].to_numpy()
-        keep = (group_idx >= s.lo) & (group_idx < s.hi)
-        whole = bool(keep.all())
+            columns = src.ref.fmt.columns(plan.logits, plan.features)
+            teachers.append(
+                (url, pool.submit(_teacher_rows, url, src, view, s.part, groups, columns, plan, retry))
+            )
+    return _Fetch(s, view, epoch, image, teachers)
+
+
+def _teacher_rows(url, src: TeacherSource, view, part_name, groups, columns, plan: ReadPlan, retry):
+    part = open_cache_part(url, src.ref, view, part_name, retry, plan.scope)
+    return read_cache_rows(part, src.ref, groups, columns, retry)
+
+
+def _item_args(fields) -> tuple[Slice, int | None, int]:
+    """(slice, view or None for the evaluation view, epoch) of one read item's fields."""
+    part, first_idx, rows, lo, hi, view, epoch = fields
+    view = int(view)
+    return (
+        Slice(str(part), int(first_idx), int(rows), int(lo), int(hi)),
+        None if view == EVAL_VIEW else view,
+        int(epoch),
+    )
+
+
+ITEM_FIELDS = ("part", "first_idx", "rows", "lo", "hi", "view", "epoch")
+
+
+def _cancel(fetches) -> None:
+    """Reads not yet started are dropped (a consumer that stopped early)."""
+    for f in fetches:
+        f.image.cancel()
+        for _, t in f.teachers:
+            t.cancel()
+
+
+def read_slices(batch: dict[str, np.ndarray], plan: ReadPlan) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data `map_batches` body (a generator): each item of the batch → one output block: `idx`, `image`
+    (uint8 [N,C,H,W] of the item's view, or the evaluation view), `label` (int64) and per teacher k the raw
+    cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and `t{k}_feat`
+    (+ `t{k}_feat_scale`). While one item is rendered and decoded, the reads of the next `plan.read_ahead` items
+    are in flight (the image part and every teacher's part concurrently): on an object store a row group costs
+    about one round trip, not one per part and column."""
+    spec = ViewSpec.from_dict(plan.spec)
+    retry = storage.retry_policy(plan.retry_seconds)
+    work = [_item_args(fields) for fields in zip(*(batch[k] for k in ITEM_FIELDS))]
+    pending: deque[_Fetch] = deque()
+    nxt = 0
+    try:
+        while nxt < len(work) or pending:
+            while nxt < len(work) and len(pending) <= plan.read_ahead:
+                pending.append(_fetch(*work[nxt], plan, retry))
+                nxt += 1
+            yield from _blocks(pending.popleft(), plan, spec)
+    finally:
+        _cancel(pending)
+
+
+def _blocks(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> list[dict[str, np.ndarray]]:
+    """An item's rows as the blocks a reader yields: in training, the row group rotated to start at a row drawn
+    from (seed, epoch, first idx), as two blocks (no copy)."""
+    block = _assemble(fetched, plan, spec)
+    n = len(block["idx"])
+    if fetched.epoch < 0 or n < 2:
+        return [block]
+    # Every epoch each row group starts at another row: batches are other windows of the (random, stratified)
+    # stored order each epoch. Two blocks instead of a row permutation (a gather cost 1.1 GB/s, more than the read).
+    start = int(np.random.default_rng([plan.shuffle_seed, fetched.epoch, int(block["idx"][0])]).integers(n))
+    out = [{k: v[start:] for k, v in block.items()}]
+    if start:
+        out.append({k: v[:start] for k, v in block.items()})
+    return out
+
+
+def _assemble(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> dict[str, np.ndarray]:
+    """One item's rows from its reads: the view rendered, labels (swapped / noisy for teacher training), and each
+    teacher's outputs checked row for row against the image rows."""
+    s = fetched.slice
+    rows = fetched.image.result()
+    group_idx = rows["idx"].to_numpy()
+    keep = (group_idx >= s.lo) & (group_idx < s.hi)
+    whole = bool(keep.all())
+    if not whole:
+        rows = rows.filter(keep)
+    idx = rows["idx"].to_numpy()
+    column = rows["image"]
+    if plan.image_shape:  # raw pixels: a view of the fixed-width column (one chunk as read: no copy)
+        images = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    else:
+        images = column.to_pylist()
+    rendered = (
+        render_eval(images, spec, plan.image_shape)
+        if fetched.view is None
+        else render_train(images, idx, fetched.view, spec, plan.image_shape)
+    )
+    labels = rows["label"].to_numpy().astype(np.int64)
+    if plan.label_swaps:
+        labels = swapped_labels(labels, plan.label_swaps)
+    if plan.label_noise > 0:
+        labels = noisy_labels(labels, idx, plan.label_noise, plan.noise_seed, plan.num_classes)
+    out: dict[str, np.ndarray] = {"idx": idx, "image": rendered.pixels, "label": labels}
+    for k, (src, (url, future)) in enumerate(zip(plan.teachers, fetched.teachers)):
+        table = future.result()
+        check_aligned(table, url, src.ref, group_idx)
         if not whole:
-            rows = rows.filter(keep)
-        idx = rows["idx"].to_numpy()
-        column = rows["image"]
-        if plan.image_shape:  # raw pixels: a view of the fixed-width column (one chunk as read: no copy)
-            images = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-        else:
-            images = column.to_pylist()
-        rendered = (
-            render_eval(images, spec, plan.image_shape)
-            if view is None
-            else render_train(images, idx, view, spec, plan.image_shape)
-        )
-        labels = rows["label"].to_numpy().astype(np.int64)
-        if plan.label_swaps:
-            labels = swapped_labels(labels, plan.label_swaps)
-        if plan.label_noise > 0:
-            labels = noisy_labels(labels, idx, plan.label_noise, plan.noise_seed, plan.num_classes)
-        out: dict[str, np.ndarray] = {"idx": idx, "image": rendered.pixels, "label": labels}
-        for k, (part, manifest) in enumerate(zip(teacher_parts, manifests)):
-            columns = manifest.fmt().columns(plan.logits, plan.features)
-            table = read_cache_rows(part, manifest, [group], columns, group_idx)
-            if not whole:
-                table = table.filter(keep)
-            for key, value in decode_outputs(table, manifest, plan.logits, plan.features).items():
-                out[f"t{k}_{key}"] = value
-        yield out
+            table = table.filter(keep)
+        for key, value in decode_outputs(table, src.ref, plan.logits, plan.features).items():
+            out[f"t{k}_{key}"] = value
+    return out
 
 
+ITEMS_PER_CALL = None  # build_dataset hands read_slices a read task's items in one call (batch_size=None)
 TASK_OUTPUT_BYTES = 64 * 2**20  # what one read task aims to yield: fewer, longer tasks for small rows
 OUTPUT_BUFFER_BYTES = 128 * 2**20  # Ray Data gathers a task's yields into blocks of up to this size
 
@@ -313,13 +418,14 @@ def items_per_task(plan: ReadPlan) -> int:
 
 def read_memory_bytes(plan: ReadPlan) -> int:
     """Heap a read task asks Ray for: the process (~190 MB with pyarrow and numpy), one row group four times
-    over (as read, as rendered/decoded, as an Arrow block, serialised), and the yields Ray Data holds until they
-    fill a block (up to 128 MiB or the task's whole output). Measured peaks of private memory over a run on both
-    cores: 566 MiB for 1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps; this asks 718 MiB), 219 MiB for
-    32 × 1024 rows × 3.7 KB (logits only)."""
+    over (as read, as rendered/decoded, as an Arrow block, serialised), the `read_ahead` row groups whose reads
+    are in flight, and the yields Ray Data holds until they fill a block (up to 128 MiB or the task's whole
+    output). Measured peaks of private memory over a run on both cores (before read-ahead): 566 MiB for
+    1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps; this asked 718 MiB), 219 MiB for 32 × 1024 rows × 3.7 KB
+    (logits only)."""
     group = plan.group_bytes()
     held = min(items_per_task(plan) * group, OUTPUT_BUFFER_BYTES)
-    return int(4 * group + held + 192 * 2**20)
+    return int((4 + plan.read_ahead) * group + held + 192 * 2**20)
 
 
 def build_dataset(
@@ -330,10 +436,11 @@ def build_dataset(
     node_id: str | None = None,
 ):
     """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes
-    `items_per_task` items and yields one row group at a time (Ray Data gathers the yields into blocks of up to
-    128 MiB), so its memory is bounded whatever the part size (`read_memory_bytes`). One dataset can
-    span many epochs (the worker's whole run): no executor start-up between epochs. With `node_id` the read
-    tasks prefer that node (soft affinity): a worker's data is read next to it."""
+    `items_per_task` items in one call (so it can read ahead across them) and yields one row group at a time
+    (Ray Data gathers the yields into blocks of up to 128 MiB), so its memory is bounded whatever the part size
+    (`read_memory_bytes`). One dataset can span many epochs (the worker's whole run): no executor start-up
+    between epochs. With `node_id` the read tasks prefer that node (soft affinity): a worker's data is read next
+    to it."""
     import ray.data
 
     remote_args: dict[str, Any] = {}
@@ -351,7 +458,7 @@ def build_dataset(
         return ds.map_batches(
             read_slices,
             fn_kwargs={"plan": plan},
-            batch_size=1,
+            batch_size=None,  # a block's items in one call: read_slices reads ahead across them
             batch_format="numpy",
             num_cpus=read_cpus,
             memory=read_memory_bytes(plan),
@@ -371,9 +478,19 @@ def row_group_items(read_items: list[dict[str, Any]], group_rows: int) -> list[d
     return out
 
 
-def _read_item(item: dict[str, Any], plan: ReadPlan) -> list[dict[str, np.ndarray]]:
-    batch = {k: np.array([v], dtype=object if k == "part" else np.int64) for k, v in item.items()}
-    return list(read_slices(batch, plan))
+READ_TASK_RETRIES = 2  # a read that still fails after storage.retry_seconds is tried again this often
+
+
+def _item_blocks(args, plan: ReadPlan, spec: ViewSpec, retry) -> list[dict[str, np.ndarray]]:
+    """One item read again from the start, as a Ray Data read task is retried, when storage stayed unavailable
+    (`storage.StorageUnavailable`); corrupt data is never retried."""
+    for attempt in range(READ_TASK_RETRIES):
+        try:
+            return _blocks(_fetch(*args, plan, retry), plan, spec)
+        except storage.StorageUnavailable:
+            if attempt + 1 == READ_TASK_RETRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 class ShuffleBuffer:
@@ -464,31 +581,50 @@ def local_batches(
     shuffle_buffer: int = 0,
     shuffle_seed: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """`read_slices` in `threads` threads of this process (the `threads` reader): the items' row groups read in
-    order, `2 × threads` ahead, and gathered into batches of `batch_size` rows (through a local shuffle buffer of
-    `shuffle_buffer` rows when > 0). Batches never enter Ray's object store: no serialisation, no shared-memory
-    copy, no task to schedule; the reading shares the training process's CPUs. Parquet decoding and the numpy
-    gathers release the GIL. An exception of a read (a corrupt part) is raised here, in the batch's turn."""
-    from collections import deque
+    """The `threads` reader: the items' row groups read in this process, in order, and gathered into batches of
+    `batch_size` rows (through a local shuffle buffer of `shuffle_buffer` rows when > 0). The reads of the next
+    `2 × threads + read_ahead` items are in flight on the I/O pool while `threads` threads render and decode
+    (Parquet decoding and the numpy gathers release the GIL). Batches never enter Ray's object store: no
+    serialisation, no shared-memory copy, no task to schedule; the work shares the training process's CPUs. An
+    exception of a read (a corrupt part) is raised here, in the batch's turn; storage that stayed unavailable is
+    read again, item by item, as a Ray Data read task would be retried."""
     from concurrent.futures import ThreadPoolExecutor
 
-    work = row_group_items(read_items, plan.group_rows)
+    spec = ViewSpec.from_dict(plan.spec)
+    retry = storage.retry_policy(plan.retry_seconds)
+    work = [
+        _item_args(tuple(item[k] for k in ITEM_FIELDS))
+        for item in row_group_items(read_items, plan.group_rows)
+    ]
     buffer = ShuffleBuffer(batch_size, shuffle_buffer, shuffle_seed)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camkd-read")
-    ahead: deque = deque()
+    cpu = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camkd-read")
+    fetching: deque[tuple[Any, _Fetch]] = deque()  # (item, its reads in flight), in order
+    assembling: deque[tuple[Any, Future]] = deque()  # (item, its blocks being built), in order
+    depth = 2 * threads + plan.read_ahead
     try:
-        next_item = 0
-        while next_item < len(work) or ahead:
-            while next_item < len(work) and len(ahead) < 2 * threads:
-                ahead.append(pool.submit(_read_item, work[next_item], plan))
-                next_item += 1
-            for block in ahead.popleft().result():
+        nxt = 0
+        while nxt < len(work) or fetching or assembling:
+            while nxt < len(work) and len(fetching) + len(assembling) < depth:
+                fetching.append((work[nxt], _fetch(*work[nxt], plan, retry)))
+                nxt += 1
+            # An item goes to a CPU thread once its reads are in (or when nothing else is being built), so the
+            # threads render and decode instead of waiting on storage.
+            while fetching and len(assembling) < 2 * threads and (not assembling or fetching[0][1].done()):
+                args, fetched = fetching.popleft()
+                assembling.append((args, cpu.submit(_blocks, fetched, plan, spec)))
+            args, future = assembling.popleft()
+            try:
+                blocks = future.result()
+            except storage.StorageUnavailable:
+                blocks = _item_blocks(args, plan, spec, retry)
+            for block in blocks:
                 yield from buffer.add(block)
         yield from buffer.finish(drop_last)
     finally:
-        for f in ahead:
-            f.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _cancel(f for _, f in fetching)
+        for _, future in assembling:
+            future.cancel()
+        cpu.shutdown(wait=False, cancel_futures=True)
 
 
 def teacher_outputs_from_batch(

@@ -22,10 +22,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
+
+from pipeline import latency
 
 TMP_MARK = ".tmp-"
 NATIVE = ("s3", "gs", "gcs")
@@ -52,6 +55,15 @@ def normalize_url(url: str) -> str:
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str | None:
+    """The local path behind a plain path, a file:// URL or a delay:// root; None for remote stores."""
+    if is_local(url):
+        return url.removeprefix("file://")
+    if url.startswith(latency.SCHEME):
+        return latency.parse(url)[1]
+    return None
 
 
 def join(url: str, *parts: str) -> str:
@@ -90,6 +102,11 @@ def _native_fs(protocol: str, endpoint: str | None, region: str | None) -> pafs.
 
 
 @lru_cache(maxsize=8)
+def _delayed_fs(seconds: float) -> pafs.FileSystem:
+    return latency.filesystem(seconds)
+
+
+@lru_cache(maxsize=8)
 def _fsspec_fs(protocol: str) -> pafs.FileSystem:
     import fsspec
 
@@ -102,6 +119,9 @@ def pyarrow_fs(url: str) -> tuple[pafs.FileSystem, str]:
     protocol = _protocol(url)
     if protocol == "file":
         return pafs.LocalFileSystem(), url.removeprefix("file://")
+    if protocol == "delay":
+        seconds, path = latency.parse(url)
+        return _delayed_fs(seconds), path
     path = url.split("://", 1)[1]
     if protocol in NATIVE:
         endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if protocol == "s3" else None
@@ -142,28 +162,54 @@ def one_attempt():
         _ATTEMPTS.reset(token)
 
 
-def retrying(fn: Callable[[], T], url: str, attempts: int | None = None) -> T:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long transient storage errors are retried: at least `attempts` tries and, with `seconds`, for at least
+    that long in all (an object store's throttling burst can outlast six quick tries), backing off from `base`
+    seconds, doubling up to `max_delay`, with jitter."""
+
+    attempts: int = RETRY_ATTEMPTS
+    seconds: float = 0.0
+    base: float = RETRY_BASE_SECONDS
+    max_delay: float = 5.0
+
+
+def retry_policy(seconds: float) -> RetryPolicy:
+    """The policy of `storage.retry_seconds`: the usual quick tries, continued until `seconds` have passed."""
+    return RetryPolicy(seconds=float(seconds))
+
+
+def retrying(
+    fn: Callable[[], T], url: str, attempts: int | None = None, policy: RetryPolicy | None = None
+) -> T:
     """Call `fn`, retrying transient storage errors with exponential backoff and jitter; a persistent one
-    becomes StorageUnavailable naming `url`. Other errors pass through at once."""
-    attempts = attempts or _ATTEMPTS.get() or RETRY_ATTEMPTS
-    delay = RETRY_BASE_SECONDS
+    becomes StorageUnavailable naming `url`. Other errors pass through at once. Inside `one_attempt()` there are
+    no retries of our own, whatever the policy."""
+    policy = policy or RetryPolicy(base=RETRY_BASE_SECONDS)
+    single = _ATTEMPTS.get()
+    attempts = single or attempts or policy.attempts
+    budget = 0.0 if single else policy.seconds
+    delay = policy.base
     started = time.time()
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except OSError as e:
             if not is_transient(e):
                 raise
-            if attempt == attempts:
+            elapsed = time.time() - started
+            if attempt >= attempts and elapsed >= budget:
                 raise StorageUnavailable(
-                    f"storage did not answer for {url} after {attempts} attempts over {time.time() - started:.1f} s "
+                    f"storage did not answer for {url} after {attempt} attempts over {elapsed:.1f} s "
                     f"(last error: {str(e).splitlines()[0][:300]}). The endpoint is unreachable or throttling: "
-                    "check the network, AWS_ENDPOINT_URL / credentials, and the store's request limits. This is "
-                    "not data corruption; re-run the same command once the store answers"
+                    "check the network, AWS_ENDPOINT_URL / credentials, and the store's request limits "
+                    "(`storage.retry_seconds` sets how long a read keeps trying). This is not data corruption; "
+                    "re-run the same command once the store answers"
                 ) from e
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+            delay = min(delay * 2, policy.max_delay)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -194,8 +240,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that a reader sees the old file or the new one, never half of it: locally a
     temporary name renamed over `url`; on an object store a direct write (the object appears when complete)."""
     url = normalize_url(url)
-    if is_local(url):
-        path = url.removeprefix("file://")
+    path = _local_path(url)
+    if path is not None:  # a delayed root is a local folder too: written locally, reads are what it delays
         tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

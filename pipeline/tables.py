@@ -12,6 +12,8 @@ about teachers or images.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,60 +112,87 @@ def write_table(url: str, encoded: Encoded) -> None:
 
 @dataclass
 class OpenTable:
-    """An opened Parquet file: its footer, our key-value metadata, and its per-row-group digests."""
+    """An opened Parquet file: its handle, footer, our key-value metadata and its per-row-group digests.
+
+    The handle and footer are read once (`open_table`; `open_cached` keeps them per process); each `read` then
+    fetches a row group's column chunks with pyarrow's pre-buffering, which coalesces them into one ranged read
+    per run of adjacent columns: the requests per row group do not grow with the number of columns. A read makes
+    its own short-lived reader on the shared handle, so reads of one file may run in several threads at once and
+    no buffer outlives its read."""
 
     url: str
-    file: pq.ParquetFile
+    handle: Any  # pyarrow NativeFile (random access)
+    footer: pq.FileMetaData
+    schema: pa.Schema
     metadata: dict[str, Any]  # the JSON under `key` (e.g. b"camkd") given to open_table
     digests: dict[str, list[str]]
     row_group_rows: int
 
     @property
     def num_rows(self) -> int:
-        return self.file.metadata.num_rows
+        return self.footer.num_rows
 
     @property
     def num_row_groups(self) -> int:
-        return self.file.metadata.num_row_groups
+        return self.footer.num_row_groups
 
-    def read(self, row_groups: list[int] | None, columns: list[str]) -> pa.Table:
+    def read(
+        self, row_groups: list[int] | None, columns: list[str], retry: storage.RetryPolicy | None = None
+    ) -> pa.Table:
         """The given row groups (all when None) of `columns`, each column's digest checked per row group."""
         groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
         try:
-            missing = [c for c in columns if c not in self.file.schema_arrow.names]
+            missing = [c for c in columns if c not in self.schema.names]
             if missing:
-                raise CorruptTable(
-                    self.url, f"has no column(s) {missing} (it holds {self.file.schema_arrow.names})"
-                )
-            parts = []
+                raise CorruptTable(self.url, f"has no column(s) {missing} (it holds {self.schema.names})")
             for g in groups:
-                rg = storage.retrying(lambda g=g: self.file.read_row_group(g, columns=columns), self.url)
                 for name in columns:
                     want = self.digests.get(name)
                     if want is None or g >= len(want):
                         raise CorruptTable(self.url, f"has no checksum for column {name!r}, row group {g}")
-                    if column_digest(rg.column(name)) != want[g]:
+            if not groups:
+                return self.schema.empty_table().select(columns)
+
+            def fetch() -> pa.Table:
+                reader = pq.ParquetFile(self.handle, metadata=self.footer, pre_buffer=True)
+                return reader.read_row_groups(groups, columns=columns)
+
+            table = storage.retrying(fetch, self.url, policy=retry)
+            start = 0
+            for g in groups:
+                n = self.footer.row_group(g).num_rows
+                for name in columns:
+                    if column_digest(table.column(name).slice(start, n)) != self.digests[name][g]:
                         raise CorruptTable(
                             self.url, f"column {name!r}, row group {g} does not match its checksum"
                         )
-                parts.append(rg)
+                start += n
         except (pa.ArrowInvalid, pa.ArrowException) as e:
             raise CorruptTable(self.url, f"cannot be decoded ({e})") from None
         except OSError as e:
             if storage.is_transient(e):
                 raise
             raise CorruptTable(self.url, f"cannot be decoded ({e})") from None
-        if not parts:
-            return self.file.schema_arrow.empty_table().select(columns)
-        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return table
 
 
-def open_table(url: str, key: bytes | None = None) -> OpenTable:
-    """Open a stored table for row-group reads. Raises FileNotFoundError, CorruptTable, or StorageUnavailable."""
+def open_table(url: str, key: bytes | None = None, retry: storage.RetryPolicy | None = None) -> OpenTable:
+    """Open a stored table for row-group reads (one open and one footer read). Raises FileNotFoundError,
+    CorruptTable, or StorageUnavailable."""
     fs, path = storage.pyarrow_fs(url)
+
+    def opened():
+        handle = fs.open_input_file(path)
+        try:
+            return handle, pq.read_metadata(handle)
+        except BaseException:
+            handle.close()
+            raise
+
     try:
-        pf = storage.retrying(lambda: pq.ParquetFile(path, filesystem=fs, pre_buffer=False), url)
-        kv = pf.schema_arrow.metadata or {}
+        handle, footer = storage.retrying(opened, url, policy=retry)
+        schema = footer.schema.to_arrow_schema()
+        kv = schema.metadata or {}
         sums = json.loads(kv[CHECKSUM_KEY]) if CHECKSUM_KEY in kv else None
         meta = json.loads(kv.get(key, b"{}")) if key else {}
     except FileNotFoundError:
@@ -175,5 +204,55 @@ def open_table(url: str, key: bytes | None = None) -> OpenTable:
             raise
         raise CorruptTable(url, f"is not a readable Parquet file ({e})") from None
     if sums is None:
+        handle.close()
         raise CorruptTable(url, "carries no camkd checksums (written by another tool or an older camkd-ray)")
-    return OpenTable(url, pf, meta, sums["columns"], int(sums["rows"]))
+    return OpenTable(url, handle, footer, schema, meta, sums["columns"], int(sums["rows"]))
+
+
+OPEN_FILES = 256  # open tables kept per process: a footer and a file handle each (no data buffers)
+_open: OrderedDict[tuple[str, bytes | None, str], OpenTable] = OrderedDict()
+_opening: dict[tuple[str, bytes | None, str], threading.Event] = {}
+_open_lock = threading.Lock()
+
+
+def open_cached(
+    url: str, key: bytes | None = None, retry: storage.RetryPolicy | None = None, scope: str | None = None
+) -> OpenTable:
+    """`open_table`, remembered per process within `scope` (the last OPEN_FILES tables): a read task or reader
+    thread that meets a part again reads only its row groups, without a new open and footer read; threads that
+    want a part another thread is opening wait for that open instead of making their own. A scope is one
+    reader's run (a training run's workers, a precompute run): stored parts do not change while it reads them,
+    and a later run, in a Ray worker process that served an earlier one, opens every file afresh. No scope: no
+    remembering (a plain `open_table`)."""
+    if scope is None:
+        return open_table(url, key, retry)
+    k = (url, key, scope)
+    while True:
+        with _open_lock:
+            table = _open.get(k)
+            if table is not None:
+                _open.move_to_end(k)
+                return table
+            pending = _opening.get(k)
+            if pending is None:
+                _opening[k] = threading.Event()
+                break
+        pending.wait()  # another thread is opening it; if that open failed, try ourselves
+    try:
+        table = open_table(url, key, retry)
+        with _open_lock:
+            _open[k] = table
+            _open.move_to_end(k)
+            while len(_open) > OPEN_FILES:  # a dropped handle closes once no read holds it any more
+                _open.popitem(last=False)
+        return table
+    finally:
+        with _open_lock:
+            _opening.pop(k).set()
+
+
+def forget(url: str) -> None:
+    """Drop every remembered open table of `url` (after it was found corrupt, foreign or misplaced)."""
+    with _open_lock:
+        for k in [k for k in _open if k[0] == url]:
+            _open.pop(k)

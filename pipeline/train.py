@@ -12,6 +12,7 @@ import io
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from camkd import models, strategy_class
-from pipeline import storage, teachers
+from pipeline import capacity, storage, teachers
 from pipeline.cache import check_manifest_dataset, check_parts_present, find_store, output_format
 from pipeline.config import Config, ConfigError, bind_config
 from pipeline.ingest import DatasetMeta, require_dataset
@@ -80,7 +81,9 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
         needs_logits=cls.needs_logits,
         needs_features=cls.needs_features,
     )
+    plan.read_scope = uuid.uuid4().hex
     if cls.max_teachers == 0:
+        _size_reader(cfg, plan, meta)
         return plan
     chosen = cfg.chosen_teachers()
     if not chosen:
@@ -102,23 +105,32 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
             check_parts_present(manifest, store, views)
             plan.teacher_stores.append(store)
             plan.manifests.append(manifest.model_dump())
+    _size_reader(cfg, plan, meta)
     return plan
+
+
+def _size_reader(cfg: Config, plan: TrainPlan, meta: DatasetMeta) -> None:
+    """The read tasks per worker: scaling.read_tasks, else the capacity model's for this run's rows."""
+    row_bytes = plan.read_plan("train", with_teachers=True).row_bytes()
+    plan.read_tasks = capacity.plan_read_tasks(cfg, row_bytes, meta.image_shape is None, meta.row_group_rows)
 
 
 def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, callbacks: list | None = None):
     """A TorchTrainer for this plan. Workers build their own per-epoch readers (`pipeline/reader.py`), so no
     datasets are handed to the trainer: each epoch's row order comes from (seed, epoch), not from Ray."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     fs, path = storage.pyarrow_fs(storage_path)
+    backend = None if s.backend == "auto" else TorchConfig(backend=s.backend)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": asdict(plan)},
+        torch_config=backend,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -137,11 +149,18 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
     )
 
 
-# Fields a run may resume under changed: where and how fast it runs, never what it computes.
+# Fields a run may resume under changed: where and how fast it runs, never what it computes. The worker count is
+# one of them: the global batch and each epoch's rows and order come from (seed, epoch), so a run that lost a node
+# can go on with fewer workers (the resumed run says so).
 RESUME_NEUTRAL = (
     "ray",
     "tune",
     "tracking",
+    "storage",
+    "scaling.num_workers",
+    "scaling.backend",
+    "scaling.read_ahead",
+    "scaling.read_object_store_mb",
     "train.max_failures",
     "train.export",
     "train.nan_check_every",

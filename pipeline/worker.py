@@ -1,12 +1,14 @@
-"""The Ray Train worker side of student training: the epoch loop, the step, evaluation and checkpoints.
+"""The Ray Train worker side of student training: the epoch loop, evaluation and checkpoints.
 
 Runs inside each Train worker (`train_loop_per_worker`) on a `TrainPlan` resolved on the driver
-(`pipeline/train.py`); it never resolves configs, teachers or caches itself. The hot path makes no host sync:
-loss terms, hits and per-class weights accumulate in tensors on the training device, which are all-reduced once
-per epoch; the non-finite-loss check is one small all-reduce every `train.nan_check_every` steps. Every
-collective goes through `pipeline/collectives.py`. Each epoch reads its own share of the training rows in an
-order drawn from (seed, epoch) (`pipeline/reader.py`); the validation rows are read once and kept in memory when
-they fit. After the last epoch the best-validation weights are scored once on the test split.
+(`pipeline/train.py`); it never resolves configs, teachers or caches itself. The step (`pipeline/steps.py`) makes
+no host sync: loss terms, hits and per-class weights accumulate in tensors on the training device, which are
+all-reduced once per epoch; the non-finite-loss check is one small all-reduce every `train.nan_check_every` steps.
+Every collective goes through `pipeline/collectives.py`. Each epoch reads its own share of the training rows in
+an order drawn from (seed, epoch) (`pipeline/reader.py`), through a Ray Data reader whose budget is this worker's
+share of its node, not the cluster; the validation rows are read once and kept in memory when they fit. Before
+every scoring all ranks take rank 0's BatchNorm statistics, so every rank scores, keeps and exports one model.
+After the last epoch the best-validation weights are scored once on the test split.
 """
 
 from __future__ import annotations
@@ -15,39 +17,43 @@ import copy
 import io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from camkd import Distiller, StrategyParams, TeacherOutputs, create_strategy, models
-from camkd.training import TrainStep, normalize
+from camkd import Distiller, StrategyParams, create_strategy, models
+from camkd.training import Normalizer, TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline import storage, teachers
-from pipeline.cache import CacheError, Manifest
+from pipeline.batches import EvalSet, ReaderOptions, data_error, torch_batches
 from pipeline.collectives import Collectives
 from pipeline.config import Config, validate
-from pipeline.ingest import IngestError
 from pipeline.reader import (
-    EVAL_VIEW,
+    READ_TASK_RETRIES,
     ReadPlan,
     Slice,
     TeacherSource,
-    build_dataset,
     contiguous_shares,
     epoch_shares,
     items,
-    local_batches,
-    teacher_outputs_from_batch,
 )
-from pipeline.storage import StorageUnavailable
+from pipeline.steps import (
+    NO_BAD_STEP,
+    CachedTeachers,
+    DummyBatch,
+    EpochStats,
+    EvalStats,
+    OnlineTeachers,
+    StudentStep,
+    evaluate,
+    share_buffers,
+    state_digest,
+)
 from pipeline.views import view_for_epoch
 
 STATE_FILE = "state.pt"
@@ -56,7 +62,6 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
-NO_BAD_STEP = 2**62
 
 
 def say(line: str) -> None:
@@ -89,6 +94,8 @@ class TrainPlan:
     manifests: list[dict[str, Any]] = field(default_factory=list)
     needs_logits: bool = False
     needs_features: bool = False
+    read_tasks: int = 1  # Ray Data read tasks per worker: scaling.read_tasks, else the capacity model's
+    read_scope: str = ""  # this run's reader scope: open files are remembered within it
 
     @property
     def config(self) -> Config:
@@ -105,7 +112,7 @@ class TrainPlan:
             group_rows=self.group_rows,
             num_classes=self.num_classes,
             teachers=tuple(
-                TeacherSource(n, s, m)
+                TeacherSource.from_manifest(n, s, m)
                 for n, s, m in zip(self.teacher_names, self.teacher_stores, self.manifests)
             )
             if cached
@@ -116,7 +123,20 @@ class TrainPlan:
             noise_seed=cfg.train.seed,
             label_swaps=tuple(tuple(p) for p in cfg.train.label_swaps) if with_teachers else (),
             shuffle_seed=cfg.train.seed,
+            read_ahead=cfg.scaling.read_ahead,
+            retry_seconds=cfg.storage.retry_seconds,
+            scope=self.read_scope or None,
         )
+
+    def reader_options(self) -> ReaderOptions:
+        s = self.config.scaling
+        return ReaderOptions(s.reader, s.read_cpus, self.read_tasks, s.read_threads)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if self.image_shape:
+            return int(self.image_shape[0]), int(self.image_shape[1])
+        return int(self.spec["size"]), int(self.spec["size"])
 
 
 # ============================================================================================== model
@@ -172,228 +192,17 @@ def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None =
     return Distiller(student, strategy)
 
 
-# ============================================================================================== accumulators
-class EpochStats:
-    """What one worker saw in one epoch, as tensors on the training device (no host sync per step): loss-term
-    sums, hits, per-class teacher weights, and the first step (and its terms) whose loss was not finite."""
-
-    def __init__(self, device: torch.device, num_teachers: int, num_classes: int) -> None:
-        self.device = device
-        self.names: list[str] = []
-        self.term_sums: torch.Tensor | None = None
-        self.seen = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.class_weight = torch.zeros(max(num_teachers, 1), num_classes, dtype=torch.float64, device=device)
-        self.class_count = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        self.step = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
-        self.bad_terms: torch.Tensor | None = None
-        self.steps = 0
-        self.input_wait = 0.0
-
-    def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, logits, labels, weights) -> None:
-        if not self.names:
-            self.names = list(terms)
-            self.term_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
-            self.bad_terms = torch.zeros(len(self.names), dtype=torch.float32, device=self.device)
-        values = torch.stack([terms[n].detach().float() for n in self.names])
-        n = labels.shape[0]
-        self.term_sums += values.double() * n
-        self.seen += n
-        self.correct += (logits.detach().argmax(1) == labels).sum()
-        if weights is not None:
-            w = weights.detach().double()
-            self.class_weight[: w.shape[0]].index_add_(1, labels, w)
-            self.class_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        newly = (~torch.isfinite(loss.detach())) & (self.first_bad == NO_BAD_STEP)
-        self.first_bad = torch.where(newly, self.step, self.first_bad)
-        self.bad_terms = torch.where(newly, values, self.bad_terms)
-        self.step += 1
-        self.steps += 1
-
-    def bad_step_code(self, rank: int, world: int) -> torch.Tensor:
-        """first bad step × world + rank (NO_BAD_STEP if none): its all-reduced minimum names the earliest step
-        and the lowest rank that saw it."""
-        return torch.where(self.first_bad == NO_BAD_STEP, self.first_bad, self.first_bad * world + rank)
-
-    def describe_bad(self) -> str:
-        values = self.bad_terms.tolist()
-        terms = dict(zip(self.names, values))
-        first = next(
-            (f"{n}={v}" for n, v in terms.items() if n != "loss" and not math.isfinite(v)),
-            f"loss={terms.get('loss')}",
-        )
-        return f"first bad term {first}; terms {{{', '.join(f'{n}={v:.4g}' for n, v in terms.items())}}}"
-
-
-class EvalStats:
-    """Hits, loss sum and count over an evaluation pass (tensors on the training device)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.values = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        self.values += torch.stack(
-            [
-                top[:, 0].sum().double(),
-                top.any(1).sum().double(),
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=labels.device),
-            ]
-        )
-
-
-# ============================================================================================== evaluation
-def torch_batches(
-    read_plan: ReadPlan,
-    read_items: list[dict[str, Any]],
-    scaling,
-    batch_size: int,
-    device: torch.device,
-    node_id: str | None,
-    drop_last: bool = False,
-    prefetch_batches: int = 1,
-    pin_memory: bool = False,
-    shuffle_buffer: int = 0,
-    shuffle_seed: int | None = None,
-):
-    """Batches of tensors on `device` from `scaling.reader`: Ray Data read tasks, or threads in this process.
-    Both give the same batches in the same order without a shuffle buffer."""
-    if scaling.reader == "ray_data":
-        ds = build_dataset(read_plan, read_items, scaling.read_cpus, scaling.read_tasks, node_id)
-        yield from ds.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=drop_last,
-            device=device,
-            prefetch_batches=prefetch_batches,
-            pin_memory=pin_memory,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=shuffle_seed,
-        )
-        return
-    # Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's own
-    # iter_torch_batches: nothing in training writes into a batch in place. Filtered once for this worker
-    # process, not per tensor (catch_warnings on the step's path would swap the filter list twice per tensor).
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    batches = local_batches(
-        read_plan, read_items, batch_size, scaling.read_threads, drop_last, shuffle_buffer, shuffle_seed
-    )
-    for batch in batches:
-        out = {}
-        for k, v in batch.items():
-            t = torch.from_numpy(v)
-            if pin_memory:
-                t = t.pin_memory()
-            out[k] = t.to(device, non_blocking=pin_memory)
-        yield out
-
-
-class EvalSet:
-    """One worker's share of an evaluation split: read once through Ray Data and kept on the device (or pinned
-    host memory) when it fits in `train.eval_memory_mb`, else re-read at every pass."""
-
-    def __init__(
-        self,
-        plan: TrainPlan,
-        split: str,
-        slices: list[Slice],
-        device,
-        batch_size: int,
-        node_id,
-        keep: bool = True,
-    ) -> None:
-        cfg = plan.config
-        self.read_plan = plan.read_plan(split, with_teachers=False)
-        self.slices, self.device, self.batch_size, self.node_id = slices, device, batch_size, node_id
-        self.scaling = cfg.scaling
-        rows = sum(s.size for s in slices)
-        self.rows = rows
-        fits = rows * (self.read_plan.row_bytes()) <= cfg.train.eval_memory_mb * 2**20
-        self.cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if keep and fits and rows:
-            self.cached = list(self._stream())
-
-    def _stream(self):
-        if not self.slices:
-            return
-        read_items = items(self.slices, EVAL_VIEW)
-        for batch in torch_batches(
-            self.read_plan, read_items, self.scaling, self.batch_size, self.device, self.node_id
-        ):
-            yield batch["image"], batch["label"]
-
-    def batches(self):
-        return iter(self.cached) if self.cached is not None else self._stream()
-
-
-@torch.no_grad()
-def evaluate(student: torch.nn.Module, data: EvalSet, spec, amp_dtype, device) -> EvalStats:
-    stats = EvalStats(device)
-    was_training = student.training
-    student.eval()
-    for images, labels in data.batches():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = student(normalize(images, spec["mean"], spec["std"]))
-        stats.add(logits, labels)
-    student.train(was_training)
-    return stats
-
-
-def data_error(e: BaseException) -> str | None:
-    """The message of the corrupt, missing or misaligned stored file behind `e` (a CacheError or IngestError
-    raised in a read task, however Ray wrapped it), else None. Retrying cannot fix such a file."""
-    seen: set[int] = set()
-    found = None
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (CacheError, IngestError)) and not isinstance(e, StorageUnavailable):
-            found = e
-        e = getattr(e, "cause", None) or e.__cause__
-    if found is None:
-        return None
-    return str(found).split("\nFailed to apply UDF")[0].strip()
-
-
-class DummyBatch:
-    """A batch of zeros with the shapes and dtypes of a real one: a worker whose reader hit a corrupt file keeps
-    stepping with it (DDP needs every rank in every step) until the next check stops every rank together."""
-
-    def __init__(self, plan: TrainPlan, read: ReadPlan, batch: int, device) -> None:
-        h, w = (plan.image_shape[:2]) if plan.image_shape else (plan.spec["size"], plan.spec["size"])
-        self.batch = {
-            "idx": torch.zeros(batch, dtype=torch.int64, device=device),
-            "image": torch.zeros(batch, plan.channels, h, w, dtype=torch.uint8, device=device),
-            "label": torch.zeros(batch, dtype=torch.int64, device=device),
-        }
-        for k, src in enumerate(read.teachers):
-            m = Manifest.model_validate(src.manifest)
-            fmt, c = m.fmt(), m.num_classes
-            if read.logits and fmt.logits == "fp16":
-                self.batch[f"t{k}_logits"] = torch.zeros(batch, c, dtype=torch.float16, device=device)
-            elif read.logits:
-                self.batch[f"t{k}_topk_values"] = torch.zeros(
-                    batch, fmt.topk, dtype=torch.float16, device=device
-                )
-                self.batch[f"t{k}_topk_index"] = torch.zeros(
-                    batch, fmt.topk, dtype=torch.int64, device=device
-                )
-                self.batch[f"t{k}_tail_logit"] = torch.zeros(batch, dtype=torch.float32, device=device)
-            if read.features:
-                shape = m.feature_shape
-                dtype = torch.int8 if fmt.features == "int8" else torch.float16
-                self.batch[f"t{k}_feat"] = torch.zeros(batch, *shape, dtype=dtype, device=device)
-                if fmt.features == "int8":
-                    self.batch[f"t{k}_feat_scale"] = torch.ones(
-                        batch, shape[0], dtype=torch.float16, device=device
-                    )
-
-
 # ============================================================================================== the loop
 PROFILE_ENV = "CAMKD_PROFILE_DIR"
 # Epoch-record entries that are not numbers: kept in the history, never reported to Ray Train / Tune as metrics.
-NON_METRIC_KEYS = ("class_weight", "workers", "backend")
+NON_METRIC_KEYS = (
+    "class_weight",
+    "workers",
+    "backend",
+    "reader_budget",
+    "student_digest",
+    "student_digests",
+)
 
 
 class StepProfiler:
@@ -472,8 +281,6 @@ class WorkerRun:
         import ray.train
         import ray.train.torch
 
-        from pipeline.runtime import quiet_ray_data
-
         self.plan = plan = TrainPlan(**config["plan"])
         self.cfg = cfg = plan.config
         ctx = ray.train.get_context()
@@ -482,7 +289,6 @@ class WorkerRun:
         self.device = device = ray.train.torch.get_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        quiet_ray_data(preserve_order=cfg.train.deterministic)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.coll = Collectives(device)
         self.k = len(plan.teacher_names)
@@ -492,7 +298,33 @@ class WorkerRun:
         self.pin_memory = (
             device.type == "cuda" if cfg.train.pin_memory == "auto" else bool(cfg.train.pin_memory)
         )
+        self.normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
+        self._build_model()
+        self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
+        self.best_student: dict[str, torch.Tensor] | None = None
+        self._restore(ray.train.get_checkpoint())
+        model = ray.train.torch.prepare_model(self.distiller, move_to_device=False)
+        self.step_fn.model = torch.compile(model) if cfg.train.compile else model
+        placement = {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
+        self.placement = self.coll.gather_objects(placement)
+        self.opts = plan.reader_options()
+        self.reader_budget = self._set_reader_budget()
+        teachers_in_batch = (
+            CachedTeachers(self.train_read, plan.num_classes)
+            if self.online_teachers is None
+            else OnlineTeachers(self.online_teachers, plan.needs_features)
+        )
+        channels_last = cfg.train.channels_last and device.type == "cuda"
+        self.student_step = StudentStep(self.step_fn, self.normalizer, teachers_in_batch, channels_last)
+        self.stream = None
+        self.tracker = None
+        self.fatal: str | None = None
+        h, w = plan.image_hw
+        self.dummy = DummyBatch(plan.channels, h, w, self.train_read, self.per_worker_batch, device)
+        self.val = self._eval_set(plan.val_split, [Slice(**s) for s in plan.val_slices], keep=True)
 
+    def _build_model(self) -> None:
+        plan, cfg, device = self.plan, self.cfg, self.device
         self.online_teachers = None
         if cfg.strategy.mode == "online" and plan.teacher_refs:
             self.online_teachers = [
@@ -519,28 +351,60 @@ class WorkerRun:
         )
         self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
         self.step_fn = TrainStep(distiller, distiller, self.optimizer, device, self.amp_dtype)
-        self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
-        self.best_student: dict[str, torch.Tensor] | None = None
-        self._restore(ray.train.get_checkpoint())
-        model = ray.train.torch.prepare_model(distiller, move_to_device=False)
-        self.step_fn.model = torch.compile(model) if cfg.train.compile else model
-        placement = {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
-        self.placement = self.coll.gather_objects(placement)
-        val_units = [Slice(**s) for s in plan.val_slices]
-        eval_batch = max(self.per_worker_batch, 256)
-        self.stream = None
-        self.tracker = None
-        self.fatal: str | None = None
-        self.dummy = DummyBatch(plan, self.train_read, self.per_worker_batch, device)
-        my_val = contiguous_shares(val_units, self.world)[self.rank]
+
+    def _set_reader_budget(self) -> dict[str, Any]:
+        """This worker's Ray Data executor gets its own share of its node (read tasks × read CPUs; the node's
+        object store ÷ the workers on it, or `scaling.read_object_store_mb`), not Ray Data's default of the
+        whole cluster's CPUs and half the cluster's object store for every executor; a read that failed after
+        `storage.retry_seconds` is retried as a read task. Returns what was set (in the first epoch's record)."""
+        import ray
+        import ray.data
+
+        from pipeline.runtime import quiet_ray_data
+
+        quiet_ray_data(preserve_order=self.cfg.train.deterministic)
+        s = self.cfg.scaling
+        here = sum(1 for p in self.placement if p["node_id"] == self.node_id)
+        if s.read_object_store_mb is not None:
+            store = s.read_object_store_mb * 2**20
+        else:
+            node = next((n for n in ray.nodes() if n.get("NodeID") == self.node_id), {})
+            store = int(node.get("Resources", {}).get("object_store_memory", 0) // max(here, 1))
+        budget = {
+            "reader": s.reader,
+            "read_tasks": self.opts.read_tasks,
+            "cpus": self.opts.read_tasks * self.opts.read_cpus,
+            "object_store_bytes": store or None,
+            "workers_on_node": here,
+        }
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+            cpu=budget["cpus"], object_store_memory=store or None
+        )
+        ctx.retried_map_errors = ["storage did not answer"]
+        ctx.max_map_retries = READ_TASK_RETRIES
+        if self.rank == 0 and s.reader == "ray_data":
+            say(
+                f"[train] reader budget per worker: {budget['read_tasks']} read task(s) × {s.read_cpus:g} CPU, "
+                f"object store {store / 2**20:,.0f} MiB ({here} worker(s) on this node)"
+            )
+        return budget
+
+    def _eval_set(self, split: str, slices: list[Slice], keep: bool, batch: int | None = None) -> EvalSet:
+        """This worker's share of an evaluation split; a corrupt or missing file is recorded (the next check
+        stops every rank) and the share is left empty."""
+        mine = contiguous_shares(slices, self.world)[self.rank]
+        read = self.plan.read_plan(split, with_teachers=False)
+        size = batch or max(self.per_worker_batch, 256)
+        memory = self.cfg.train.eval_memory_mb * 2**20
         try:
-            self.val = EvalSet(plan, plan.val_split, my_val, device, eval_batch, self.node_id)
+            return EvalSet(read, mine, self.opts, self.device, size, self.node_id, memory, keep)
         except Exception as e:
             message = data_error(e)
             if message is None:
                 raise
             self._record_data_error(message)
-            self.val = EvalSet(plan, plan.val_split, [], device, eval_batch, self.node_id)
+            return EvalSet(read, [], self.opts, self.device, size, self.node_id, memory, keep)
 
     def _restore(self, checkpoint) -> None:
         if checkpoint is None:
@@ -558,18 +422,15 @@ class WorkerRun:
         self.resumes = state.get("resumes", 0) + 1
         if self.rank == 0:
             say(f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})")
+            was = state.get("world", self.world)
+            if was != self.world:
+                say(
+                    f"[train] resuming with {self.world} worker(s); the checkpoint was written with {was}. The "
+                    f"global batch stays {self.cfg.train.batch_size} ({self.per_worker_batch} per worker now) and "
+                    "each epoch's rows and their order come from (seed, epoch), not from the worker count"
+                )
 
     # ------------------------------------------------------------------------------------------ training
-    def _teacher_outputs(self, batch: dict, images: torch.Tensor) -> TeacherOutputs:
-        if self.online_teachers is None:
-            return teacher_outputs_from_batch(
-                batch, self.k, self.train_read.logits, self.train_read.features, self.plan.num_classes
-            )
-        with torch.no_grad():
-            fmaps = [t.forward_features(images) for t in self.online_teachers]
-            logits = torch.stack([t.forward_head(f) for t, f in zip(self.online_teachers, fmaps)]).float()
-        return TeacherOutputs(logits, fmaps if self.plan.needs_features else None)
-
     def _training_stream(self):
         """One reader for every epoch this run has left: each epoch's share (row groups in an order drawn from
         (seed, epoch), rows reordered inside each row group), read in that order, epoch after epoch, so no epoch
@@ -587,7 +448,7 @@ class WorkerRun:
             torch_batches(
                 self.train_read,
                 read_items,
-                cfg.scaling,
+                self.opts,
                 b,
                 self.device,
                 self.node_id,
@@ -616,23 +477,15 @@ class WorkerRun:
     def _train_steps(
         self, epoch: int, steps: int, stats: EpochStats, progress: Progress, profiler: StepProfiler
     ) -> tuple[EpochStats, str | None]:
-        cfg, spec = self.cfg, self.plan.spec
+        every = self.cfg.train.nan_check_every
         for step in range(steps):
             t0 = time.perf_counter()
             batch = self._next_batch(self.stream)
             stats.input_wait += time.perf_counter() - t0
             progress.tick(step, stats.input_wait)
-            images = normalize(batch["image"], spec["mean"], spec["std"])
-            if cfg.train.channels_last and self.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"]
-            loss, logits, terms, weights = self.step_fn.forward(
-                images, labels, self._teacher_outputs(batch, images), epoch
-            )
-            stats.add(terms, loss, logits, labels, weights)
-            self.step_fn.backward_and_step(loss, epoch)
+            self.student_step(batch, epoch, stats)
             profiler.step()
-            if (step + 1) % cfg.train.nan_check_every == 0 or step + 1 == steps:
+            if (step + 1) % every == 0 or step + 1 == steps:
                 reason = self._check(stats, epoch)
                 if reason is not None:
                     return stats, reason
@@ -689,9 +542,48 @@ class WorkerRun:
         """Validate, reduce everything once across workers, and return this epoch's record (None: a stored file
         could not be read, every rank stops)."""
         student = self.distiller.student
-        val = self._evaluate(student, self.val)
+        val, digest = self._score(student, self.val)
         if self._check(None, epoch) is not None:
             return None
+        reduced = self._reduce(stats, val)
+        val_top1 = reduced["val_top1"]
+        if val_top1 > self.best:
+            self.best, self.best_epoch = val_top1, epoch + 1
+            self.best_student = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        epoch_lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "view": view_for_epoch(epoch, self.cfg.views.count),
+            "lr": epoch_lr,
+            "train_top1": reduced["train_top1"],
+            "val_top1": val_top1,
+            "val_top5": reduced["val_top5"],
+            "val_loss": reduced["val_loss"],
+            "best_val_top1": self.best,
+            "best_epoch": self.best_epoch,
+            "samples_per_s": reduced["seen"] / max(train_seconds, 1e-9),
+            "epoch_seconds": time.time() - t0,
+            "input_wait_seconds": reduced["input_wait"],
+            "resumes": self.resumes,
+            "student_digest": digest,
+        }
+        if epoch == self.start_epoch:
+            record["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in self.placement]
+            record["backend"] = self.coll.backend
+            record["reader_budget"] = self.reader_budget
+        record.update(reduced["terms"])
+        if reduced["class_weight"] is not None:
+            record["class_weight"] = reduced["class_weight"]
+        if epoch + 1 == self.cfg.train.epochs:
+            test = self.test_best()
+            if self._check(None, epoch) is not None:
+                return None
+            record.update(test)
+        return record
+
+    def _reduce(self, stats: EpochStats, val: EvalStats) -> dict[str, Any]:
+        """Every rank's epoch numbers summed in one all-reduce, then copied to the host once."""
         names = stats.names
         n_terms = len(names)
         flat = torch.cat(
@@ -714,70 +606,54 @@ class WorkerRun:
         cw_n = stats.class_weight.numel()
         class_weight = rest[:cw_n].view(stats.class_weight.shape)
         class_count = rest[cw_n : cw_n + stats.class_count.numel()]
-        input_wait = rest[-1].item() / self.world
-        val_top1 = top1 / max(count, 1)
-        if val_top1 > self.best:
-            self.best, self.best_epoch = val_top1, epoch + 1
-            self.best_student = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-        epoch_lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "view": view_for_epoch(epoch, self.cfg.views.count),
-            "lr": epoch_lr,
+        per_class = None
+        if self.k and class_count.sum() > 0:
+            values = (class_weight[: self.k] / class_count.clamp_min(1)).tolist()
+            per_class = {n: values[i] for i, n in enumerate(self.plan.teacher_names)}
+        return {
+            "seen": seen,
             "train_top1": correct / max(seen, 1),
-            "val_top1": val_top1,
+            "val_top1": top1 / max(count, 1),
             "val_top5": top5 / max(count, 1),
             "val_loss": loss_sum / max(count, 1),
-            "best_val_top1": self.best,
-            "best_epoch": self.best_epoch,
-            "samples_per_s": seen / max(train_seconds, 1e-9),
-            "epoch_seconds": time.time() - t0,
-            "input_wait_seconds": input_wait,
-            "resumes": self.resumes,
+            "input_wait": rest[-1].item() / self.world,
+            "terms": {
+                (name if "/" in name else f"train_{name}"): total / max(seen, 1)
+                for name, total in zip(names, term_sums)
+            },
+            "class_weight": per_class,
         }
-        if epoch == self.start_epoch:
-            record["workers"] = [f"{g['ip']}/{g['node_id'][:8]}" for g in self.placement]
-            record["backend"] = self.coll.backend
-        for name, total in zip(names, term_sums):
-            record[name if "/" in name else f"train_{name}"] = total / max(seen, 1)
-        if self.k and class_count.sum() > 0:
-            per_class = (class_weight[: self.k] / class_count.clamp_min(1)).tolist()
-            record["class_weight"] = {n: per_class[i] for i, n in enumerate(self.plan.teacher_names)}
-        if epoch + 1 == self.cfg.train.epochs:
-            test = self.test_best()
-            if self._check(None, epoch) is not None:
-                return None
-            record.update(test)
-        return record
 
-    def _evaluate(self, student, data: EvalSet) -> EvalStats:
-        """An evaluation pass; a corrupt or missing file is recorded (the next check stops every rank)."""
+    def _score(self, student, data: EvalSet) -> tuple[EvalStats, str]:
+        """An evaluation pass with rank 0's BatchNorm statistics on every rank (so every rank scores the same
+        model, the one that is snapshotted and exported), and that model's digest. A corrupt or missing file is
+        recorded (the next check stops every rank)."""
+        share_buffers(student, self.coll)
+        digest = state_digest(student.state_dict())
         try:
-            return evaluate(student, data, self.plan.spec, self.amp_dtype, self.device)
+            stats = evaluate(student, data.batches(), self.normalizer, self.amp_dtype, self.device)
         except Exception as e:
             message = data_error(e)
             if message is None:
                 raise
             self._record_data_error(message)
-            return EvalStats(self.device)
+            stats = EvalStats(self.device)
+        return stats, digest
 
     def test_best(self) -> dict[str, Any]:
-        """The test split, scored once with the weights of the best validation epoch."""
+        """The test split, scored once with the weights of the best validation epoch (the exported student)."""
         student = copy.deepcopy(self.distiller.student)
         if self.best_student is not None:
             student.load_state_dict(self.best_student)
-        slices = contiguous_shares([Slice(**s) for s in self.plan.test_slices], self.world)[self.rank]
-        data = EvalSet(
-            self.plan, "test", slices, self.device, max(self.per_worker_batch, 256), self.node_id, keep=False
-        )
-        stats = self._evaluate(student, data)
+        data = self._eval_set("test", [Slice(**s) for s in self.plan.test_slices], keep=False)
+        stats, digest = self._score(student, data)
         top1, top5, loss_sum, count = self.coll.sum(stats.values).cpu().tolist()
         return {
             "test_top1": top1 / max(count, 1),
             "test_top5": top5 / max(count, 1),
             "test_loss": loss_sum / max(count, 1),
             "test_epoch": self.best_epoch,
+            "student_digests": self.coll.gather_objects(digest),  # one per rank: all equal
         }
 
     def report(self, epoch: int, record: dict[str, Any]) -> None:
@@ -794,19 +670,7 @@ class WorkerRun:
             name = self.plan.run_dir.rstrip("/").rsplit("/", 1)[-1]
             self.tracker = Tracker(self.cfg.tracking, self.plan.run_dir, name, self.plan.cfg)
         self.tracker.log(record, epoch + 1)
-        terms = ", ".join(
-            f"{n} {v:.3f}" for n, v in record.items() if n.startswith("train_") and n != "train_top1"
-        )
-        test = (
-            f"; test top-1 {record['test_top1']:.4f} (epoch {record['test_epoch']})"
-            if "test_top1" in record
-            else ""
-        )
-        say(
-            f"[train] epoch {epoch + 1}/{self.cfg.train.epochs}: {terms}; top-1 train {record['train_top1']:.4f} "
-            f"val {record['val_top1']:.4f} (best {self.best:.4f}){test}; {record['samples_per_s']:.0f} samples/s, "
-            f"{record['epoch_seconds']:.1f} s"
-        )
+        say(epoch_line(record, self.cfg.train.epochs, self.best))
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(
                 {
@@ -821,6 +685,7 @@ class WorkerRun:
                     "best_epoch": self.best_epoch,
                     "best_student": self.best_student,
                     "resumes": self.resumes,
+                    "world": self.world,
                 },
                 os.path.join(tmp, STATE_FILE),
             )
@@ -831,6 +696,23 @@ class WorkerRun:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch + 1:04d}",
             )
+
+
+def epoch_line(record: dict[str, Any], epochs: int, best: float) -> str:
+    """The one console line of an epoch: loss terms, top-1, rate and time."""
+    terms = ", ".join(
+        f"{n} {v:.3f}" for n, v in record.items() if n.startswith("train_") and n != "train_top1"
+    )
+    test = (
+        f"; test top-1 {record['test_top1']:.4f} (epoch {record['test_epoch']})"
+        if "test_top1" in record
+        else ""
+    )
+    return (
+        f"[train] epoch {record['epoch']}/{epochs}: {terms}; top-1 train {record['train_top1']:.4f} "
+        f"val {record['val_top1']:.4f} (best {best:.4f}){test}; {record['samples_per_s']:.0f} samples/s, "
+        f"{record['epoch_seconds']:.1f} s"
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -1,8 +1,11 @@
 """A real S3-compatible server for the tests (moto's server mode) and a fault-injecting HTTP proxy in front of it.
 
 The proxy forwards every request unchanged, except that every `every`-th one gets either a 503 SlowDown (what a
-throttled S3 answers) or a connection closed without an answer (a dropped connection); it counts what it
-injected, so a test can check that faults really happened and were survived.
+throttled S3 answers) or a connection closed without an answer (a dropped connection), and a `burst` of the next
+N requests all get SlowDown (throttling that outlasts the SDK's retries); it counts every request and what it
+injected, so a test can check that faults really happened and were survived. With `delay` each request waits that
+long before it is forwarded (an object store's per-request latency, without a server's CPU), and `busy_seconds`
+adds up the time during which at least one request was outstanding.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import http.client
 import http.server
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 SLOW_DOWN = (
@@ -29,14 +33,42 @@ def free_port() -> int:
 @dataclass
 class FaultCounter:
     every: int = 0  # 0: no faults
+    burst: int = 0  # the next `burst` requests all get SlowDown
+    armed: tuple[int, str, str] | None = (
+        None  # (burst, method, path suffix): a burst at the first such request
+    )
+    delay: float = 0.0  # seconds each request waits before it is forwarded
     requests: int = 0
     slow_down: int = 0
     dropped: int = 0
+    bursts_started: int = 0
+    busy_seconds: float = 0.0
+    outstanding: int = 0
+    busy_since: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next_fault(self) -> str | None:
+    def begin(self) -> None:
+        with self.lock:
+            if self.outstanding == 0:
+                self.busy_since = time.perf_counter()
+            self.outstanding += 1
+
+    def end(self) -> None:
+        with self.lock:
+            self.outstanding -= 1
+            if self.outstanding == 0:
+                self.busy_seconds += time.perf_counter() - self.busy_since
+
+    def next_fault(self, method: str = "", path: str = "") -> str | None:
         with self.lock:
             self.requests += 1
+            if self.armed is not None and method == self.armed[1] and path.endswith(self.armed[2]):
+                self.burst, self.armed = self.armed[0], None
+                self.bursts_started += 1
+            if self.burst > 0:
+                self.burst -= 1
+                self.slow_down += 1
+                return "slow_down"
             if not self.every or self.requests % self.every:
                 return None
             if (self.requests // self.every) % 2:
@@ -72,8 +104,17 @@ class FaultProxy:
                 return self.rfile.read(length) if length else b""
 
             def _forward(self) -> None:
+                counter.begin()
+                try:
+                    self._answer()
+                finally:
+                    counter.end()
+
+            def _answer(self) -> None:
                 body = self._body()
-                fault = counter.next_fault()
+                if counter.delay:
+                    time.sleep(counter.delay)
+                fault = counter.next_fault(self.command, self.path)
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)

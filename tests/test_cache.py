@@ -47,7 +47,7 @@ def _rows(cfg, meta, names, part_index, view, logits=True, features=True):
         make_view_spec(cfg, meta.encoding).to_dict(),
         meta.row_group_rows,
         meta.num_classes,
-        tuple(TeacherSource(r.name, s, m.model_dump()) for r, s, m in zip(refs, stores, manifests)),
+        tuple(TeacherSource.from_manifest(r.name, s, m) for r, s, m in zip(refs, stores, manifests)),
         logits,
         features,
     )
@@ -214,9 +214,13 @@ def test_bad_parts_are_refused_with_the_file_and_the_fix(cached, tmp_path):
     s1, m1 = stores[0], manifests[0]
     v0 = os.path.join(s1, "view-0000")
 
+    ref = cache.StoreRef.of(m1)
+
     def read(part, expected_idx):
-        opened = cache.open_cache_part(os.path.join(v0, part), m1, 0, part)
-        return cache.read_cache_rows(opened, m1, [0], ["idx", "logits", "feat"], expected_idx)
+        opened = cache.open_cache_part(os.path.join(v0, part), ref, 0, part)
+        table = cache.read_cache_rows(opened, ref, [0], ["idx", "logits", "feat"])
+        cache.check_aligned(table, opened.url, ref, expected_idx)
+        return table
 
     # bytes flipped inside a data page, size unchanged: the column checksums catch it
     flip_bytes_in_data_pages(os.path.join(v0, "part-00000.parquet"))

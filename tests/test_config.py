@@ -70,6 +70,23 @@ BAD = [
         {"strategy": {"feature_weights": "head"}},
         r"strategy\.feature_weights = 'head': Input should be 'official', 'detached' or 'logit'",
     ),
+    (
+        {"scaling": {"use_gpu": True, "gpus_per_worker": 0.5}},
+        r"scaling\.gpus_per_worker = 0\.5: each NCCL rank trains on exactly one GPU.*'Duplicate GPU'.*"
+        r"scaling\.backend: gloo",
+    ),
+    (
+        {"scaling": {"use_gpu": True, "gpus_per_worker": 2}},
+        r"scaling\.gpus_per_worker = 2: each NCCL rank .*more than 1 leaves the extra GPUs idle",
+    ),
+    (
+        {"scaling": {"backend": "nccl"}},
+        r"scaling\.backend: nccl needs GPU workers",
+    ),
+    (
+        {"scaling": {"use_gpu": True, "backend": "gloo"}, "train": {"sync_batchnorm": True}},
+        r"train\.sync_batchnorm needs NCCL",
+    ),
 ]
 
 

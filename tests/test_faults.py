@@ -145,7 +145,7 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
     for part in manifest.views[1].parts:
         path = os.path.join(vdir, part.name)
         opened = tables.open_table(path, cache.META_KEY)
-        table = opened.read(None, opened.file.schema_arrow.names)
+        table = opened.read(None, opened.schema.names)
         bad = np.full((table.num_rows, 10), np.nan, dtype=np.float16)
         col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(20), table.num_rows, [None, pa.py_buffer(bad)])
         table = table.set_column(table.schema.get_field_index("logits"), "logits", col)

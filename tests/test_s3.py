@@ -51,6 +51,40 @@ def test_storage_retries_throttling_and_dropped_connections(s3_env):
     assert c.requests - before >= 8 and c.slow_down >= 1 and c.dropped >= 1, c
 
 
+def test_a_row_group_costs_one_request_whatever_the_number_of_columns(s3_env):
+    """Through the counting proxy: a part is opened with 2 requests (its size, its footer), then every row group
+    of it is 1 ranged GET of all the columns asked for, for 2 columns as for 13 (pyarrow's pre-buffering coalesces
+    adjacent column chunks), and a reader run remembers an open part: a second row group needs no new open."""
+    import numpy as np
+    import pyarrow as pa
+
+    counter = s3_env.proxy.counter
+    n, rows = 4096, 1024
+    cols = {"idx": pa.array(np.arange(n))}
+    for k in range(12):
+        cols[f"c{k}"] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(256), n, [None, pa.py_buffer(np.random.default_rng(k).bytes(256 * n))]
+        )
+    tables.write_table(
+        "s3://camkd/unit/wide.parquet", tables.encode_table(pa.table(cols), rows, {b"camkd": b"{}"})
+    )
+    per_read = {}
+    for columns in (["idx", "c0"], ["idx", *(f"c{k}" for k in range(12))]):
+        scope = f"columns-{len(columns)}"
+        before = counter.requests
+        part = tables.open_cached("s3://camkd/unit/wide.parquet", b"camkd", scope=scope)
+        opened = counter.requests - before
+        reads = []
+        for g in range(4):
+            before = counter.requests
+            again = tables.open_cached("s3://camkd/unit/wide.parquet", b"camkd", scope=scope)
+            table = again.read([g], columns)
+            reads.append(counter.requests - before)
+            assert again is part and table.num_rows == rows and table["idx"][0].as_py() == g * rows
+        per_read[len(columns)] = (opened, reads)
+    assert per_read == {2: (2, [1, 1, 1, 1]), 13: (2, [1, 1, 1, 1])}, per_read
+
+
 def test_an_unreachable_store_is_not_reported_as_corruption(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -66,8 +100,10 @@ def test_an_unreachable_store_is_not_reported_as_corruption(monkeypatch):
 @pytest.mark.slow
 def test_the_whole_pipeline_on_s3_through_faults_and_a_corrupt_object(s3, tmp_path):
     """ingest → teachers (a local checkpoint, copied into root) → precompute → train → tune with root=s3://...,
-    the endpoint given the standard AWS way, every 9th request throttled or dropped by the proxy: the run
-    finishes. Then a cache object's bytes are flipped on the server: training refuses it, naming it."""
+    the endpoint given the standard AWS way, every 9th request throttled or dropped by the proxy, and 30 SlowDown
+    answers in a row when training first reads a cache part (throttling that outlasts the SDK's retries): the run
+    finishes, and the training run never restarted its worker group. Then a cache object's bytes are flipped on
+    the server: training refuses it, naming it."""
     teacher = make_teacher_file(tmp_path / "t1.pt", "resnet8", seed=1)
     other = make_teacher_file(tmp_path / "t2.pt", "resnet14", seed=2)
     cfg = tiny_config(
@@ -90,20 +126,29 @@ def test_the_whole_pipeline_on_s3_through_faults_and_a_corrupt_object(s3, tmp_pa
         | {"RAY_USAGE_STATS_ENABLED": "0"}
     )
     s3.proxy.counter.every = 9
+    s3.proxy.counter.armed = (
+        30,
+        "GET",
+        ".parquet",
+    )  # training's first read of a part (precompute reads none)
+    bursts = s3.proxy.counter.bursts_started
     cli = [sys.executable, str(ROOT / "pipeline" / "run.py")]
     done = subprocess.run(
         [*cli, "all", "--config", str(config)], env=env, capture_output=True, text=True, timeout=900
     )
     faults = (s3.proxy.counter.slow_down, s3.proxy.counter.dropped)
-    s3.proxy.counter.every = 0
+    s3.proxy.counter.every, s3.proxy.counter.armed = 0, None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert faults[0] >= 1 and faults[1] >= 1, faults
+    assert faults[0] >= 31 and faults[1] >= 1, faults
+    assert s3.proxy.counter.bursts_started == bursts + 1, "the burst of 30 SlowDown answers was served"
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="camkd", Prefix="run/")["Contents"]]
     assert any(k.startswith("run/teachers/resnet8-") and k.endswith("/model.pt") for k in keys), (
         "copied into root"
     )
-    assert any("/runs/default/resnet8-camkd-t1+t2/summary.json" in k for k in keys)
+    run_summary = next(k for k in keys if k.endswith("/runs/default/resnet8-camkd-t1+t2/summary.json"))
+    trained = json.loads(client.get_object(Bucket="camkd", Key=run_summary)["Body"].read())
+    assert trained["status"] == "finished" and trained["resumes"] == 0, "no worker-group restart"
     assert any(k.endswith("sweep/summary.json") for k in keys)
     part = next(
         k

@@ -10,11 +10,20 @@ import torch
 from conftest import CAMKD_RUN, tiny_config
 
 from camkd import TeacherOutputs, models
-from camkd.training import normalize
+from camkd.training import Normalizer, normalize
 from pipeline import storage, teacher_stage, teachers, train, worker
 from pipeline.config import BindingError, with_updates
 from pipeline.ingest import ingest
-from pipeline.reader import Slice, items, read_slices, teacher_outputs_from_batch
+from pipeline.reader import (
+    EVAL_VIEW,
+    Slice,
+    contiguous_shares,
+    items,
+    local_batches,
+    read_slices,
+    teacher_outputs_from_batch,
+)
+from pipeline.steps import evaluate
 
 
 def camkd_config(cached, **updates):
@@ -53,7 +62,29 @@ def test_one_worker_learns_and_reports_every_term(one_worker):
     assert len(h[-1]["class_weight"]["t1"]) == 10
 
 
-def test_two_worker_ddp_matches_one_worker(one_worker, cached, tmp_path):
+def rescore_alone(summary: dict, cfg, meta, world: int) -> float:
+    """Test top-1 of the run's student.pt, loaded and scored in this process (no Ray), over the same per-rank
+    shares and batches the run scored."""
+    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    student = models.create(state["arch"], state["num_classes"], state["in_chans"])
+    student.load_state_dict(state["state_dict"])
+    plan = train.make_plan(cfg, meta, summary["run_dir"])
+    read = plan.read_plan("test", with_teachers=False)
+    normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
+    hits = count = 0.0
+    for share in contiguous_shares([Slice(**s) for s in plan.test_slices], world):
+        batches = [
+            (torch.from_numpy(np.ascontiguousarray(b["image"])), torch.from_numpy(b["label"]))
+            for b in local_batches(read, items(share, EVAL_VIEW), 256, threads=1, drop_last=False)
+        ]
+        values = evaluate(student, batches, normalizer, None, torch.device("cpu")).values
+        hits, count = hits + float(values[0]), count + float(values[3])
+    return hits / count
+
+
+def test_two_worker_ddp_matches_one_worker_and_every_rank_scores_the_exported_student(
+    one_worker, cached, tmp_path
+):
     cfg, _, one = one_worker
     cfg2 = with_updates(cfg, {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1})
     two = train.fit(cfg2, cached[2], str(tmp_path), "w2")
@@ -64,6 +95,11 @@ def test_two_worker_ddp_matches_one_worker(one_worker, cached, tmp_path):
     assert abs(two["history"][-1]["train_top1"] - one["history"][-1]["train_top1"]) <= 0.15
     assert abs(two["history"][-1]["train_ce"] - one["history"][-1]["train_ce"]) <= 0.35
     assert two["best_val_top1"] > 0.3 and one["best_val_top1"] > 0.3
+    # Every rank scored one model (rank 0's BatchNorm statistics on both), the one student.pt holds.
+    digests = two["history"][-1]["student_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+    assert all(h["student_digest"] for h in two["history"])
+    assert rescore_alone(two, cfg2, cached[2], world=2) == two["test_top1"]
 
 
 def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):

@@ -1,0 +1,101 @@
+"""The student's step and its scoring make no host sync: every op between two non-finite checks is recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import CAMKD_RUN
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from camkd.training import Normalizer, TrainStep
+from pipeline import train, worker
+from pipeline.config import with_updates
+from pipeline.reader import EVAL_VIEW, Slice, items, local_batches
+from pipeline.steps import CachedTeachers, EpochStats, StudentStep, evaluate
+
+# Ops that wait for the device (a value read on the host, or an output shape that depends on values) or that copy
+# host data to the device (a tensor made from Python data dispatches lift_fresh first).
+SYNCING = {
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.lift_fresh",
+    "aten.lift_fresh_copy",
+}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Every aten op dispatched inside; `found` lists those that would make a GPU step wait for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name().split(".")[0].replace("::", ".")
+        self.ops.append(name)
+        if name in SYNCING:
+            self.found.append(str(func))
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else []
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or []):
+                self.found.append(f"{func} with a boolean mask (its output shape depends on values)")
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
+            self.found.append(f"{func} without output_size")
+        return func(*args, **kwargs)
+
+
+def _batches(read, units, view: int, epoch: int, batch: int, n: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for b in local_batches(read, items(units, view, epoch), batch, threads=1):
+        out.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()})
+        if len(out) == n:
+            break
+    return out
+
+
+def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
+    """Real cached CA-MKD steps (logit and feature terms, the authors' undetached weights) on real batches from the
+    cache, between two `nan_check_every` checks: no op in them waits for the device or copies host data to it;
+    nor does scoring a batch. The first step runs before the window (it builds each device's constants once, as
+    the first step after a check does on a GPU). Fails with constants built from Python lists on every call."""
+    cfg = with_updates(cached[0], CAMKD_RUN)
+    meta = cached[2]
+    plan = train.make_plan(cfg, meta, "/nonexistent")
+    read = plan.read_plan("train", with_teachers=True)
+    distiller = worker.build_distiller(plan, cfg)
+    optimizer = torch.optim.SGD(
+        [p for p in distiller.parameters() if p.requires_grad], lr=0.05, momentum=0.9, nesterov=True
+    )
+    device = torch.device("cpu")
+    step_fn = TrainStep(distiller, distiller, optimizer, device, None)
+    normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
+    step = StudentStep(step_fn, normalizer, CachedTeachers(read, meta.num_classes), channels_last=False)
+    units = [Slice(**u) for u in plan.train_units]
+    batches = _batches(read, units, view=1, epoch=1, batch=32, n=4)
+    stats = EpochStats(device, 2, meta.num_classes)
+    step(batches[0], 1, stats)  # epoch 1: the feature term is on (it sits out epoch 0)
+    with SyncRecorder() as recorder:
+        for batch in batches[1:]:
+            step(batch, 1, stats)
+    assert len(recorder.ops) > 300, "the recorder saw the steps"
+    assert "aten.convolution_backward" in recorder.ops
+    assert recorder.found == [], f"host syncs on the step path: {sorted(set(recorder.found))}"
+    eval_read = plan.read_plan("test", with_teachers=False)
+    test_slices = [Slice(**s) for s in plan.test_slices]
+    eval_batches = [
+        (b["image"], b["label"]) for b in _batches(eval_read, test_slices, EVAL_VIEW, -1, 32, n=2)
+    ]
+    evaluate(distiller.student, eval_batches[:1], normalizer, None, device)
+    with SyncRecorder() as recorder:
+        evaluate(distiller.student, eval_batches, normalizer, None, device)
+    assert recorder.found == [], f"host syncs while scoring: {sorted(set(recorder.found))}"
+    assert stats.steps == 4 and float(stats.seen) == 128.0
