@@ -3,7 +3,7 @@ cache). Two presets, each one command and resumable (finished runs are not train
 
 `--preset strong` (docs/study/strong-teachers.json + .md): teachers clearly stronger than the student, trained by
 the product's `teachers` stage on Fashion-MNIST's full training split (the validation tail held out): resnet14 and
-MobileNetV2 (two architectures), and `swapped`, a resnet8 trained the same way with T-shirt↔Shirt and
+vgg8 (two architecture families), and `swapped`, a resnet8 trained the same way with T-shirt↔Shirt and
 Sandal↔Sneaker exchanged (confidently wrong). V = 2 cached views, built once for every arm. The resnet8 student in
 two regimes: (i) a large class-balanced part of the split (20k rows: standard KD at scale) with CE, KD (best
 teacher), AVER and two CA-MKD β = 0.5 variants; (ii) a data-limited 5k-row part with every arm: CE, KD, DKD, AVER,
@@ -125,7 +125,9 @@ def strong_base(root: str, epochs: int):
             "views.count": 2,
             "teachers": [
                 {"name": "good-a", "arch": "resnet14", "train": teacher_train | {"lr": 0.1, "seed": 1}},
-                {"name": "good-b", "arch": "MobileNetV2", "train": teacher_train | {"lr": 0.02, "seed": 2}},
+                # VGG, not MobileNetV2: a first run of the (width 0.5) MobileNetV2 reached 0.899 test top-1 in 10
+                # epochs, about what the student reaches alone on 20k rows; vgg8 is another family and stronger.
+                {"name": "good-b", "arch": "vgg8", "train": teacher_train | {"lr": 0.05, "seed": 2}},
                 {
                     "name": "swapped",
                     "arch": "resnet8",
@@ -327,7 +329,7 @@ def strong(args) -> None:
             "seeds": args.seeds,
             "views": base.views.count,
             "recipe": "SGD lr 0.1 at batch 128 (the recipe's 0.05 at 64, scaled), Nesterov, wd 5e-4, ×0.1 at "
-            f"{base.train.milestones}; teachers 10 epochs on the full split (resnet14 lr 0.1, MobileNetV2 0.02)",
+            f"{base.train.milestones}; teachers 10 epochs on the full split at batch 128 (resnet14 lr 0.1, vgg8 0.05)",
             "wall_seconds": round(time.time() - started, 1),
         },
         "teachers": teachers,
