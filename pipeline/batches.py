@@ -16,7 +16,15 @@ import torch
 
 from pipeline.cache import CacheError
 from pipeline.ingest import IngestError
-from pipeline.reader import EVAL_VIEW, ReadPlan, Slice, build_dataset, items, local_batches
+from pipeline.reader import (
+    EVAL_VIEW,
+    READ_TASK_RETRIES,
+    ReadPlan,
+    Slice,
+    build_dataset,
+    items,
+    local_batches,
+)
 from pipeline.storage import StorageUnavailable
 
 
@@ -28,6 +36,61 @@ class ReaderOptions:
     read_cpus: float
     read_tasks: int
     read_threads: int
+    budget_bytes: int | None = (
+        None  # the object store this worker's Ray Data reader may fill (None: no limit)
+    )
+
+
+READER_STORE_FRACTION = 0.5  # of a node's object store, shared by the readers of the workers on that node
+
+
+def apply_reader_budget(scaling, opts: ReaderOptions, node_id: str, workers_on_node: int) -> dict[str, Any]:
+    """Limit this process's Ray Data executor to one worker's share of its node: read tasks × read CPUs, and half
+    the node's object store ÷ the workers on it (or `scaling.read_object_store_mb`). Ray Data's default gives every
+    executor the whole cluster's CPUs and half the cluster's object store, so 8 workers of a node, each with its
+    own reader, would each buffer for the cluster on that one node; the other half of the node's store stays for
+    blocks in transit, as in Ray Data's own default. With `scaling.read_budget: cluster` the
+    default is kept. Either way a read that failed after `storage.retry_seconds` is retried as a read task
+    (Ray Data's retried_map_errors) before the error reaches the worker. Returns what was set."""
+    import ray
+    import ray.data
+
+    if scaling.read_object_store_mb is not None:
+        store = scaling.read_object_store_mb * 2**20
+    else:
+        node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+        total = node.get("Resources", {}).get("object_store_memory", 0)
+        store = int(READER_STORE_FRACTION * total // max(workers_on_node, 1))
+    budget = {
+        "reader": scaling.reader,
+        "scope": scaling.read_budget,
+        "read_tasks": opts.read_tasks,
+        "cpus": opts.read_tasks * opts.read_cpus,
+        "object_store_bytes": store or None,
+        "workers_on_node": workers_on_node,
+    }
+    ctx = ray.data.DataContext.get_current()
+    if scaling.read_budget == "worker":
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+            cpu=budget["cpus"], object_store_memory=store or None
+        )
+    ctx.retried_map_errors = ["storage did not answer"]
+    ctx.max_map_retries = READ_TASK_RETRIES
+    return budget
+
+
+def budget_line(budget: dict[str, Any]) -> str:
+    """The console line that says what a worker's reader may use."""
+    if budget["scope"] == "cluster":
+        return (
+            "[train] reader budget: Ray Data's cluster-wide default (scaling.read_budget: cluster), at most "
+            f"{budget['read_tasks']} read task(s) per worker"
+        )
+    store = budget["object_store_bytes"] or 0
+    return (
+        f"[train] reader budget per worker: {budget['read_tasks']} read task(s), {budget['cpus']:g} CPU, object "
+        f"store {store / 2**20:,.0f} MiB ({budget['workers_on_node']} worker(s) on this node)"
+    )
 
 
 def torch_batches(
@@ -45,7 +108,7 @@ def torch_batches(
 ):
     """Batches of tensors on `device` from `opts.reader`: Ray Data read tasks, or threads in this process."""
     if opts.reader == "ray_data":
-        ds = build_dataset(read_plan, read_items, opts.read_cpus, opts.read_tasks, node_id)
+        ds = build_dataset(read_plan, read_items, opts.read_cpus, opts.read_tasks, node_id, opts.budget_bytes)
         yield from ds.iter_torch_batches(
             batch_size=batch_size,
             drop_last=drop_last,

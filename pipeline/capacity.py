@@ -196,7 +196,7 @@ class Estimate:
             store = (
                 f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
                 if cfg.scaling.read_object_store_mb
-                else "its node's object store ÷ the workers on that node"
+                else "half its node's object store ÷ the workers on that node"
             )
             out.append(
                 f"worker budget (Ray Data, per worker): {tasks} task(s) × {cfg.scaling.read_cpus:g} CPU = "

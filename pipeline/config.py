@@ -399,8 +399,14 @@ class ScalingSettings(Strict):
     read_object_store_mb: int | None = Field(
         None,
         ge=16,
-        description="object store each worker's Ray Data reader may fill; default: its node's store ÷ the "
+        description="object store each worker's Ray Data reader may fill; default: half its node's store ÷ the "
         "workers on that node",
+    )
+    read_budget: Literal["worker", "cluster"] = Field(
+        "worker",
+        description="worker: each worker's Ray Data reader is limited to its share (read_tasks × read_cpus CPUs, "
+        "its node's object store ÷ the workers there); cluster: Ray Data's own default, every reader sized to the "
+        "whole cluster (for a few workers fed by CPU-only nodes; several readers per node then spill)",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto",

@@ -408,12 +408,16 @@ TASK_OUTPUT_BYTES = 64 * 2**20  # what one read task aims to yield: fewer, longe
 OUTPUT_BUFFER_BYTES = 128 * 2**20  # Ray Data gathers a task's yields into blocks of up to this size
 
 
-def items_per_task(plan: ReadPlan) -> int:
-    """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32. A Ray Data task costs
-    ~25 ms to start on a 2-core VM; for logits-only rows (3.7 KB, 1024-row groups) the 17 items this picks
-    delivered 35.5k samples/s against 24.3k with 8 (`benchmarks/input_pipeline.py` (c), both cores, medians of
-    three interleaved runs)."""
-    return int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.group_bytes()))))
+def items_per_task(plan: ReadPlan, budget_bytes: int | None = None) -> int:
+    """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32, and, with a reader
+    budget, at most a quarter of it (a running task yields its whole output whatever the budget says, so a task
+    must be small next to the budget; at least 1). A Ray Data task costs ~25 ms to start on a 2-core VM; for
+    logits-only rows (3.7 KB, 1024-row groups) the 17 items this picks delivered 35.5k samples/s against 24.3k
+    with 8 (`benchmarks/input_pipeline.py` (c), both cores, medians of three interleaved runs)."""
+    n = int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.group_bytes()))))
+    if budget_bytes:
+        n = min(n, max(1, budget_bytes // (4 * max(1, plan.group_bytes()))))
+    return n
 
 
 def read_memory_bytes(plan: ReadPlan) -> int:
@@ -434,6 +438,7 @@ def build_dataset(
     read_cpus: float,
     read_tasks: int | None = None,
     node_id: str | None = None,
+    budget_bytes: int | None = None,
 ):
     """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes
     `items_per_task` items in one call (so it can read ahead across them) and yields one row group at a time
@@ -447,9 +452,10 @@ def build_dataset(
     if node_id is not None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        strategy = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        # soft alone waits for a busy but feasible node; spilling lets a read run elsewhere when it is full
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=True, _spill_on_unavailable=True)
         remote_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": strategy}
-    blocks = max(1, -(-len(read_items) // items_per_task(plan)))
+    blocks = max(1, -(-len(read_items) // items_per_task(plan, budget_bytes)))
     ds = ray.data.from_items(read_items, override_num_blocks=blocks)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn; its named replacement (label_selector + fallback_strategy) has

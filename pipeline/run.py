@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, load_config
 
-STAGES = ["ingest", "teachers", "precompute", "train", "tune", "report", "quickstart", "all"]
+STAGES = ["ingest", "teachers", "precompute", "train", "tune", "report", "doctor", "quickstart", "all"]
 
 HELP = {
     "ingest": "read the data source into Parquet image parts under <root>/datasets (a no-op when done)",
@@ -27,6 +27,8 @@ HELP = {
     "train": "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
     "tune": "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
     "report": "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
+    "doctor": "measure storage from every node, the reader and the student step like one worker; name the "
+    "bottleneck and what to change (~2 minutes; run it first on a new cluster)",
     "quickstart": "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",
     "all": "ingest → teachers → precompute → train → tune and its report (when tune is configured)",
 }
@@ -84,6 +86,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         if stage == "train":
             p.add_argument(
                 "--name", help="run name under <root>/runs/<experiment>/ (default: from the config)"
+            )
+        if stage == "doctor":
+            p.add_argument(
+                "--seconds",
+                type=float,
+                default=40.0,
+                help="how long the reader is measured (the step: half of it)",
             )
         if stage == "ingest":
             p.add_argument(
@@ -195,6 +204,10 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.tune import run_stage
 
         return run_stage(cfg)
+    if stage == "doctor":
+        from pipeline.doctor import run_stage
+
+        return run_stage(cfg, seconds=args.seconds)
     if stage == "report":
         from pipeline import storage
         from pipeline.quickstart import regenerate_report

@@ -161,6 +161,7 @@ RESUME_NEUTRAL = (
     "scaling.backend",
     "scaling.read_ahead",
     "scaling.read_object_store_mb",
+    "scaling.read_budget",
     "train.max_failures",
     "train.export",
     "train.nan_check_every",

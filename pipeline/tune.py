@@ -33,6 +33,10 @@ SWEEP_NEUTRAL = (
     "scaling.read_threads",
     "scaling.read_cpus",
     "scaling.read_tasks",
+    "scaling.read_ahead",
+    "scaling.read_budget",
+    "scaling.read_object_store_mb",
+    "storage",
 )
 
 

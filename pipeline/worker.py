@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,11 +30,17 @@ from camkd import Distiller, StrategyParams, create_strategy, models
 from camkd.training import Normalizer, TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline import storage, teachers
-from pipeline.batches import EvalSet, ReaderOptions, data_error, torch_batches
+from pipeline.batches import (
+    EvalSet,
+    ReaderOptions,
+    apply_reader_budget,
+    budget_line,
+    data_error,
+    torch_batches,
+)
 from pipeline.collectives import Collectives
 from pipeline.config import Config, validate
 from pipeline.reader import (
-    READ_TASK_RETRIES,
     ReadPlan,
     Slice,
     TeacherSource,
@@ -353,41 +359,18 @@ class WorkerRun:
         self.step_fn = TrainStep(distiller, distiller, self.optimizer, device, self.amp_dtype)
 
     def _set_reader_budget(self) -> dict[str, Any]:
-        """This worker's Ray Data executor gets its own share of its node (read tasks × read CPUs; the node's
-        object store ÷ the workers on it, or `scaling.read_object_store_mb`), not Ray Data's default of the
-        whole cluster's CPUs and half the cluster's object store for every executor; a read that failed after
-        `storage.retry_seconds` is retried as a read task. Returns what was set (in the first epoch's record)."""
-        import ray
-        import ray.data
-
+        """This worker's share of its node for its Ray Data reader (`pipeline/batches.py: apply_reader_budget`);
+        returns what was set (in the first epoch's record)."""
         from pipeline.runtime import quiet_ray_data
 
         quiet_ray_data(preserve_order=self.cfg.train.deterministic)
         s = self.cfg.scaling
         here = sum(1 for p in self.placement if p["node_id"] == self.node_id)
-        if s.read_object_store_mb is not None:
-            store = s.read_object_store_mb * 2**20
-        else:
-            node = next((n for n in ray.nodes() if n.get("NodeID") == self.node_id), {})
-            store = int(node.get("Resources", {}).get("object_store_memory", 0) // max(here, 1))
-        budget = {
-            "reader": s.reader,
-            "read_tasks": self.opts.read_tasks,
-            "cpus": self.opts.read_tasks * self.opts.read_cpus,
-            "object_store_bytes": store or None,
-            "workers_on_node": here,
-        }
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.resource_limits = ray.data.ExecutionResources(
-            cpu=budget["cpus"], object_store_memory=store or None
-        )
-        ctx.retried_map_errors = ["storage did not answer"]
-        ctx.max_map_retries = READ_TASK_RETRIES
+        budget = apply_reader_budget(s, self.opts, self.node_id, here)
+        if s.read_budget == "worker":
+            self.opts = replace(self.opts, budget_bytes=budget["object_store_bytes"])
         if self.rank == 0 and s.reader == "ray_data":
-            say(
-                f"[train] reader budget per worker: {budget['read_tasks']} read task(s) × {s.read_cpus:g} CPU, "
-                f"object store {store / 2**20:,.0f} MiB ({here} worker(s) on this node)"
-            )
+            say(budget_line(budget))
         return budget
 
     def _eval_set(self, split: str, slices: list[Slice], keep: bool, batch: int | None = None) -> EvalSet:

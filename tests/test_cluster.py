@@ -195,6 +195,198 @@ def test_simulated_multinode_workers_on_different_nodes(tmp_path):
     print(f"simulated multi-node run: {time.time() - started:.1f} s, workers {summary['workers']}")
 
 
+# ========================================================= a2. per-worker reader budgets on a simulated 2-node cluster
+BUDGETS = textwrap.dedent(
+    """
+    import json, re, subprocess, sys, time
+    sys.path.insert(0, sys.argv[1])
+    raw = json.loads(sys.argv[2])
+    child_code = sys.argv[3]
+
+    import ray
+    from ray._private import internal_api
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
+
+    import socket
+    MiB = 2**20
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_port": dashboard_port,
+            "object_store_memory": 80 * MiB,
+        },
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=4, object_store_memory=80 * MiB)
+    cluster.wait_for_nodes()
+    out = {}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        from pipeline.config import validate
+        from pipeline.ingest import ingest
+
+        ingest(validate(raw), log=lambda *a: None)
+
+        def spilled():
+            text = internal_api.memory_summary(cluster.address, stats_only=True)
+            m = re.search(r"Spilled (\\d+) MiB", text)
+            return int(m.group(1)) if m else 0
+
+        for budget in ("worker", "cluster"):
+            cfg = dict(raw, scaling=dict(raw["scaling"], read_budget=budget))
+            before = spilled()
+            log = open(sys.argv[4] + f"-{budget}.log", "w")
+            child = subprocess.Popen(
+                [sys.executable, "-c", child_code, cluster.address, json.dumps(cfg), budget],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+            peak, started, reading = {}, time.time(), None
+            while time.time() - started < 150 and child.poll() is None:
+                time.sleep(1)
+                try:
+                    tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=2000, detail=True)
+                except Exception:
+                    continue
+                reads = [t for t in tasks if "read_slices" in (t.name or "")]
+                if reads and reading is None:
+                    reading = time.time()
+                peak["all"] = max(peak.get("all", 0), len(reads))
+                if reading is not None and time.time() - reading > 25:
+                    break
+            child.kill()
+            child.wait()
+            time.sleep(3)
+            out[budget] = {"spilled_mib": spilled() - before, "peak_running_read_tasks": peak.get("all", 0)}
+        print("RESULT " + json.dumps(out))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+BUDGET_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    ray.init(address=sys.argv[1], log_to_driver=True)
+    from pipeline import storage, train
+    from pipeline.config import validate
+    from pipeline.ingest import ingest
+    cfg = validate(json.loads(sys.argv[2]))
+    meta = ingest(cfg, log=lambda *a: None)
+    train.fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), "budget-" + sys.argv[3], log=print)
+    """
+)
+
+
+@pytest.mark.slow
+def test_each_workers_reader_keeps_to_its_share_of_its_node(tmp_path):
+    """Two nodes with 80 MiB object stores, two Train workers on each, each worker with its own Ray Data reader
+    over 64-px rows (12 KB) that it cannot consume as fast as it reads. With Ray Data's default every reader is
+    sized to the whole cluster (120 MiB of store each, all the CPUs): the nodes spill. With the per-worker budget
+    (half a node's store ÷ its 2 workers, read_tasks × read_cpus CPUs) nothing spills, and Ray's state API never
+    sees more than `read_tasks` read tasks per worker running at once (8 for the 4 workers)."""
+    raw = tiny_raw(tmp_path / "root", cpus_per_worker=1.5, read_cpus=0.25, read_tasks=2, torch_threads=1)
+    raw["experiment"] = "budgets"
+    raw["data"] = {
+        "source": "synthetic",
+        "rows_per_part": 1024,
+        "row_group_rows": 128,
+        "synthetic": {"train": 12288, "test": 64, "num_classes": 10, "size": 64, "channels": 3},
+    }
+    raw["train"] |= {"epochs": 3}
+    raw["scaling"] |= {"num_workers": 4, "check_resources": False}
+    raw["tracking"] = {"tensorboard": False}
+    proc = subprocess.run(
+        [sys.executable, "-c", BUDGETS, str(REPO), json.dumps(raw), BUDGET_CHILD, str(tmp_path / "driver")],
+        cwd=tmp_path,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    logs = {b: (tmp_path / f"driver-{b}.log").read_text()[-3000:] for b in ("cluster", "worker")}
+    assert result["cluster"]["spilled_mib"] > 0, (result, logs["cluster"])
+    assert result["worker"]["spilled_mib"] == 0, (result, logs["worker"])
+    # Every worker's executor runs at most scaling.read_tasks (2) read tasks: 4 workers, at most 8 at any time.
+    assert 1 <= result["worker"]["peak_running_read_tasks"] <= 8, (result, logs["worker"])
+    print(f"reader budgets: {result}")
+
+
+# ============================================================================ a3. doctor on a simulated cluster
+DOCTOR = textwrap.dedent(
+    """
+    import json, subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    raw = json.loads(sys.argv[2])
+    config = sys.argv[3]
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        from pipeline.config import validate
+        from pipeline.ingest import ingest
+
+        ingest(validate(raw), log=lambda *a: None)
+        outs = {}
+        for name, root in (("local", raw["root"]), ("delayed", "delay://1000" + raw["root"])):
+            done = subprocess.run(
+                [sys.executable, sys.argv[1] + "/pipeline/run.py", "doctor", "--config", config,
+                 "--set", "root=" + root, "--address", cluster.address, "--seconds", "4"],
+                capture_output=True, text=True, timeout=300,
+            )
+            outs[name] = {"rc": done.returncode, "out": done.stdout[-4000:], "err": done.stderr[-3000:]}
+        print("RESULT " + json.dumps(outs))
+    finally:
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_doctor_names_the_bottleneck_it_was_given(tmp_path):
+    """`doctor` on a simulated 2-node cluster, over the same dataset twice: from a local root the student's step
+    is the bottleneck; from the same folder behind a storage layer that answers each request after 1 s, it names
+    storage latency as the bottleneck (measured from both nodes) and what to change."""
+    raw = tiny_raw(tmp_path / "root", num_workers=1)
+    raw["data"]["row_group_rows"] = 32
+    config = tmp_path / "doctor.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-c", DOCTOR, str(REPO), json.dumps(raw), str(config)],
+        cwd=tmp_path,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=700,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    outs = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    local, delayed = outs["local"], outs["delayed"]
+    assert local["rc"] == 0 and delayed["rc"] == 0, outs
+    assert "bottleneck: the student's step" in local["out"], local["out"]
+    assert re.search(r"bottleneck: input: storage latency \(~1\d\d\d ms per request", delayed["out"]), (
+        delayed["out"]
+    )
+    assert "scaling.read_ahead" in delayed["out"] and delayed["out"].count("ms per request,") == 2, delayed[
+        "out"
+    ]
+    summary = json.loads((tmp_path / "root" / "doctor" / "summary.json").read_text())
+    assert summary["bottleneck"].startswith("input: storage latency") and len(summary["nodes"]) == 2
+
+
 # ====================================================================== b. two hosts: network namespaces + veth
 def _netns_available() -> str | None:
     if os.geteuid() != 0:
