@@ -309,24 +309,34 @@ def topk_decode(values: np.ndarray, index: np.ndarray, fill: np.ndarray, num_cla
 def encode_outputs(
     idx: np.ndarray, logits: np.ndarray, feats: np.ndarray | None, fmt: OutputFormat
 ) -> pa.Table:
-    """One view of one part as an Arrow table in the store's format."""
-    cols: dict[str, pa.Array] = {"idx": pa.array(idx, pa.int64())}
+    """One view of one part as an Arrow table in the store's format, encoded here with NumPy (the teacher actors
+    encode on their device instead: `pipeline/device_encode.py`, the same bytes)."""
+    cols: dict[str, np.ndarray] = {}
     if fmt.logits == "fp16":
-        cols["logits"] = _tensor_column(_fp16(logits, "logits"))
+        cols["logits"] = _fp16(logits, "logits")
     else:
-        values, index, fill = topk_encode(logits, fmt.topk)
-        cols["topk_values"] = _tensor_column(values)
-        cols["topk_index"] = _tensor_column(index)
-        cols["tail_logit"] = pa.array(fill)
+        cols["topk_values"], cols["topk_index"], cols["tail_logit"] = topk_encode(logits, fmt.topk)
     if fmt.features != "none":
         if feats is None:
             raise ValueError("features requested but not computed")
         if fmt.features == "fp16":
-            cols["feat"] = _tensor_column(_fp16(feats, "features"))
+            cols["feat"] = _fp16(feats, "features")
         else:
-            q, scale = quantize_int8(feats)
-            cols["feat"] = _tensor_column(q)
-            cols["feat_scale"] = _tensor_column(scale)
+            cols["feat"], cols["feat_scale"] = quantize_int8(feats)
+    return stored_table(idx, cols, fmt)
+
+
+def stored_table(idx: np.ndarray, columns: dict[str, np.ndarray], fmt: OutputFormat) -> pa.Table:
+    """The part's Arrow table from columns already in their stored form (tensors as fixed-width binary rows,
+    the tail logit as a float32 column), in the store's column order."""
+    want = fmt.columns(True, fmt.features != "none")[1:]
+    missing = sorted(set(want) - set(columns))
+    if missing:
+        raise ValueError(f"stored columns {missing} are missing (format {fmt.key}; got {sorted(columns)})")
+    cols: dict[str, pa.Array] = {"idx": pa.array(idx, pa.int64())}
+    for name in want:
+        values = columns[name]
+        cols[name] = pa.array(values) if name == "tail_logit" else _tensor_column(values)
     return pa.table(cols)
 
 

@@ -257,7 +257,17 @@ class CacheConfig(Strict):
     actors: int | Literal["auto"] = Field(
         "auto", description="teacher replicas (each runs every teacher); auto: one per GPU or per CPU slot"
     )
+    max_actors: int | None = Field(
+        None,
+        ge=1,
+        description="the most replicas the pool grows to (with actors: auto); default: the autoscaler's maximum "
+        "of GPUs when Ray can read it, else the GPUs up or 8, whichever is more",
+    )
     min_actors: int = Field(1, ge=1, description="autoscaling pool: replicas kept while work remains")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="teachers in channels_last on GPUs: auto = timed at actor start-up, the faster kept",
+    )
     cpus_per_actor: float = Field(1.0, gt=0)
     render_cpus: float = Field(0.5, gt=0, description="CPUs per view-rendering task (decode + augment)")
     write_cpus: float = Field(0.5, gt=0, description="CPUs per quantise/encode/write task")
@@ -608,6 +618,10 @@ class Config(Strict):
                 "train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm has no CPU kernels); set "
                 "scaling.use_gpu: true, or leave train.sync_batchnorm: false (each CPU worker then normalises "
                 "its own share of the batch)"
+            )
+        if self.cache.max_actors is not None and self.cache.min_actors > self.cache.max_actors:
+            raise ValueError(
+                f"cache.min_actors ({self.cache.min_actors}) exceeds cache.max_actors ({self.cache.max_actors})"
             )
         if self.cache.min_actors > (self.cache.actors if isinstance(self.cache.actors, int) else 10**9):
             raise ValueError(

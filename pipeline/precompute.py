@@ -283,17 +283,96 @@ def _finish_teacher(
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _actor_range(cfg: Config, use_gpu: bool, items: int) -> tuple[int, int]:
-    """(min, max) replicas of the teacher pool: one per GPU, or per `cache.cpus_per_actor` CPUs."""
-    import ray
+DEFAULT_MAX_GPU_ACTORS = (
+    8  # GPUs one pool may grow to when no autoscaling maximum can be read (a node's worth)
+)
 
-    if cfg.cache.actors != "auto":
-        most = int(cfg.cache.actors)
+
+def autoscaling_maximum() -> dict[str, int] | None:
+    """The most of each resource the cluster's autoscaler may provide (its node groups' max counts × resources,
+    from the autoscaler config Ray keeps in its GCS; KubeRay and the cluster launcher write it), or None where no
+    autoscaler config can be read (a static cluster, a local Ray)."""
+    try:
+        from ray._private.state import state
+
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # private API of Ray 2.60; absent or changed elsewhere: no autoscaling information
+        return None
+    return {k: int(v) for k, v in found.items()} if found else None
+
+
+def teacher_norm(ref: teachers.TeacherRef, spec: ViewSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a teacher's inputs are normalised with: the views' (the dataset's) unless the teacher
+    brings its own."""
+    mean, std = getattr(ref, "mean", None), getattr(ref, "std", None)
+    return (tuple(mean or spec.mean), tuple(std or spec.std))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Where the teachers run and how far their pool may grow, with the reason (printed, and in --dry-run)."""
+
+    use_gpu: bool
+    low: int
+    high: int
+    why: str
+
+    def line(self, teachers: int) -> str:
+        where = "on GPUs (1 each)" if self.use_gpu else "on CPUs"
+        return (
+            f"teacher pool: {self.low}-{self.high} replica(s) {where}, each running all {teachers} teacher(s); "
+            f"{self.why}; the pool grows as nodes join"
+        )
+
+
+def pool_plan(
+    cfg: Config, items: int, resources: dict[str, float], maximum: dict[str, int] | None
+) -> PoolPlan:
+    """Decide GPU or CPU inference and the pool's bounds from the config, the resources up now and the
+    autoscaler's maximum: `cache.use_gpu: auto` uses GPUs when the cluster has or can get some (not only those up
+    at plan time); `cache.actors` fixes the pool's maximum, else `cache.max_actors`, else the autoscaling maximum,
+    else the GPUs up now or DEFAULT_MAX_GPU_ACTORS, whichever is more (CPU: one replica per cache.cpus_per_actor
+    CPUs). Ray Data grows the pool up to it as resources appear. `cache.use_gpu: true` that no GPU can ever meet
+    fails at once."""
+    gpus_now = int(resources.get("GPU", 0))
+    gpus_max = int((maximum or {}).get("GPU", 0))
+    can_get = max(gpus_now, gpus_max)
+    c = cfg.cache
+    if c.use_gpu == "auto":
+        use_gpu = can_get > 0
+        why = (
+            f"cache.use_gpu auto: {gpus_now} GPU(s) up"
+            + (f", up to {gpus_max} with the autoscaler" if gpus_max else "")
+            if use_gpu
+            else "cache.use_gpu auto: the cluster has no GPU and its autoscaler adds none"
+        )
     else:
-        res = ray.cluster_resources()
-        most = int(res.get("GPU", 0)) if use_gpu else int(res.get("CPU", 1) // cfg.cache.cpus_per_actor)
+        use_gpu = bool(c.use_gpu)
+        if use_gpu and can_get == 0 and not c.wait_for_gpus:
+            raise CacheError(
+                "cache.use_gpu is true but the cluster has no GPU and no autoscaler config that adds any. Set "
+                "cache.use_gpu: auto (GPUs when present) or false, add GPU nodes, or set cache.wait_for_gpus: true "
+                "when an autoscaler Ray cannot see will add them"
+            )
+        why = f"cache.use_gpu {use_gpu}"
+    if c.actors != "auto":
+        most, bound = int(c.actors), "cache.actors"
+    elif c.max_actors is not None:
+        most, bound = c.max_actors, "cache.max_actors"
+    elif use_gpu:
+        if gpus_max:
+            most, bound = gpus_max, f"the autoscaling maximum of {gpus_max} GPU(s)"
+        else:
+            most = max(gpus_now, DEFAULT_MAX_GPU_ACTORS)
+            bound = f"no autoscaling maximum readable: up to {most} (the GPUs up, at least {DEFAULT_MAX_GPU_ACTORS})"
+    else:
+        cpus = max(resources.get("CPU", 1), (maximum or {}).get("CPU", 0))
+        most, bound = (
+            int(cpus // c.cpus_per_actor),
+            f"{cpus:g} CPU(s) ÷ cache.cpus_per_actor {c.cpus_per_actor:g}",
+        )
     most = max(1, min(most, items))
-    return min(cfg.cache.min_actors, most), most
+    return PoolPlan(use_gpu, min(c.min_actors, most), most, f"{why}; at most {most} ({bound})")
 
 
 def _memory_requests(ps: PrecomputeSpec, meta: DatasetMeta) -> dict[str, int]:
@@ -320,20 +399,6 @@ def _memory_requests(ps: PrecomputeSpec, meta: DatasetMeta) -> dict[str, int]:
         "infer": actor + 2 * weights + 2 * rows * pixels + 2 * outputs,  # weights: the file and the model
         "write": task + 3 * outputs + 1,
     }
-
-
-def _use_gpu(cfg: Config) -> bool:
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.cache.use_gpu == "auto":
-        return gpus > 0
-    if cfg.cache.use_gpu and gpus == 0 and not cfg.cache.wait_for_gpus:
-        raise CacheError(
-            "cache.use_gpu is true but the cluster has no GPU. Set cache.use_gpu: auto (GPUs when present) or "
-            "false, add GPU nodes, or set cache.wait_for_gpus: true when an autoscaler will add them"
-        )
-    return bool(cfg.cache.use_gpu)
 
 
 def stages(
@@ -408,10 +473,12 @@ def precompute_teachers(
         {"part": p, "view": v, "mask": m}
         for (p, v), m in sorted(masks.items(), key=lambda x: (x[0][1], x[0][0]))
     ]
-    first_item_seconds, renders = None, 0
+    first_item_seconds, renders, payload, stored_rows = None, 0, 0, 0
     if items:
-        use_gpu = _use_gpu(cfg)
-        low, high = _actor_range(cfg, use_gpu, len(items))
+        import ray
+
+        pool = pool_plan(cfg, len(items), ray.cluster_resources(), autoscaling_maximum())
+        use_gpu, low, high = pool.use_gpu, pool.low, pool.high
         ps = PrecomputeSpec(
             dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
             dataset_fp=meta.fingerprint,
@@ -424,11 +491,10 @@ def precompute_teachers(
             batch_size=cfg.cache.batch_size,
             threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
             compression=cfg.cache.compression,
+            norms=tuple(teacher_norm(tp.ref, spec) for tp in plans),
+            channels_last=cfg.cache.channels_last,
         )
-        log(
-            f"[precompute] {len(items)} (part, view) item(s) through {low}-{high} teacher replica(s)"
-            f"{' (1 GPU each)' if use_gpu else ''}, each running all {len(plans)} teacher(s)"
-        )
+        log(f"[precompute] {len(items)} (part, view) item(s); {pool.line(len(plans))}")
         memory = _memory_requests(ps, meta)
         ctx = ray.data.DataContext.get_current()
         block_limit, ctx.target_max_block_size = ctx.target_max_block_size, None  # an item is one block
@@ -442,6 +508,7 @@ def precompute_teachers(
                     first_item_seconds = time.time() - loop_start
                 k, part, view = int(row["teacher"]), str(row["part"]), int(row["view"])
                 renders += int(row["renders"])
+                payload += int(row["payload_bytes"])
                 if view == TEST:
                     plans[k].test[0] += int(row["rows"])
                     plans[k].test[1] += int(row["correct"])
@@ -453,6 +520,7 @@ def precompute_teachers(
                         digest=str(row["digest"]),
                         correct=int(row["correct"]),
                     )
+                    stored_rows += int(row["rows"])
                 if (part, view) not in seen_items:
                     seen_items.add((part, view))
                     bar.update(1)
@@ -464,6 +532,9 @@ def precompute_teachers(
     for row in rows:
         row["first_item_seconds"] = first_item_seconds
         row["renders"] = renders
+        # What crossed Ray's object store from the actors to the writers, per (image, view) of every teacher's part
+        # written: the actors send the stored encodings, so this equals the stored bytes less Parquet's framing.
+        row["object_store_bytes_per_sample"] = round(payload / stored_rows, 1) if stored_rows else None
     return rows
 
 
@@ -479,6 +550,27 @@ def run_stage(cfg: Config, overwrite: bool = False, log=print) -> dict[str, Any]
     storage.write_json(url, summary)
     log(f"[precompute] summary: {url}")
     return summary
+
+
+def dry_run_pool(cfg: Config) -> str:
+    """The pool decision for --dry-run: from the cluster Ray is attached to, else from this machine (where a
+    local Ray would start)."""
+    import os
+
+    import ray
+
+    where = "precompute"
+    try:
+        if ray.is_initialized():
+            plan = pool_plan(cfg, 10**9, ray.cluster_resources(), autoscaling_maximum())
+            return f"{where} {plan.line(len(cfg.teachers))}"
+        import torch
+
+        where = "precompute (a local Ray on this machine)"
+        here = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        return f"{where} {pool_plan(cfg, 10**9, here, None).line(len(cfg.teachers))}"
+    except CacheError as e:
+        return f"{where}: {e}"
 
 
 def plan_stage(cfg: Config) -> list[str]:

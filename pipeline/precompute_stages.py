@@ -7,7 +7,6 @@ Imported by Ray task and actor processes: the module itself imports no torch (a 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,9 @@ from pipeline.cache import (
     CacheError,
     CachePart,
     OutputFormat,
-    encode_outputs,
     part_metadata,
     receipt_url,
+    stored_table,
     view_dir,
 )
 from pipeline.ingest import open_image_part, read_image_rows
@@ -45,6 +44,10 @@ class PrecomputeSpec:
     batch_size: int
     threads: int
     compression: str
+    norms: tuple[
+        tuple[tuple[float, ...], tuple[float, ...]], ...
+    ] = ()  # per teacher (mean, std); () = the views'
+    channels_last: str = "auto"  # "auto" (measured on a GPU at start-up) | "on" | "off"
 
 
 # ------------------------------------------------------------------------------------------------ stage 1
@@ -76,11 +79,19 @@ def render_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, n
 # ------------------------------------------------------------------------------------------------ stage 2
 class TeacherPool:
     """A Ray Data actor holding every teacher of the run (on its GPU when it has one): runs the teachers an item
-    needs on its rendered pixels. Logits come back as float32, feature maps as float16."""
+    needs on its rendered pixels and encodes their outputs there, in the stored form (fp16 or top-k logits, fp16
+    or int8 maps: `pipeline/device_encode.py`), so that what crosses the object store is what is stored.
+
+    On a GPU the work of a batch is queued, never waited for: pixels are copied from pinned memory on a side
+    stream, normalised with constants made once per device, run (channels_last when it measured faster at
+    start-up), encoded, and copied back into pinned host buffers on the side stream, while the next batch is
+    already running: two batches in flight, one wait per item. Hits are counted and non-finite outputs flagged on
+    the device."""
 
     def __init__(self, ps: PrecomputeSpec, precision: str) -> None:
         import torch
 
+        from camkd.training import Normalizer
         from pipeline import teachers
 
         torch.set_num_threads(max(1, ps.threads))
@@ -92,73 +103,160 @@ class TeacherPool:
             k: teachers.build_model(teachers.TeacherRef.from_dict(t)).to(self.device)
             for k, t in enumerate(ps.teachers)
         }
+        self.normalizers = {
+            k: Normalizer(*(ps.norms[k] if ps.norms else (self.spec.mean, self.spec.std)))
+            for k in self.models
+        }
+        self.copies = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self.channels_last = {k: False for k in self.models}
+        if self.device.type == "cuda" and ps.channels_last != "off":
+            for k in self.models:
+                self.channels_last[k] = ps.channels_last == "on" or self._faster_channels_last(k)
 
-    def infer(self, k: int, pixels: np.ndarray, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _faster_channels_last(self, k: int) -> bool:
+        """Time the teacher on a batch of zeros in both memory formats (after a warm-up) and keep the faster."""
+        import time
+
         import torch
 
-        from camkd.training import normalize
+        c = self.models[k].in_chans
+        h, w = self.ps.image_shape[:2] if self.ps.image_shape else (self.spec.size, self.spec.size)
+        x = torch.zeros(self.ps.batch_size, c, h, w, device=self.device)
+        times = {}
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model = self.models[k].to(memory_format=fmt)
+            xf = x.contiguous(memory_format=fmt)
+            with torch.no_grad(), self._autocast():
+                for rep in range(4):
+                    if rep == 1:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    model.forward_head(model.forward_features(xf))
+            torch.cuda.synchronize()
+            times[fmt] = time.perf_counter() - t0
+        faster = times[torch.channels_last] < times[torch.contiguous_format]
+        self.models[k] = self.models[k].to(
+            memory_format=torch.channels_last if faster else torch.contiguous_format
+        )
+        return faster
 
-        logits, feats = [], []
-        model = self.models[k]
-        for start in range(0, len(pixels), self.ps.batch_size):
-            with warnings.catch_warnings():  # Ray hands read-only arrays; nothing writes to this one
-                warnings.simplefilter("ignore", UserWarning)
-                x = torch.from_numpy(pixels[start : start + self.ps.batch_size])
-            x = x.to(self.device, non_blocking=True)
-            x = normalize(x, self.spec.mean, self.spec.std)
-            with (
-                torch.no_grad(),
-                torch.autocast(
-                    self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
-                ),
-            ):
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+
+    def infer(self, k: int, pixels: np.ndarray, labels: np.ndarray, features: bool) -> dict[str, Any]:
+        """Teacher k over an item's pixels → {column: stored array}, `correct` (hits) and `bad` (non-finite)."""
+        import torch
+
+        from pipeline import device_encode
+
+        model, norm, dev = self.models[k], self.normalizers[k], self.device
+        fmt, n, b = self.ps.fmt, len(pixels), self.ps.batch_size
+        cuda = dev.type == "cuda"
+        pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
+        labels_t = torch.from_numpy(labels).to(dev, non_blocking=cuda)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        out: dict[str, torch.Tensor] = {}
+        main = torch.cuda.current_stream() if cuda else None
+        for start in range(0, n, b):
+            sl = slice(start, min(start + b, n))
+            if cuda:
+                with torch.cuda.stream(self.copies):
+                    x = pixels_t[sl].pin_memory().to(dev, non_blocking=True)
+                main.wait_stream(self.copies)
+                x.record_stream(main)
+            else:
+                x = pixels_t[sl]
+            x = norm(x)
+            if self.channels_last[k]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), self._autocast():
                 fmap = model.forward_features(x)
-                out = model.forward_head(fmap)
-            logits.append(out.float().cpu().numpy())
+                logits = model.forward_head(fmap).float()
+            cols = device_encode.encode_logits(logits, fmt)
             if features:
-                feats.append(fmap.to(torch.float16).cpu().numpy())
-        return np.concatenate(logits), (np.concatenate(feats) if features else None)
+                cols |= device_encode.encode_features(fmap, fmt)
+            correct += (logits.argmax(1) == labels_t[sl]).sum()
+            bad |= device_encode.not_finite(*cols.values())
+            if not out:  # the item's host buffers, pinned on a GPU: each batch lands in its slice
+                out = {
+                    name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, pin_memory=cuda)
+                    for name, t in cols.items()
+                }
+            if cuda:
+                self.copies.wait_stream(main)
+                with torch.cuda.stream(self.copies):
+                    for name, t in cols.items():
+                        t.record_stream(self.copies)
+                        out[name][sl].copy_(t, non_blocking=True)
+            else:
+                for name, t in cols.items():
+                    out[name][sl] = t
+        flags = torch.stack([correct, bad.to(torch.int64)]).to("cpu", non_blocking=cuda)
+        if cuda:
+            self.copies.synchronize()  # the item's one wait: its outputs and counts are on the host
+            main.synchronize()
+        correct_n, bad_n = (int(v) for v in flags.tolist())
+        return {
+            "columns": {name: t.numpy() for name, t in out.items()},
+            "correct": correct_n,
+            "bad": bool(bad_n),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One item (one row, see render_item) → the same row with each teacher's outputs as tensor cells."""
-        view, mask = int(batch["view"][0]), int(batch["mask"][0])
+        """One item (one row, see render_item) → the same row with each teacher's stored columns as tensor cells
+        (`t{k}__{column}`), its hits (`t{k}_correct`) and the bytes it sends through the object store."""
+        part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
         pixels = batch.pop("pixels")[0]
+        labels = batch["label"][0]
         features = view != TEST and self.ps.fmt.features != "none"
         out = dict(batch)
-        for k in range(len(self.ps.teachers)):
-            if mask >> k & 1:
-                logits, feats = self.infer(k, pixels, features)
-                out[f"t{k}_logits"] = logits[None]
-                if feats is not None:
-                    out[f"t{k}_feat"] = feats[None]
+        sent = 0
+        for k, teacher in enumerate(self.ps.teachers):
+            if not mask >> k & 1:
+                continue
+            result = self.infer(k, pixels, labels, features)
+            if result["bad"]:
+                raise CacheError(
+                    f"teacher {teacher['name']!r} produced non-finite outputs on {part}, view {view} (inf or NaN "
+                    "as stored; float16 overflows beyond 65504); check the teacher's checkpoint and inputs"
+                )
+            out[f"t{k}_correct"] = np.array([result["correct"]], dtype=np.int64)
+            if view != TEST:  # a test item only counts hits: nothing of it is stored or sent
+                for name, values in result["columns"].items():
+                    out[f"t{k}__{name}"] = values[None]
+                    sent += values.nbytes
+        out["payload_bytes"] = np.array([sent], dtype=np.int64)
         return out
 
 
 # ------------------------------------------------------------------------------------------------ stage 3
-RECORD_KEYS = ("teacher", "part", "view", "rows", "bytes", "digest", "correct", "renders")
+RECORD_KEYS = ("teacher", "part", "view", "rows", "bytes", "digest", "correct", "renders", "payload_bytes")
 
 
 def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np.ndarray]:
-    """Each teacher's outputs of one item → its cache part (then its receipt); one record row per teacher."""
+    """Each teacher's stored columns of one item → its cache part (then its receipt); one record row per
+    teacher. The columns arrive encoded (the actor did it on its device): this writes Parquet, checksums and the
+    receipt."""
     part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
-    idx, labels = batch["idx"][0], batch["label"][0]
+    idx = batch["idx"][0]
     spec = ViewSpec.from_dict(ps.spec)
     out: dict[str, list] = {key: [] for key in RECORD_KEYS}
     renders = int(batch["renders"][0])
+    payload = int(batch["payload_bytes"][0])
     for k, teacher in enumerate(ps.teachers):
         if not mask >> k & 1:
             continue
-        logits = batch[f"t{k}_logits"][0]
-        if not np.isfinite(logits).all():
-            raise CacheError(f"teacher {teacher['name']!r} produced non-finite logits on {part}, view {view}")
-        correct = int((logits.argmax(1) == labels).sum())
+        correct = int(batch[f"t{k}_correct"][0])
         size, digest = 0, ""
         if view != TEST:
-            feats = batch[f"t{k}_feat"][0] if f"t{k}_feat" in batch else None
-            try:
-                table = encode_outputs(idx, logits, feats, ps.fmt)
-            except ValueError as e:
-                raise CacheError(f"teacher {teacher['name']!r} on {part}, view {view}: {e}") from None
+            prefix = f"t{k}__"
+            columns = {key[len(prefix) :]: v[0] for key, v in batch.items() if key.startswith(prefix)}
+            table = stored_table(idx, columns, ps.fmt)
             meta = part_metadata(teacher["id"], ps.dataset_fp, spec, ps.fmt, view, part, len(idx))
             encoded = tables.encode_table(table, ps.group_rows, meta, ps.compression)
             url = storage.join(view_dir(ps.stores[k], view), part)
@@ -170,9 +268,10 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
                 receipt_url(url), receipt.model_dump() | _identity(teacher["id"], ps, spec, view)
             )
             size, digest = encoded.size, encoded.digest
-        for key, value in zip(RECORD_KEYS, (k, part, view, len(idx), size, digest, correct, renders)):
+        values = (k, part, view, len(idx), size, digest, correct, renders, payload)
+        for key, value in zip(RECORD_KEYS, values):
             out[key].append(value)
-        renders = 0  # count an item's renders once, whatever the number of its teachers
+        renders = payload = 0  # count an item's renders and bytes once, whatever the number of its teachers
     return {key: np.asarray(v) for key, v in out.items()}
 
 

@@ -8,6 +8,7 @@ one paragraph (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,11 +127,19 @@ def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print("\n# plan")
     meta = None
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster to describe: attach (cheap), run nothing
+        from pipeline.runtime import ensure_ray
+
+        ensure_ray(cfg, log=lambda *_: None)
     try:
         with storage.one_attempt():
             meta = _plan_lines(cfg, stage)
     except Exception as e:  # the config is valid; storage may just not be reachable from this machine
         print(f"storage {cfg.root}: not reachable from here ({type(e).__name__}: {e}); the plan needs it")
+    if stage in ("precompute", "all", "quickstart") and cfg.teachers:
+        from pipeline.precompute import dry_run_pool
+
+        print(dry_run_pool(cfg))
     print("\n# capacity (model fed by benchmarks/input_pipeline.py; README 'Capacity')")
     for line in capacity_lines(cfg, meta, rate):
         print(line)

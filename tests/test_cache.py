@@ -381,3 +381,48 @@ def test_the_gpu_pipeline_is_one_ray_accepts(cached):
     memory = {"render": 2**28, "infer": 2**29, "write": 2**28}
     ds = precompute.stages([item], ps=None, cfg=cfg, use_gpu=True, replicas=(1, 2), memory=memory)
     assert "TeacherPool" in str(ds)
+
+
+def test_device_encoders_store_the_bytes_of_the_numpy_encoders():
+    """The actors encode on their device (torch): int8 maps bit-identical to quantize_int8 of the same float16
+    maps (zero, tiny, huge and negative channels), top-k the same index set with equal values and the same
+    tail logit as topk_encode, fp16 logits and maps as the NumPy cast; the stored tables are equal byte for byte."""
+    import torch
+
+    from pipeline import device_encode
+
+    rng = np.random.default_rng(7)
+    scales = rng.choice([1e-4, 0.3, 7.0, 900.0], size=(48, 16, 1, 1))
+    maps = (rng.standard_normal((48, 16, 5, 5)) * scales).astype(np.float32)
+    maps[2, 3] = 0.0
+    maps[5] = -np.abs(maps[5])
+    logits = (rng.standard_normal((48, 100)) * 5).astype(np.float32)
+    idx = np.arange(48)
+    for fmt in (
+        cache.OutputFormat("fp16", 0, "fp16", 100),
+        cache.OutputFormat("fp16", 0, "int8", 100),
+        cache.OutputFormat("topk", 12, "int8", 100),
+    ):
+        cols = device_encode.encode_logits(torch.from_numpy(logits), fmt) | device_encode.encode_features(
+            torch.from_numpy(maps), fmt
+        )
+        cols = {k: v.numpy() for k, v in cols.items()}
+        assert not bool(device_encode.not_finite(*(torch.from_numpy(v) for v in cols.values())))
+        reference = cache.encode_outputs(idx, logits, maps.astype(np.float16), fmt)
+        if fmt.logits == "fp16":
+            assert cache.stored_table(idx, cols, fmt).equals(reference), fmt.key
+            continue
+        values, index, fill = cache.topk_encode(logits, fmt.topk)
+        assert [set(a) for a in index] == [set(b) for b in cols["topk_index"]]
+        order = np.argsort(index, 1), np.argsort(cols["topk_index"], 1)
+        np.testing.assert_array_equal(
+            np.take_along_axis(values, order[0], 1), np.take_along_axis(cols["topk_values"], order[1], 1)
+        )
+        np.testing.assert_array_equal(fill, cols["tail_logit"])
+        q, s = cache.quantize_int8(maps.astype(np.float16))
+        np.testing.assert_array_equal(cols["feat"], q)
+        np.testing.assert_array_equal(cols["feat_scale"], s)
+    bad = maps.copy()
+    bad[0, 0, 0, 0] = 1e6  # beyond float16: inf as stored
+    cols = device_encode.encode_features(torch.from_numpy(bad), cache.OutputFormat("fp16", 0, "int8", 100))
+    assert bool(device_encode.not_finite(*cols.values()))

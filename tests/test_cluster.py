@@ -250,7 +250,7 @@ BUDGETS = textwrap.dedent(
             while time.time() - started < 150 and child.poll() is None:
                 time.sleep(1)
                 try:
-                    tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=2000, detail=True)
+                    tasks = list_tasks(address=cluster.address, filters=[("state", "=", "RUNNING")], limit=2000, detail=True)
                 except Exception:
                     continue
                 reads = [t for t in tasks if "read_slices" in (t.name or "")]

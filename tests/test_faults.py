@@ -117,11 +117,24 @@ def test_driver_sigkill_then_same_command_resumes(undisturbed, cached, tmp_path,
     proc.wait()
     assert not (run_dir / "summary.json").exists()
     time.sleep(2)  # Ray reaps the dead driver's actors
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # The same command with one more worker (scaling.num_workers is resume-neutral: a run that lost a node may go
+    # on with fewer, one that gained GPUs with more): it resumes from the checkpoint and says so.
+    more = [*cmd, "--set", "scaling.num_workers=2"]
+    done = subprocess.run(more, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = storage.read_json(str(run_dir / "summary.json"))
     assert summary["resumes"] == 1, "the re-run must restore the checkpoint, not start over"
-    _close(summary, reference)
+    assert "resuming with 2 worker(s); the checkpoint was written with 1" in done.stdout + done.stderr
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    first, ref = summary["history"][0], reference["history"][0]
+    assert (first["train_loss"], first["val_top1"]) == (ref["train_loss"], ref["val_top1"]), (
+        "epoch 1 was kept"
+    )
+    assert summary["workers"] and len(summary["history"][1]["workers"]) == 2
+    # Epochs 2-3 ran on 2 workers (16 samples per BatchNorm instead of 32): close to the 1-worker run, not equal.
+    assert summary["history"][-1]["train_loss"] == pytest.approx(
+        reference["history"][-1]["train_loss"], rel=0.15
+    )
 
 
 def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cached, tmp_path):
