@@ -126,6 +126,109 @@ def precision_error(ref, device, rows: int = 256) -> dict[str, float | str]:
     }
 
 
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid → (parent pid, command line, CPU-seconds user + system) of every process readable in /proc."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+            fields = rest.split()
+            cmd = cmd or head.split("(", 1)[-1]  # a worker renames itself "ray::…"; its stat keeps the name
+            out[int(pid)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def ray_own_cpu_seconds() -> float:
+    """CPU-seconds so far of the Ray system processes this driver started (GCS, raylet, dashboard and its heads,
+    agents, log monitor): its descendants that are not task or actor workers (nor below one). They started with
+    this run's `ray.init`, so the sum is the run's; other Ray instances on the machine are not counted."""
+    import os
+
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        cmd = procs[pid][1]
+        if "default_worker.py" in cmd or cmd.startswith("ray::"):
+            continue  # a worker: its CPU is the work's (and its own start-up), not Ray's bookkeeping
+        total += procs[pid][2]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def ray_once(cfg, refs, meta, threads: int, total: int, first_rows: int) -> dict[str, float]:
+    """One precompute through Ray, from `ray.init` (Ray as `run.py` starts it on one machine, no dashboard) to the
+    last part written: images×views/s end to end and after the first item, the first item's seconds, and the
+    CPU-seconds Ray's own processes took."""
+    import ray
+
+    from pipeline.precompute import precompute_teachers
+    from pipeline.runtime import local_ray_options, quiet_ray_data
+
+    start = time.perf_counter()
+    ray.init(**local_ray_options(threads), log_to_driver=False, include_dashboard=False)
+    quiet_ray_data()
+    rows = precompute_teachers(cfg, refs, meta, log=lambda *_: None)
+    wall = time.perf_counter() - start
+    overhead = ray_own_cpu_seconds()
+    ray.shutdown()
+    first = rows[0]["first_item_seconds"] or 0.0
+    return {
+        "end_to_end": total / wall,
+        "steady": (total - first_rows) / max(wall - first, 1e-9),
+        "startup": first,
+        "overhead_cpu": overhead,
+        "render_cpu_use": rows[0]["cpu_use"]["render"] or 0.0,
+        "write_cpu_use": rows[0]["cpu_use"]["write"] or 0.0,
+    }
+
+
+FORMATS = {  # name → (cache.logits, cache.features)
+    "fp16 maps": ("fp16", "fp16"),
+    "int8 maps": ("fp16", "int8"),
+    "top-k logits": ("topk", "none"),
+}
+
+
+def format_bytes(cfg, refs, threads: int, rows: int = 512) -> tuple[dict[str, float], dict[str, float]]:
+    """Per cache format, one part of `rows` images precomputed by one teacher through the Ray stage: bytes per
+    (image, view) that crossed the object store from the actor to the writer (all the row carries: stored columns,
+    idx, keys), and bytes stored (the Parquet part on disk, with its footer and receipt)."""
+    import ray
+
+    from pipeline.config import with_updates
+    from pipeline.precompute import precompute_teachers
+    from pipeline.runtime import local_ray_options, quiet_ray_data
+
+    ray.init(**local_ray_options(threads), log_to_driver=False, include_dashboard=False)
+    quiet_ray_data()
+    sent, stored = {}, {}
+    small = with_updates(cfg, {"data.synthetic.train": rows, "data.rows_per_part": rows})
+    small_meta = ingest(small, log=lambda *_: None)
+    for name, (logits, features) in FORMATS.items():
+        fcfg = with_updates(small, {"cache.logits": logits, "cache.features": features})
+        out = precompute_teachers(fcfg, refs[:1], small_meta, overwrite=True, log=lambda *_: None)
+        sent[name] = out[0]["object_store_bytes_per_sample"]
+        stored[name] = round(float(np.mean([r["bytes_per_sample"]["on_disk"] for r in out])), 1)
+    ray.shutdown()
+    return sent, stored
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1536)
@@ -136,6 +239,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--skip-ray", action="store_true", help="the plain loop only (a GPU machine without Ray)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved plain / Ray runs; medians reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -183,46 +287,62 @@ def main() -> None:
         "precision": args.precision,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {args.threads} threads",
     }
-    plain = plain_loop(cfg, meta, refs, args.batch, args.views, device, dtype)
-    result = {**workload, "plain_images_per_s": round(plain, 1)}
     print(f"workload: {json.dumps(workload)}")
-    print(f"plain loop (render once, 3 teachers)   {plain:8.1f} images×views/s")
+    runs: list[dict] = []
+    result = dict(workload)
+    # A/B interleaved: plain, Ray, plain, Ray, ... (this VM's speed drifts within minutes); medians reported.
+    for rep in range(args.repeats):
+        run = {"plain": plain_loop(cfg, meta, refs, args.batch, args.views, device, dtype)}
+        if not args.skip_ray:
+            run |= ray_once(cfg, refs, meta, args.threads, args.images * args.views, args.rows_per_part)
+            shutil.rmtree(storage.join(cfg.root, "cache", meta.fingerprint), ignore_errors=True)
+            run["ratio_end_to_end"] = run["end_to_end"] / run["plain"]
+            run["ratio_steady"] = run["steady"] / run["plain"]
+        runs.append(run)
+        print(f"run {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()))
+    result["plain_images_per_s"] = round(median([r["plain"] for r in runs]), 1)
+    print(
+        f"plain loop (render once, 3 teachers)   {result['plain_images_per_s']:8.1f} images×views/s (median)"
+    )
     if not args.skip_ray:
-        import ray
-
-        from pipeline.precompute import precompute_teachers
-        from pipeline.runtime import local_ray_options, quiet_ray_data
-
-        # Ray as `run.py` starts it on one machine (its worker-pool setting), without the dashboard
-        ray.init(**local_ray_options(args.threads), log_to_driver=False, include_dashboard=False)
-        quiet_ray_data()
-        start = time.perf_counter()
-        rows = precompute_teachers(cfg, refs, meta, log=lambda *_: None)
-        wall = time.perf_counter() - start
-        ray.shutdown()
-        first = rows[0]["first_item_seconds"] or 0.0
-        total = args.images * args.views
-        e2e = total / wall
-        steady = (total - args.rows_per_part) / max(wall - first, 1e-9)
-        result.update(
-            {
-                "ray_images_per_s_end_to_end": round(e2e, 1),
-                "ray_images_per_s_steady": round(steady, 1),
-                "ray_startup_seconds": round(first, 1),
-                "ratio_end_to_end": round(e2e / plain, 3),
-                "ratio_steady": round(steady / plain, 3),
-                "renders": rows[0]["renders"],
-                "manifest_bytes_per_sample": rows[0]["bytes_per_sample"],
-            }
+        for key, out in (
+            ("end_to_end", "ray_images_per_s_end_to_end"),
+            ("steady", "ray_images_per_s_steady"),
+            ("ratio_end_to_end", "ratio_end_to_end"),
+            ("ratio_steady", "ratio_steady"),
+            ("startup", "ray_startup_seconds"),
+            ("overhead_cpu", "ray_overhead_cpu_seconds"),
+            ("render_cpu_use", "render_task_cpu_use"),
+            ("write_cpu_use", "write_task_cpu_use"),
+        ):
+            values = [r[key] for r in runs]
+            result[out] = round(median(values), 3)
+            result[out + "_spread"] = [round(min(values), 3), round(max(values), 3)]
+        result["runs"] = [{k: round(v, 3) for k, v in r.items()} for r in runs]
+        print(
+            f"Ray Data precompute, end to end        {result['ray_images_per_s_end_to_end']:8.1f}   ratio "
+            f"{result['ratio_end_to_end']:.3f} (spread {result['ratio_end_to_end_spread']}; goal ≥ 0.9)"
         )
         print(
-            f"Ray Data precompute, end to end        {e2e:8.1f}   ratio {result['ratio_end_to_end']:.3f} (goal ≥ 0.9)"
+            f"Ray Data precompute, steady state      {result['ray_images_per_s_steady']:8.1f}   ratio "
+            f"{result['ratio_steady']:.3f} (spread {result['ratio_steady_spread']}; goal ≥ 0.95)"
         )
         print(
-            f"Ray Data precompute, steady state      {steady:8.1f}   ratio {result['ratio_steady']:.3f}"
-            f"   (first item after {first:.1f} s)"
+            f"Ray start-up (first item) {result['ray_startup_seconds']:.1f} s; Ray's own processes (GCS, raylet, "
+            f"dashboard, agents) {result['ray_overhead_cpu_seconds']:.1f} CPU-s per run (medians of {args.repeats})"
         )
-        print(f"renders: {rows[0]['renders']} for {total} (image, view) pairs and {len(refs)} teachers")
+        print(
+            f"CPUs a task kept busy while it ran (CPU-seconds ÷ seconds): render {result['render_task_cpu_use']:.2f}, "
+            f"write {result['write_task_cpu_use']:.2f} (cache.render_cpus / cache.write_cpus ask for what this says)"
+        )
+        sent, stored = format_bytes(cfg, refs, args.threads)
+        result["object_store_bytes_per_sample"], result["stored_bytes_per_sample"] = sent, stored
+        print("per (image, view) of a teacher: bytes through the object store vs bytes stored (Parquet part)")
+        print(f"  {'format':<24} {'sent':>10} {'stored':>10}")
+        for name in sent:
+            print(
+                f"  {name:<24} {sent[name]:10.1f} {stored[name]:10.1f}   ratio {sent[name] / stored[name]:.3f}"
+            )
     # bf16 convolutions are emulated on most CPUs (~3 s per image for resnet32x4): a small batch there
     error = precision_error(refs[0], device, rows=256 if device.type == "cuda" else 16)
     result["bf16_vs_fp32"] = error

@@ -332,7 +332,7 @@ def pool_plan(
     autoscaler's maximum: `cache.use_gpu: auto` uses GPUs when the cluster has or can get some (not only those up
     at plan time); `cache.actors` fixes the pool's maximum, else `cache.max_actors`, else the autoscaling maximum,
     else the GPUs up now or DEFAULT_MAX_GPU_ACTORS, whichever is more (CPU: one replica per cache.cpus_per_actor
-    CPUs). Ray Data grows the pool up to it as resources appear. `cache.use_gpu: true` that no GPU can ever meet
+    CPUs, a render and a write task's CPUs kept free). Ray Data grows the pool up to it as resources appear. `cache.use_gpu: true` that no GPU can ever meet
     fails at once."""
     gpus_now = int(resources.get("GPU", 0))
     gpus_max = int((maximum or {}).get("GPU", 0))
@@ -366,10 +366,14 @@ def pool_plan(
             most = max(gpus_now, DEFAULT_MAX_GPU_ACTORS)
             bound = f"no autoscaling maximum readable: up to {most} (the GPUs up, at least {DEFAULT_MAX_GPU_ACTORS})"
     else:
+        # Leave a render and a write task room beside the replicas: with every CPU held by an actor, a lost node's
+        # rendered items can never be rebuilt (Ray's lineage reconstruction needs a CPU) and the run would hang.
         cpus = max(resources.get("CPU", 1), (maximum or {}).get("CPU", 0))
+        spare = c.render_cpus + c.write_cpus
         most, bound = (
-            int(cpus // c.cpus_per_actor),
-            f"{cpus:g} CPU(s) ÷ cache.cpus_per_actor {c.cpus_per_actor:g}",
+            int(max(cpus - spare, c.cpus_per_actor) // c.cpus_per_actor),
+            f"{cpus:g} CPU(s) less {spare:g} for a render and a write task, ÷ cache.cpus_per_actor "
+            f"{c.cpus_per_actor:g}",
         )
     most = max(1, min(most, items))
     return PoolPlan(use_gpu, min(c.min_actors, most), most, f"{why}; at most {most} ({bound})")
@@ -474,6 +478,7 @@ def precompute_teachers(
         for (p, v), m in sorted(masks.items(), key=lambda x: (x[0][1], x[0][0]))
     ]
     first_item_seconds, renders, payload, stored_rows = None, 0, 0, 0
+    use = dict.fromkeys(("render_cpu", "render_seconds", "write_cpu", "write_seconds"), 0.0)
     if items:
         import ray
 
@@ -509,6 +514,8 @@ def precompute_teachers(
                 k, part, view = int(row["teacher"]), str(row["part"]), int(row["view"])
                 renders += int(row["renders"])
                 payload += int(row["payload_bytes"])
+                for key in use:
+                    use[key] += float(row[key])
                 if view == TEST:
                     plans[k].test[0] += int(row["rows"])
                     plans[k].test[1] += int(row["correct"])
@@ -535,6 +542,14 @@ def precompute_teachers(
         # What crossed Ray's object store from the actors to the writers, per (image, view) of every teacher's part
         # written: the actors send the stored encodings, so this equals the stored bytes less Parquet's framing.
         row["object_store_bytes_per_sample"] = round(payload / stored_rows, 1) if stored_rows else None
+        # CPUs a render / write task kept busy while it ran (CPU-seconds of all its threads ÷ its seconds): what
+        # cache.render_cpus / cache.write_cpus should ask for
+        row["cpu_use"] = {
+            stage: round(use[f"{stage}_cpu"] / use[f"{stage}_seconds"], 2)
+            if use[f"{stage}_seconds"]
+            else None
+            for stage in ("render", "write")
+        }
     return rows
 
 

@@ -7,6 +7,7 @@ Imported by Ray task and actor processes: the module itself imports no torch (a 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ class PrecomputeSpec:
 # ------------------------------------------------------------------------------------------------ stage 1
 def render_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np.ndarray]:
     """(part, view) → the rendered pixels of every row, decoded once for all the item's teachers."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
     spec = ViewSpec.from_dict(ps.spec)
     split = "test" if view == TEST else "train"
@@ -73,6 +75,8 @@ def render_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, n
         "view": np.array([view], dtype=np.int64),
         "mask": np.array([mask], dtype=np.int64),
         "renders": np.array([len(idx)], dtype=np.int64),  # images decoded and augmented for this item
+        # the task's CPU-seconds (all its threads) and seconds: what a render task uses of its CPU request
+        "render_use": np.array([[time.process_time() - cpu0, time.perf_counter() - wall0]]),
     }
 
 
@@ -212,10 +216,9 @@ class TeacherPool:
         (`t{k}__{column}`), its hits (`t{k}_correct`) and the bytes it sends through the object store."""
         part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
         pixels = batch.pop("pixels")[0]
-        labels = batch["label"][0]
+        labels = batch.pop("label")[0]  # hits are counted here: the writers need no labels
         features = view != TEST and self.ps.fmt.features != "none"
         out = dict(batch)
-        sent = 0
         for k, teacher in enumerate(self.ps.teachers):
             if not mask >> k & 1:
                 continue
@@ -229,13 +232,29 @@ class TeacherPool:
             if view != TEST:  # a test item only counts hits: nothing of it is stored or sent
                 for name, values in result["columns"].items():
                     out[f"t{k}__{name}"] = values[None]
-                    sent += values.nbytes
-        out["payload_bytes"] = np.array([sent], dtype=np.int64)
+        # Everything this row carries through the object store to its writer (the stored columns, the rows' idx,
+        # the item's keys and counts), so that the benchmark compares it with the bytes stored.
+        out["payload_bytes"] = np.array([0], dtype=np.int64)
+        out["payload_bytes"][0] = sum(np.asarray(v).nbytes for v in out.values())
         return out
 
 
 # ------------------------------------------------------------------------------------------------ stage 3
-RECORD_KEYS = ("teacher", "part", "view", "rows", "bytes", "digest", "correct", "renders", "payload_bytes")
+RECORD_KEYS = (
+    "teacher",
+    "part",
+    "view",
+    "rows",
+    "bytes",
+    "digest",
+    "correct",
+    "renders",
+    "payload_bytes",
+    "render_cpu",
+    "render_seconds",
+    "write_cpu",
+    "write_seconds",
+)
 
 
 def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np.ndarray]:
@@ -246,8 +265,10 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
     idx = batch["idx"][0]
     spec = ViewSpec.from_dict(ps.spec)
     out: dict[str, list] = {key: [] for key in RECORD_KEYS}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     renders = int(batch["renders"][0])
     payload = int(batch["payload_bytes"][0])
+    render_cpu, render_seconds = (float(v) for v in batch["render_use"][0])
     for k, teacher in enumerate(ps.teachers):
         if not mask >> k & 1:
             continue
@@ -268,10 +289,26 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
                 receipt_url(url), receipt.model_dump() | _identity(teacher["id"], ps, spec, view)
             )
             size, digest = encoded.size, encoded.digest
-        values = (k, part, view, len(idx), size, digest, correct, renders, payload)
+        values = (
+            k,
+            part,
+            view,
+            len(idx),
+            size,
+            digest,
+            correct,
+            renders,
+            payload,
+            render_cpu,
+            render_seconds,
+        )
         for key, value in zip(RECORD_KEYS, values):
             out[key].append(value)
-        renders = payload = 0  # count an item's renders and bytes once, whatever the number of its teachers
+        # count an item's renders, bytes and render time once, whatever the number of its teachers
+        renders = payload = render_cpu = render_seconds = 0
+    # the write task's use of its CPU request, on the item's first record
+    out["write_cpu"] = [time.process_time() - cpu0] + [0.0] * (len(out["teacher"]) - 1)
+    out["write_seconds"] = [time.perf_counter() - wall0] + [0.0] * (len(out["teacher"]) - 1)
     return {key: np.asarray(v) for key, v in out.items()}
 
 

@@ -387,6 +387,221 @@ def test_doctor_names_the_bottleneck_it_was_given(tmp_path):
     assert summary["bottleneck"].startswith("input: storage latency") and len(summary["nodes"]) == 2
 
 
+# ================================================================= a4. precompute as GPU nodes join and nodes leave
+# One driver script for both tests: a teacher file with random weights, a synthetic dataset, precompute run in a
+# thread (Ray's Cluster adds and removes nodes from the main thread only) while the main thread watches the
+# teacher actors through the GCS (no dashboard needed) and changes the cluster.
+POOL = textwrap.dedent(
+    """
+    import glob, json, sys, threading, time
+    sys.path.insert(0, sys.argv[1])
+    root, mode = sys.argv[2], sys.argv[3]
+
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # grow: one node with one (declared) GPU, a second joins once the first teacher actor runs.
+    # lose: CPU inference on two nodes, the non-head one removed once 6 parts are written.
+    node = cluster.add_node(num_cpus=2, num_gpus=1 if mode == "grow" else 0)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    import torch
+    from camkd import models
+    from pipeline import cache, precompute, teachers
+    from pipeline.config import validate
+    from pipeline.ingest import ingest
+
+    torch.manual_seed(0)
+    teachers.save_model_file(root + "/t.pt", models.create("resnet20", 10, 3).eval())
+
+    def config(sub, rows, cache_section):
+        return validate({
+            "root": f"{root}/{sub}",
+            "data": {"source": "synthetic", "rows_per_part": 128,
+                     "synthetic": {"train": rows, "test": 128, "num_classes": 10, "size": 32, "channels": 3}},
+            "views": {"count": 2, "pad": 2},
+            "teachers": [{"name": "t", "arch": "resnet20", "checkpoint": root + "/t.pt"}],
+            "cache": {"batch_size": 128, **cache_section},
+            "student": {"arch": "resnet8"}, "strategy": {"name": "kd", "teachers": ["t"]},
+        })
+
+    def teacher_actors():
+        return sum(1 for a in state.actors().values()
+                   if a["State"] == "ALIVE" and "TeacherPool" in a["ActorClassName"])
+
+    def run(cfg, on_tick):
+        ingest(cfg, log=lambda *a: None)
+        done, res = threading.Event(), {}
+        def work():
+            try:
+                res["summary"] = precompute.run_stage(cfg, log=print)
+            except BaseException as e:
+                res["error"] = repr(e)
+            done.set()
+        threading.Thread(target=work, daemon=True).start()
+        while not done.wait(0.25):
+            on_tick()
+        return res
+
+    out = {}
+    if mode == "grow":
+        seen = []
+        def tick():
+            seen.append(teacher_actors())
+            if seen[-1] and "added" not in out:
+                out["added"] = seen[-1]
+                cluster.add_node(num_cpus=2, num_gpus=1)
+        cfg = config("grow", 4096, {"features": "none", "use_gpu": True, "cpus_per_actor": 1})
+        out["dry_run"] = precompute.dry_run_pool(cfg)
+        out |= run(cfg, tick)
+        out["actors_seen"] = sorted(set(seen))
+    else:
+        section = {"features": "int8", "use_gpu": False, "actors": 2, "cpus_per_actor": 0.5}
+        out["plain"] = run(config("plain", 2048, section), lambda: None)
+        def tick():
+            if "removed_after" not in out and len(glob.glob(root + "/lost/cache/**/*.parquet", recursive=True)) >= 6:
+                cluster.remove_node(node)
+                out["removed_after"] = 6
+        out["lost"] = run(config("lost", 2048, section), tick)
+        out["digests"] = {
+            name: [p.digest for v in cache.load_manifest(out[name]["summary"]["teachers"][0]["store"]).views
+                   for p in v.parts]
+            for name in ("plain", "lost")
+        }
+    print("RESULT " + json.dumps(out, default=str))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def _pool_script(tmp_path: Path, mode: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", POOL, str(REPO), str(tmp_path), mode],
+        cwd=tmp_path,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+
+@pytest.mark.slow
+def test_the_teacher_pool_grows_when_a_gpu_node_joins(tmp_path):
+    """A cluster with one (declared) GPU node: the pool starts with one teacher actor; a second GPU node joins
+    mid-run and the pool grows to two (`cache.use_gpu: true`, `actors: auto`; no CUDA call is made: the actors
+    run on CPU here, Ray only counts the GPUs)."""
+    out = _pool_script(tmp_path, "grow")
+    assert out.get("error") is None, out
+    assert out["added"] == 1, f"the first actors seen before the node joined: {out}"
+    assert max(out["actors_seen"]) == 2, out["actors_seen"]
+    assert "on GPUs (1 each)" in out["dry_run"] and "at most 8" in out["dry_run"], out["dry_run"]
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_precompute_survives_losing_a_node_with_the_same_digests(tmp_path):
+    """Precompute on two nodes (two teacher actors, int8 maps); the non-head node is removed once six parts are
+    written: Ray restarts the lost actor on the head, retries its tasks and rebuilds the rendered items that lived
+    in the lost node's object store. The run finishes and every part's digest equals an undisturbed run's."""
+    out = _pool_script(tmp_path, "lose")
+    assert out["plain"].get("error") is None and out["lost"].get("error") is None, out
+    assert out["removed_after"] == 6, out
+    plain, lost = out["digests"]["plain"], out["digests"]["lost"]
+    assert len(plain) == 32 and lost == plain
+
+
+# ======================================================================= a5. training loses a worker's node
+LOSE_TRAINING = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    sys.path.insert(0, sys.argv[1])
+    raw = json.loads(sys.argv[2])
+
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    from pipeline import storage, train
+    from pipeline.config import validate
+    from pipeline.ingest import ingest
+
+    cfg = validate(raw)
+    meta = ingest(cfg, log=lambda *a: None)
+    runs = storage.runs_dir(cfg.root, cfg.experiment)
+
+    def registered(name, checkpoint):
+        try:
+            snapshot = json.load(open(f"{runs}/{name}/checkpoint_manager_snapshot.json"))
+            return checkpoint in [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    out = {}
+    for name in ("undisturbed", "lost"):
+        done, res = threading.Event(), {}
+        def work():
+            try:
+                res["summary"] = train.fit(cfg, meta, runs, name, log=print)
+            except BaseException as e:
+                res["error"] = repr(e)
+            done.set()
+        threading.Thread(target=work, daemon=True).start()
+        while not done.wait(0.1):
+            if name == "lost" and "removed" not in out and registered(name, "checkpoint_epoch_0001"):
+                time.sleep(0.3)  # into epoch 2
+                workers = {a["Address"]["NodeID"] for a in state.actors().values()
+                           if a["State"] == "ALIVE" and a["ActorClassName"] == "RayTrainWorker"}
+                victim = next(n for n in nodes if n.node_id in workers)  # a worker's node, not the head
+                cluster.remove_node(victim)
+                out["removed"] = victim.node_id
+        out[name] = res
+    print("RESULT " + json.dumps(out, default=str))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_training_survives_losing_a_workers_node_and_ends_as_if_undisturbed(tmp_path):
+    """Two workers under STRICT_SPREAD on a 3-node cluster; in epoch 2 the node of one worker is removed. Ray
+    Train restarts the worker group on the two nodes left (train.max_failures: 1), the run resumes from the epoch-1
+    checkpoint and ends with the undisturbed run's metrics, epoch for epoch (deterministic training)."""
+    raw = tiny_raw(tmp_path / "root", placement_strategy="STRICT_SPREAD")
+    raw["experiment"] = "nodes"
+    raw["data"]["synthetic"] |= {"train": 512, "noise": 0.3}
+    raw["train"] |= {"epochs": 3, "max_failures": 1, "deterministic": True}
+    raw["tracking"] = {"tensorboard": False}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOSE_TRAINING, str(REPO), json.dumps(raw)],
+        cwd=tmp_path,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=700,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert "removed" in out and not out["undisturbed"].get("error") and not out["lost"].get("error"), out
+    a, b = out["undisturbed"]["summary"], out["lost"]["summary"]
+    assert (a["resumes"], b["resumes"]) == (0, 1), (a["resumes"], b["resumes"])
+    assert out["removed"][:8] not in {w.split("/")[1] for w in b["workers"]}, "the lost node ran the end"
+    assert [(h["epoch"], h["train_loss"], h["val_top1"]) for h in b["history"]] == [
+        (h["epoch"], h["train_loss"], h["val_top1"]) for h in a["history"]
+    ]
+    assert (b["final_val_top1"], b["test_top1"]) == (a["final_val_top1"], a["test_top1"])
+
+
 # ====================================================================== b. two hosts: network namespaces + veth
 def _netns_available() -> str | None:
     if os.geteuid() != 0:
