@@ -269,8 +269,15 @@ class CacheConfig(Strict):
         description="teachers in channels_last on GPUs: auto = timed at actor start-up, the faster kept",
     )
     cpus_per_actor: float = Field(1.0, gt=0)
-    render_cpus: float = Field(0.5, gt=0, description="CPUs per view-rendering task (decode + augment)")
-    write_cpus: float = Field(0.5, gt=0, description="CPUs per quantise/encode/write task")
+    render_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs per view-rendering task (decode + augment); a task keeps 0.5-1 core busy while it runs "
+        "(precompute's summary reports cpu_use): 0.5 suits small machines, 1 nodes with cores to spare",
+    )
+    write_cpus: float = Field(
+        0.5, gt=0, description="CPUs per Parquet write task (encode, checksum, receipt); as render_cpus"
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     wait_for_gpus: bool = Field(
         False,

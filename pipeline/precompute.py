@@ -326,13 +326,13 @@ class PoolPlan:
 
 
 def pool_plan(
-    cfg: Config, items: int, resources: dict[str, float], maximum: dict[str, int] | None
+    cfg: Config, items: int, resources: dict[str, float], maximum: dict[str, int] | None, nodes: int = 1
 ) -> PoolPlan:
     """Decide GPU or CPU inference and the pool's bounds from the config, the resources up now and the
     autoscaler's maximum: `cache.use_gpu: auto` uses GPUs when the cluster has or can get some (not only those up
     at plan time); `cache.actors` fixes the pool's maximum, else `cache.max_actors`, else the autoscaling maximum,
     else the GPUs up now or DEFAULT_MAX_GPU_ACTORS, whichever is more (CPU: one replica per cache.cpus_per_actor
-    CPUs, a render and a write task's CPUs kept free). Ray Data grows the pool up to it as resources appear. `cache.use_gpu: true` that no GPU can ever meet
+    CPUs; on more than one node a render and a write task's CPUs kept free). Ray Data grows the pool up to it as resources appear. `cache.use_gpu: true` that no GPU can ever meet
     fails at once."""
     gpus_now = int(resources.get("GPU", 0))
     gpus_max = int((maximum or {}).get("GPU", 0))
@@ -366,15 +366,14 @@ def pool_plan(
             most = max(gpus_now, DEFAULT_MAX_GPU_ACTORS)
             bound = f"no autoscaling maximum readable: up to {most} (the GPUs up, at least {DEFAULT_MAX_GPU_ACTORS})"
     else:
-        # Leave a render and a write task room beside the replicas: with every CPU held by an actor, a lost node's
-        # rendered items can never be rebuilt (Ray's lineage reconstruction needs a CPU) and the run would hang.
+        # On a multi-node cluster leave a render and a write task room beside the replicas: with every CPU held by
+        # an actor, a lost node's rendered items can never be rebuilt (Ray's lineage reconstruction needs a CPU)
+        # and the run hangs (measured). One machine has no node to lose: its replicas may take every CPU.
         cpus = max(resources.get("CPU", 1), (maximum or {}).get("CPU", 0))
-        spare = c.render_cpus + c.write_cpus
-        most, bound = (
-            int(max(cpus - spare, c.cpus_per_actor) // c.cpus_per_actor),
-            f"{cpus:g} CPU(s) less {spare:g} for a render and a write task, ÷ cache.cpus_per_actor "
-            f"{c.cpus_per_actor:g}",
-        )
+        spare = c.render_cpus + c.write_cpus if nodes > 1 or maximum else 0.0
+        most = int(max(cpus - spare, c.cpus_per_actor) // c.cpus_per_actor)
+        bound = f"{cpus:g} CPU(s)" + (f" less {spare:g} for a render and a write task" if spare else "")
+        bound += f" ÷ cache.cpus_per_actor {c.cpus_per_actor:g}"
     most = max(1, min(most, items))
     return PoolPlan(use_gpu, min(c.min_actors, most), most, f"{why}; at most {most} ({bound})")
 
@@ -482,7 +481,8 @@ def precompute_teachers(
     if items:
         import ray
 
-        pool = pool_plan(cfg, len(items), ray.cluster_resources(), autoscaling_maximum())
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        pool = pool_plan(cfg, len(items), ray.cluster_resources(), autoscaling_maximum(), alive)
         use_gpu, low, high = pool.use_gpu, pool.low, pool.high
         ps = PrecomputeSpec(
             dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
@@ -577,7 +577,8 @@ def dry_run_pool(cfg: Config) -> str:
     where = "precompute"
     try:
         if ray.is_initialized():
-            plan = pool_plan(cfg, 10**9, ray.cluster_resources(), autoscaling_maximum())
+            alive = sum(1 for n in ray.nodes() if n["Alive"])
+            plan = pool_plan(cfg, 10**9, ray.cluster_resources(), autoscaling_maximum(), alive)
             return f"{where} {plan.line(len(cfg.teachers))}"
         import torch
 

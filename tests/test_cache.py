@@ -376,7 +376,7 @@ def test_asking_for_gpus_the_cluster_lacks_is_a_clear_error(cached, tmp_path):
 def test_the_pool_plan_follows_the_autoscalers_gpus_not_only_those_up(tmp_path):
     """`cache.use_gpu: auto` uses GPUs when the autoscaler can add them, though none is up at plan time; the pool's
     maximum is the autoscaling maximum, else cache.max_actors / cache.actors, else the GPUs up or 8; a CPU pool
-    leaves a render and a write task room; `use_gpu: true` that nothing can meet fails at once."""
+    on several nodes leaves a render and a write task room; `use_gpu: true` that nothing can meet fails at once."""
     cfg = tiny_config(tmp_path, cache={"actors": "auto"})
     no_gpu, four_gpus = {"CPU": 8.0}, {"CPU": 64.0, "GPU": 4.0}
     grows = precompute.pool_plan(cfg, 1000, no_gpu, {"CPU": 256, "GPU": 32})
@@ -387,8 +387,11 @@ def test_the_pool_plan_follows_the_autoscalers_gpus_not_only_those_up(tmp_path):
     assert precompute.pool_plan(cfg, 3, four_gpus, None).high == 3, "never more replicas than items"
     capped = with_updates(cfg, {"cache.max_actors": 2})
     assert precompute.pool_plan(capped, 1000, no_gpu, {"GPU": 32}).high == 2
-    cpu = precompute.pool_plan(cfg, 1000, no_gpu, None)  # 8 CPUs - (0.5 render + 0.5 write), 0.5 per actor
+    cpu = precompute.pool_plan(
+        cfg, 1000, no_gpu, None, nodes=2
+    )  # 8 CPUs - (0.5 render + 0.5 write), 0.5 each
     assert (cpu.use_gpu, cpu.high) == (False, 14)
+    assert precompute.pool_plan(cfg, 1000, no_gpu, None, nodes=1).high == 16, "one machine: no node to lose"
     with pytest.raises(CacheError, match="no GPU and no autoscaler config"):
         precompute.pool_plan(with_updates(cfg, {"cache.use_gpu": True}), 10, no_gpu, {"CPU": 99})
     assert precompute.pool_plan(with_updates(cfg, {"cache.use_gpu": True}), 10, no_gpu, {"GPU": 1}).use_gpu
