@@ -52,6 +52,9 @@ class RunSummary(Result):
     best_val_top1: float
     best_epoch: int
     test_top1: float | None = None
+    params: int | None = None  # the exported student's cost: parameters, MACs per image, student.pt's bytes
+    macs: int | None = None
+    export_bytes: int | None = None
     history: list[dict[str, Any]]
 
 

@@ -283,9 +283,8 @@ def _finish_teacher(
 
 
 # ------------------------------------------------------------------------------------------------ running
-DEFAULT_MAX_GPU_ACTORS = (
-    8  # GPUs one pool may grow to when no autoscaling maximum can be read (a node's worth)
-)
+# GPUs one pool may grow to when no autoscaling maximum can be read (a node's worth)
+DEFAULT_MAX_GPU_ACTORS = 8
 
 
 def autoscaling_maximum() -> dict[str, int] | None:

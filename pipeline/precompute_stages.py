@@ -8,6 +8,7 @@ Imported by Ray task and actor processes: the module itself imports no torch (a 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ from pipeline.views import ViewSpec, render_eval, render_train
 TEST = -1  # the `view` of a test-split item (evaluation view, no cache part written)
 
 
+Norm = tuple[tuple[float, ...], tuple[float, ...]]  # a teacher's input (mean, std), one value per channel
+
+
 @dataclass(frozen=True)
 class PrecomputeSpec:
     """What every stage needs (picklable): data, views, teachers, stores and the output format."""
@@ -45,9 +49,7 @@ class PrecomputeSpec:
     batch_size: int
     threads: int
     compression: str
-    norms: tuple[
-        tuple[tuple[float, ...], tuple[float, ...]], ...
-    ] = ()  # per teacher (mean, std); () = the views'
+    norms: tuple[Norm, ...] = ()  # per teacher; () = the views' mean/std for every teacher
     channels_last: str = "auto"  # "auto" (measured on a GPU at start-up) | "on" | "off"
 
 
@@ -160,8 +162,10 @@ class TeacherPool:
         model, norm, dev = self.models[k], self.normalizers[k], self.device
         fmt, n, b = self.ps.fmt, len(pixels), self.ps.batch_size
         cuda = dev.type == "cuda"
-        pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
-        labels_t = torch.from_numpy(labels).to(dev, non_blocking=cuda)
+        with warnings.catch_warnings():  # Ray hands read-only arrays; nothing writes to these
+            warnings.simplefilter("ignore", UserWarning)
+            pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
+            labels_t = torch.from_numpy(labels).to(dev, non_blocking=cuda)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         bad = torch.zeros((), dtype=torch.bool, device=dev)
         out: dict[str, torch.Tensor] = {}

@@ -309,6 +309,7 @@ def fit(
         "history": history,
     }
     summary["exports"] = export_student(cfg, plan, state["best_student"], run_dir, log=log)
+    summary |= student_cost(cfg, plan, state["best_student"], summary["exports"], run_dir)
     storage.write_json(summary_url, summary)
     log(
         f"[train] {name}: best val top-1 {summary['best_val_top1']:.4f} after {summary['epochs']} epochs "
@@ -349,6 +350,24 @@ def export_student(
         storage.write_bytes_atomic(url, buf.getvalue())
         out["torchscript"] = url
     return out
+
+
+def student_cost(
+    cfg: Config, plan: TrainPlan, student_state: dict, exports: dict[str, str], run_dir: str
+) -> dict[str, int]:
+    """What the exported student costs to deploy: `params`, `macs` per image at the training resolution
+    (`camkd.costs`), and `export_bytes`, the size of student.pt (the file every run writes)."""
+    from camkd.costs import macs_per_image, parameter_count
+
+    student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
+    student.load_state_dict(student_state)
+    h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
+    sizes = storage.list_sizes(run_dir)
+    return {
+        "params": parameter_count(student),
+        "macs": macs_per_image(student, plan.channels, h, w),
+        "export_bytes": sizes.get(exports["state_dict"].rsplit("/", 1)[-1], 0),
+    }
 
 
 def run_stage(cfg: Config, name: str | None = None, log=print) -> dict[str, Any]:

@@ -576,11 +576,11 @@ LOSE_TRAINING = textwrap.dedent(
 def test_training_survives_losing_a_workers_node_and_ends_as_if_undisturbed(tmp_path):
     """Two workers under STRICT_SPREAD on a 3-node cluster; in epoch 2 the node of one worker is removed. Ray
     Train restarts the worker group on the two nodes left (train.max_failures: 1), the run resumes from the epoch-1
-    checkpoint and ends with the undisturbed run's metrics, epoch for epoch (deterministic training)."""
+    checkpoint and ends with the undisturbed run's metrics, epoch for epoch (deterministic training; 2 epochs)."""
     raw = tiny_raw(tmp_path / "root", placement_strategy="STRICT_SPREAD")
     raw["experiment"] = "nodes"
     raw["data"]["synthetic"] |= {"train": 512, "noise": 0.3}
-    raw["train"] |= {"epochs": 3, "max_failures": 1, "deterministic": True}
+    raw["train"] |= {"epochs": 2, "max_failures": 1, "deterministic": True}
     raw["tracking"] = {"tensorboard": False}
     proc = subprocess.run(
         [sys.executable, "-c", LOSE_TRAINING, str(REPO), json.dumps(raw)],

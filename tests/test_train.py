@@ -45,6 +45,9 @@ def test_one_worker_learns_and_reports_every_term(one_worker):
     )
     assert h[-1]["train_ce"] < h[0]["train_ce"], "loss must go down"
     assert h[-1]["train_top1"] > 0.5
+    # the exported student's cost (tests/test_costs.py counts resnet8 by hand at 32 × 32)
+    assert (summary["params"], summary["macs"]) == (78_042, 12_501_632), summary
+    assert summary["export_bytes"] > 4 * 78_042, "student.pt holds every float32 parameter"
     assert summary["best_val_top1"] > 0.3, (
         "10 classes: chance is 0.1"
     )  # 64 test images: 3σ above chance ≈ 0.21
