@@ -135,6 +135,23 @@ def node_ids(summary: dict) -> list[str]:
     return [w.split("/", 1)[1] for w in summary["workers"]]
 
 
+def run_driver(script: str, *args: str, cwd: Path, timeout: float) -> dict:
+    """Run one of the driver scripts below in its own Python (a Ray cluster of its own), require exit 0 (else fail
+    with the tail of its output), and return what it printed on its `RESULT <json>` line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(
+        next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :]
+    )
+
+
 # ============================================================================ a. simulated multi-node placement
 SIMULATED = textwrap.dedent(
     """
@@ -170,18 +187,7 @@ def test_simulated_multinode_workers_on_different_nodes(tmp_path):
     """Head without CPUs + two 2-CPU nodes: the two Train workers run on two nodes and share one storage root."""
     raw = tiny_raw(tmp_path / "root", **spread_scaling())
     started = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-c", SIMULATED, str(REPO), json.dumps(raw)],
-        cwd=tmp_path,
-        env=ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    result = json.loads(line[len("RESULT ") :])
+    result = run_driver(SIMULATED, str(REPO), json.dumps(raw), cwd=tmp_path, timeout=240)
     summary, nodes = result["summary"], result["nodes"]
     ids = node_ids(summary)
     assert len(ids) == 2 and ids[0] != ids[1], f"both workers on one node: {summary['workers']}"
@@ -302,17 +308,8 @@ def test_each_workers_reader_keeps_to_its_share_of_its_node(tmp_path):
     raw["train"] |= {"epochs": 3}
     raw["scaling"] |= {"num_workers": 4, "check_resources": False}
     raw["tracking"] = {"tensorboard": False}
-    proc = subprocess.run(
-        [sys.executable, "-c", BUDGETS, str(REPO), json.dumps(raw), BUDGET_CHILD, str(tmp_path / "driver")],
-        cwd=tmp_path,
-        env=ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    driver = str(tmp_path / "driver")
+    result = run_driver(BUDGETS, str(REPO), json.dumps(raw), BUDGET_CHILD, driver, cwd=tmp_path, timeout=600)
     logs = {b: (tmp_path / f"driver-{b}.log").read_text()[-3000:] for b in ("cluster", "worker")}
     assert result["cluster"]["spilled_mib"] > 0, (result, logs["cluster"])
     assert result["worker"]["spilled_mib"] == 0, (result, logs["worker"])
@@ -364,16 +361,7 @@ def test_doctor_names_the_bottleneck_it_was_given(tmp_path):
     raw["data"]["row_group_rows"] = 32
     config = tmp_path / "doctor.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run(
-        [sys.executable, "-c", DOCTOR, str(REPO), json.dumps(raw), str(config)],
-        cwd=tmp_path,
-        env=ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=700,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    outs = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    outs = run_driver(DOCTOR, str(REPO), json.dumps(raw), str(config), cwd=tmp_path, timeout=700)
     local, delayed = outs["local"], outs["delayed"]
     assert local["rc"] == 0 and delayed["rc"] == 0, outs
     assert "bottleneck: the student's step" in local["out"], local["out"]
@@ -477,25 +465,12 @@ POOL = textwrap.dedent(
 )
 
 
-def _pool_script(tmp_path: Path, mode: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", POOL, str(REPO), str(tmp_path), mode],
-        cwd=tmp_path,
-        env=ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-
-
 @pytest.mark.slow
 def test_the_teacher_pool_grows_when_a_gpu_node_joins(tmp_path):
     """A cluster with one (declared) GPU node: the pool starts with one teacher actor; a second GPU node joins
     mid-run and the pool grows to two (`cache.use_gpu: true`, `actors: auto`; no CUDA call is made: the actors
     run on CPU here, Ray only counts the GPUs)."""
-    out = _pool_script(tmp_path, "grow")
+    out = run_driver(POOL, str(REPO), str(tmp_path), "grow", cwd=tmp_path, timeout=600)
     assert out.get("error") is None, out
     assert out["added"] == 1, f"the first actors seen before the node joined: {out}"
     assert max(out["actors_seen"]) == 2, out["actors_seen"]
@@ -508,7 +483,7 @@ def test_precompute_survives_losing_a_node_with_the_same_digests(tmp_path):
     """Precompute on two nodes (two teacher actors, int8 maps); the non-head node is removed once six parts are
     written: Ray restarts the lost actor on the head, retries its tasks and rebuilds the rendered items that lived
     in the lost node's object store. The run finishes and every part's digest equals an undisturbed run's."""
-    out = _pool_script(tmp_path, "lose")
+    out = run_driver(POOL, str(REPO), str(tmp_path), "lose", cwd=tmp_path, timeout=600)
     assert out["plain"].get("error") is None and out["lost"].get("error") is None, out
     assert out["removed_after"] == 6, out
     plain, lost = out["digests"]["plain"], out["digests"]["lost"]
@@ -582,16 +557,7 @@ def test_training_survives_losing_a_workers_node_and_ends_as_if_undisturbed(tmp_
     raw["data"]["synthetic"] |= {"train": 512, "noise": 0.3}
     raw["train"] |= {"epochs": 2, "max_failures": 1, "deterministic": True}
     raw["tracking"] = {"tensorboard": False}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOSE_TRAINING, str(REPO), json.dumps(raw)],
-        cwd=tmp_path,
-        env=ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=700,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    out = run_driver(LOSE_TRAINING, str(REPO), json.dumps(raw), cwd=tmp_path, timeout=700)
     assert "removed" in out and not out["undisturbed"].get("error") and not out["lost"].get("error"), out
     a, b = out["undisturbed"]["summary"], out["lost"]["summary"]
     assert (a["resumes"], b["resumes"]) == (0, 1), (a["resumes"], b["resumes"])
