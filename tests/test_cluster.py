@@ -415,9 +415,9 @@ POOL = textwrap.dedent(
             "student": {"arch": "resnet8"}, "strategy": {"name": "kd", "teachers": ["t"]},
         })
 
-    def teacher_actors():
+    def teacher_actors():  # the pool's actors, started or starting (an actor placed on a new node needs seconds)
         return sum(1 for a in state.actors().values()
-                   if a["State"] == "ALIVE" and "TeacherPool" in a["ActorClassName"])
+                   if a["State"] != "DEAD" and "TeacherPool" in a["ActorClassName"])
 
     def run(cfg, on_tick):
         ingest(cfg, log=lambda *a: None)
@@ -441,7 +441,7 @@ POOL = textwrap.dedent(
             if seen[-1] and "added" not in out:
                 out["added"] = seen[-1]
                 cluster.add_node(num_cpus=2, num_gpus=1)
-        cfg = config("grow", 4096, {"features": "none", "use_gpu": True, "cpus_per_actor": 1})
+        cfg = config("grow", 6144, {"features": "none", "use_gpu": True, "cpus_per_actor": 1})
         out["dry_run"] = precompute.dry_run_pool(cfg)
         out |= run(cfg, tick)
         out["actors_seen"] = sorted(set(seen))
