@@ -30,3 +30,61 @@ def macs_per_image(model: nn.Module, in_chans: int, height: int, width: int | No
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def latency(
+    model: nn.Module,
+    in_chans: int,
+    height: int,
+    width: int | None = None,
+    *,
+    batch: int = 64,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, float | int | str]:
+    """Inference latency of `model` on the device it is on, in eval mode under `inference_mode` (the model's mode
+    is restored): batch-1 p50 / p90 over `repeats` timed forwards after `warmup` untimed ones, and batch-`batch`
+    throughput (images/s) over max(5, repeats // 5) forwards. On CPU, `threads` sets torch's intra-op threads for
+    the measurement (restored after); each GPU forward is timed to its end (one synchronisation per forward)."""
+    import statistics
+    import time
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    previous_threads = torch.get_num_threads()
+    if threads and not cuda:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+
+    def timed(x: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        model(x)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    try:
+        with torch.inference_mode():
+            one = torch.randn(1, in_chans, height, width or height, device=device)
+            many = torch.randn(batch, in_chans, height, width or height, device=device)
+            for _ in range(warmup):
+                timed(one)
+            b1 = sorted(timed(one) for _ in range(repeats))
+            timed(many)
+            n_batches = max(5, repeats // 5)
+            bn = sum(timed(many) for _ in range(n_batches))
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(previous_threads)
+    p90 = statistics.quantiles(b1, n=10, method="inclusive")[-1]
+    return {
+        "latency_ms_b1_p50": round(statistics.median(b1) * 1e3, 4),
+        "latency_ms_b1_p90": round(p90 * 1e3, 4),
+        "throughput_bN": round(batch * n_batches / bn, 1),
+        "batch_n": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads() if cuda else (threads or previous_threads),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+    }

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import precompute, report, storage, teacher_stage, train, tune
+from pipeline import deploy, precompute, report, storage, teacher_stage, train, tune
 from pipeline.config import Config, load_config, with_updates
 from pipeline.ingest import ingest
 
@@ -135,6 +135,7 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
         class_weights[s["strategy"]] = last.get("class_weight", {})
         row["mean_weights"] = ", ".join(f"{t}={w:.3f}" for t, w in weights.items()) or "-"
         s_rows.append(row)
+    costs = student_costs(cfg, s_rows, students)
     camkd_weights, camkd_class = mean_weights.get("camkd", {}), class_weights.get("camkd", {})
     swaps = swapped_classes(cfg)
     plots = {
@@ -165,6 +166,7 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
             storage.join(out, "per_class_weight_ebkd.png"),
             "EBKD (label-free, entropy) weight per class (last epoch)",
         )
+    plots["pareto"] = pareto_plot(s_rows, sweep["leaderboard"], storage.join(out, "pareto.png"))
     wrong = wrong_teacher_table(class_weights, swaps, classes)
     t_md = report.markdown_table(t_rows, ["teacher", "arch", "test_top1", "cached_view_top1", "cache_MiB"])
     s_md = report.markdown_table(
@@ -178,6 +180,8 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
             "best_epoch",
             "test_top1",
             "samples_per_s",
+            "params",
+            "latency_ms_b1_p50",
             "mean_weights",
         ],
     )
@@ -188,7 +192,11 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
     )
     lb = sweep["leaderboard"]
     lb_md = report.markdown_table(
-        lb, ["rank", "teachers", "strategy", "best_top1", "epochs", "stopped_early", "wall_s"]
+        lb,
+        [
+            *["rank", "student", "teachers", "strategy", "best_top1", "epochs", "status"],
+            *["params", "latency_ms_b1_p50", "pareto", "wall_s"],
+        ],
     )
     all_names = "+".join(r["teacher"] for r in t_rows)
     if camkd_runs and lb and all(r["teachers"] != all_names for r in lb):
@@ -228,9 +236,34 @@ def write_quickstart_report(cfg, classes, teacher_rows, cache, students, sweep, 
         "class_weight": class_weights,
         "wrong_teacher": wrong,
         "leaderboard": lb,
+        "costs": costs,
         "plots": plots,
         "report": storage.join(out, "report.md"),
     }
+
+
+def student_costs(
+    cfg: Config, s_rows: list[dict[str, Any]], students: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Each student's cost (`pipeline/deploy.py`) on its row: params, MACs, latency, throughput, student.pt's size."""
+    for r, s in zip(s_rows, students):
+        r |= {
+            "rank": f"student-{s['strategy']}",
+            "teachers": "+".join(s["teachers"]) or "-",
+            "status": "finished",
+        }
+        r["best_top1"] = r["val_top1"]
+    return report.add_deploy_costs(
+        cfg, s_rows, [s["run_dir"] for s in students], deploy.Bench(), log=lambda *_: None
+    )
+
+
+def pareto_plot(s_rows: list[dict[str, Any]], board: list[dict[str, Any]], url: str) -> str:
+    """The four students and the sweep's trials on one accuracy-against-cost plot (report/pareto.png)."""
+    rows = [dict(r) for r in s_rows] + [dict(r) for r in board if "latency_ms_b1_p50" in r]
+    return deploy.plot_pareto(
+        rows, url, "quickstart students and sweep trials: accuracy against cost", report._plt()
+    )
 
 
 def swapped_classes(cfg: Config) -> dict[str, list[int]]:

@@ -12,23 +12,29 @@ import json
 import re
 from typing import Any
 
-from pipeline import storage
+from pipeline import deploy, storage
 from pipeline.config import Config
 
 LEADERBOARD_COLUMNS = [
     "rank",
     "trial",
+    "student",
     "teachers",
     "strategy",
-    "params",
+    "settings",
     "best_top1",
     "final_top1",
     "epochs",
     "stopped_early",
     "status",
+    *deploy.COST_COLUMNS[1:],
+    "pareto",
     "wall_s",
     "error",
 ]
+
+# Left out of the console's table (kept in leaderboard.csv/.md): what a reader at a terminal does not need.
+CONSOLE_HIDDEN = {"trial", "settings", "final_top1", "stopped_early", "macs", "latency_ms_b1_p90"}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -106,9 +112,10 @@ def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial": res[-1]["trial_id"] if res and "trial_id" in res[-1] else _trial_id(t["dir"]),
+                "student": t["params"].get("student.arch", cfg.student.arch),
                 "teachers": "+".join(arm.get("teachers") or []) or "-",
                 "strategy": arm.get("strategy", "?"),
-                "params": ", ".join(
+                "settings": ", ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in others.items()
                 ),
                 "best_top1": best,
@@ -268,13 +275,42 @@ def plot_class_weights(class_weight: dict[str, list[float]], classes: list[str],
     return url
 
 
-def write_sweep_report(cfg: Config, sweep: str, log=print) -> dict[str, Any]:
-    """Leaderboard CSV/Markdown and plots under `<sweep>/report/`; returns a JSON-able summary."""
+def add_deploy_costs(
+    cfg: Config, rows: list[dict[str, Any]], run_dirs: list[str | None], bench: deploy.Bench, log=print
+) -> dict[str, Any]:
+    """Each row's student cost (`pipeline/deploy.py`, one quiet pass) and its place on the latency front."""
+    from pipeline.ingest import require_dataset
+
+    meta = require_dataset(cfg, log=lambda *_: None)
+    info = deploy.add_costs(
+        rows, dict(enumerate(run_dirs)), deploy.input_shape(cfg, meta), meta.num_classes, bench, log=log
+    )
+    front = set(deploy.pareto_front(rows, "latency_ms_b1_p50"))
+    for i, (r, run_dir) in enumerate(zip(rows, run_dirs)):
+        r["pareto"] = i in front
+        r["student_file"] = storage.join(run_dir, "student.pt") if r["export_bytes"] != "" else ""
+    return info
+
+
+def write_sweep_report(
+    cfg: Config,
+    sweep: str,
+    log=print,
+    bench: deploy.Bench | None = None,
+    budget_ms: float | None = None,
+    budget_params: int | None = None,
+) -> dict[str, Any]:
+    """Leaderboard CSV/Markdown (with each student's cost), the Pareto plot and the other plots under
+    `<sweep>/report/`, and the best student within a budget when one is given; returns a JSON-able summary."""
     rows = leaderboard(cfg, sweep)
     out = storage.join(sweep, "report")
     storage.makedirs(out)
-    storage.write_bytes_atomic(storage.join(out, "leaderboard.csv"), _csv(rows, LEADERBOARD_COLUMNS).encode())
-    md = markdown_table(rows, LEADERBOARD_COLUMNS)
+    costs = add_deploy_costs(
+        cfg, rows, [storage.join(sweep, "train", r["trial"]) for r in rows], bench or deploy.Bench(), log=log
+    )
+    columns = LEADERBOARD_COLUMNS + [c for c in deploy.GPU_COLUMNS if any(c in r for r in rows)]
+    storage.write_bytes_atomic(storage.join(out, "leaderboard.csv"), _csv(rows, columns).encode())
+    md = markdown_table(rows, columns)
     storage.write_bytes_atomic(storage.join(out, "leaderboard.md"), (md + "\n").encode())
     plots = {}
     if rows:
@@ -287,6 +323,9 @@ def write_sweep_report(cfg: Config, sweep: str, log=print) -> dict[str, Any]:
             storage.join(out, "top_trials_curves.png"),
             "top trials",
         )
+        plots["pareto"] = deploy.plot_pareto(
+            rows, storage.join(out, "pareto.png"), "students: accuracy against cost", _plt()
+        )
         ca = [r for r in rows if r["strategy"].startswith("camkd") and r["history"]][:4]
         if ca:
             plots["weights"] = plot_weights_over_epochs(
@@ -294,10 +333,25 @@ def write_sweep_report(cfg: Config, sweep: str, log=print) -> dict[str, Any]:
                 storage.join(out, "camkd_weights.png"),
                 "CA-MKD mean confidence weight per teacher",
             )
-    log(f"[report] leaderboard ({len(rows)} trials):\n{md}")
+    choice = None
+    if budget_ms is not None or budget_params is not None:
+        choice = {
+            "budget_ms": budget_ms,
+            "budget_params": budget_params,
+            "best": deploy.best_within(rows, budget_ms, budget_params),
+            "line": deploy.budget_line(rows, budget_ms, budget_params),
+        }
+        if choice["best"] is not None:
+            choice["best"] = {k: choice["best"][k] for k in [*columns, "student_file"]}
+    console = markdown_table(rows, [c for c in columns if c not in CONSOLE_HIDDEN])
+    log(f"[report] leaderboard ({len(rows)} trials; cost: {costs['bench']}):\n{console}")
+    if choice:
+        log(f"[report] {choice['line']}")
     log(f"[report] written to {out}")
     return {
-        "leaderboard": [{k: r[k] for k in LEADERBOARD_COLUMNS} for r in rows],
+        "leaderboard": [{k: r.get(k) for k in [*columns, "student_file"]} for r in rows],
+        "costs": costs,
+        "choice": choice,
         "report_dir": out,
         "plots": plots,
     }

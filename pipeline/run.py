@@ -101,12 +101,73 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                 action="store_true",
                 help="re-hash every source file (normally an unchanged size and mtime means unchanged content)",
             )
+        if stage == "report":
+            add_bench_arguments(p)
+            p.add_argument(
+                "--budget-ms",
+                type=float,
+                metavar="MS",
+                help="name the best finished student whose CPU batch-1 p50 latency is at most MS",
+            )
+            p.add_argument(
+                "--budget-params",
+                type=int,
+                metavar="N",
+                help="name the best finished student with at most N parameters",
+            )
         if stage == "quickstart":
             p.add_argument("--root", help="output folder (default ./camkd-runs)")
             p.add_argument(
                 "--full", action="store_true", help="the whole dataset and more epochs (much longer)"
             )
+    bench = sub.add_parser(
+        "bench-student",
+        help="measure a student file on this machine: parameters, MACs, CPU (and GPU) latency, throughput",
+        description="Measure a student.pt that `train` wrote, on the machine this runs on: parameters, MACs per "
+        "image, batch-1 p50/p90 latency and batch-N throughput on the CPU (and on the GPU when there is one).",
+    )
+    bench.add_argument("file", help="a student.pt (local path or URL, e.g. s3://bucket/runs/x/student.pt)")
+    add_bench_arguments(bench)
+    bench.add_argument(
+        "--size", metavar="C,H,W", help="input size, for files that do not record theirs (e.g. 3,32,32)"
+    )
     return parser
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for the latency measurement (default 1)"
+    )
+    p.add_argument("--repeats", type=int, default=50, help="timed batch-1 forwards (default 50)")
+    p.add_argument("--batch", type=int, default=64, help="batch size of the throughput figure (default 64)")
+
+
+def bench_settings(args: argparse.Namespace):
+    from pipeline.deploy import Bench
+
+    for name in ("threads", "repeats", "batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    return Bench(threads=args.threads, repeats=args.repeats, batch=args.batch)
+
+
+def bench_student(args: argparse.Namespace) -> dict:
+    import json
+
+    from pipeline import storage
+    from pipeline.deploy import bench_file
+
+    shape = None
+    if args.size:
+        try:
+            shape = tuple(int(v) for v in args.size.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ConfigError(f"--size {args.size!r}: give channels,height,width, e.g. --size 3,32,32")
+    result = bench_file(storage.normalize_url(args.file), bench_settings(args), shape)
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -180,6 +241,8 @@ def capacity_lines(cfg: Config, meta, rate: float | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> object:
+    if args.stage == "bench-student":
+        return bench_student(args)
     cfg = resolve_config(args)
     if args.dry_run:
         dry_run(cfg, args.stage, args.rate)
@@ -225,7 +288,10 @@ def run(args: argparse.Namespace) -> object:
 
         done = {}
         if storage.exists(storage.join(sweep_dir(cfg), "tune")):
-            done["sweep"] = write_sweep_report(cfg, sweep_dir(cfg))
+            done["sweep"] = write_sweep_report(
+                cfg, sweep_dir(cfg), bench=bench_settings(args), budget_ms=args.budget_ms,
+                budget_params=args.budget_params,
+            )
         quick = regenerate_report(cfg)
         if quick is not None:
             done["quickstart"] = quick

@@ -326,13 +326,17 @@ def export_student(
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     student.load_state_dict(student_state)
     student.eval()
-    extra = {"normalization": {"mean": plan.spec["mean"], "std": plan.spec["std"]}, "config": plan.cfg}
+    h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
+    extra = {
+        "normalization": {"mean": plan.spec["mean"], "std": plan.spec["std"]},
+        "input_shape": [plan.channels, h, w],  # what `camkd bench-student` measures it at
+        "config": plan.cfg,
+    }
     pt_url = storage.join(run_dir, "student.pt")
     teachers.save_model_file(pt_url, student, extra)
     out = {"state_dict": pt_url}
     if not cfg.train.export:
         return out
-    h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
     example = torch.zeros(2, plan.channels, h, w)
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)

@@ -232,7 +232,7 @@ def failure_message(out: str, total: int, errors: list, board: list[dict[str, An
         row = next((r for t, r in by_trial.items() if t in name), None)
         why = row["error"] if row and row["error"] else error_summary(str(result.error))
         arm = f"{row['strategy']}, teachers {row['teachers']}" if row else "?"
-        params = f", {row['params']}" if row and row["params"] else ""
+        params = f", {row['settings']}" if row and row["settings"] else ""
         lines.append(f"  - trial {row['trial'] if row else name} ({arm}{params}): {why}")
     return (
         f"the sweep at {out}: {len(errors)} of {total} trial(s) failed:\n"

@@ -96,14 +96,14 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
     board = result["leaderboard"]
     assert len(board) == 4 and [r["rank"] for r in board] == [1, 2, 3, 4]
     assert [r["best_top1"] for r in board] == sorted((r["best_top1"] for r in board), reverse=True)
-    assert {(r["strategy"], r["params"]) for r in board} == {
+    assert {(r["strategy"], r["settings"]) for r in board} == {
         (s, f"train.lr={lr}") for s in ("camkd", "aver") for lr in ("0.05", "1e-06")
     }
     assert all(r["teachers"] == "t1+t2" for r in board)
     stopped = [r for r in board if r["stopped_early"]]
     assert stopped, f"ASHA stopped no trial: {board}"
     assert all(r["epochs"] < 2 and r["status"] == "stopped" for r in stopped)
-    assert any("1e-06" in r["params"] for r in stopped), "the useless learning rate was never stopped"
+    assert any("1e-06" in r["settings"] for r in stopped), "the useless learning rate was never stopped"
     assert all(r["epochs"] == 2 for r in board if r["status"] == "finished")
     assert not os.path.exists(os.path.join(root, "cache", fp, t3_dirs[0]))
 
@@ -112,8 +112,18 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == [r["trial"] for r in board]
     md = open(os.path.join(out, "leaderboard.md")).read()
-    assert md.startswith("| rank | trial | teachers |") and md.count("\n") == 6
-    for name in ("best_per_teacher_set.png", "top_trials_curves.png", "camkd_weights.png"):
+    assert md.startswith("| rank | trial | student | teachers |") and md.count("\n") == 6
+    # Every row's cost: the architecture's (measured once), and its own student.pt where one was exported.
+    student = cfg.student.arch
+    assert all(r["student"] == student and r["params"] > 0 and r["macs"] > 0 for r in board), board
+    assert all(0 < r["latency_ms_b1_p50"] <= r["latency_ms_b1_p90"] and r["throughput_bN"] > 0 for r in board)
+    for r in board:
+        exported = os.path.join(train_root, r["trial"], "student.pt")
+        assert r["export_bytes"] == (os.path.getsize(exported) if r["status"] == "finished" else ""), r
+    assert rows[0]["params"] == str(board[0]["params"]) and rows[0]["latency_ms_b1_p50"]
+    top = max(r["best_top1"] for r in board if r["status"] == "finished")
+    assert [r["pareto"] for r in board] == [r["status"] == "finished" and r["best_top1"] == top for r in board]
+    for name in ("best_per_teacher_set.png", "top_trials_curves.png", "camkd_weights.png", "pareto.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
     # `report` regenerates the same leaderboard from the stored results alone.
     again = report.write_sweep_report(cfg, tune.sweep_dir(cfg))

@@ -1,0 +1,90 @@
+"""Choosing what to deploy: the latency pass, the Pareto front and the budget choice on hand-made leaderboards,
+and `camkd bench-student` on a real student file."""
+
+import json
+
+import pytest
+import torch
+
+from camkd import models
+from camkd.costs import latency
+from pipeline import deploy, run, teachers
+
+
+def row(rank, student, top1, ms, params, status="finished"):
+    return {
+        "rank": rank,
+        "student": student,
+        "strategy": "camkd",
+        "teachers": "a+b",
+        "best_top1": top1,
+        "latency_ms_b1_p50": ms,
+        "params": params,
+        "status": status,
+        "student_file": f"/runs/{rank}/student.pt",
+    }
+
+
+BOARD = [
+    row(1, "big", 0.90, 9.0, 900_000),
+    row(2, "stopped-fast", 0.89, 1.0, 50_000, status="stopped"),  # cheap and good, but no exported student
+    row(3, "mid", 0.88, 4.0, 300_000),
+    row(4, "mid-worse", 0.87, 5.0, 300_000),  # dominated by #3 (slower and worse)
+    row(5, "small", 0.85, 2.0, 80_000),
+    row(6, "same-small", 0.85, 2.0, 80_000),  # ties #5: neither dominates the other
+]
+
+
+def test_the_pareto_front_keeps_only_undominated_exported_students():
+    front = [BOARD[i]["rank"] for i in deploy.pareto_front(BOARD, "latency_ms_b1_p50")]
+    assert front == [5, 6, 3, 1]
+    assert [BOARD[i]["rank"] for i in deploy.pareto_front(BOARD, "params")] == [5, 6, 3, 1]
+
+
+def test_the_best_student_within_a_budget():
+    assert deploy.best_within(BOARD)["rank"] == 1
+    assert deploy.best_within(BOARD, budget_ms=5.0)["rank"] == 3
+    assert deploy.best_within(BOARD, budget_ms=3.0)["rank"] == 5  # not the stopped #2, which has no file
+    assert deploy.best_within(BOARD, budget_ms=10, budget_params=100_000)["rank"] == 5
+    assert deploy.best_within(BOARD, budget_ms=0.5) is None
+    line = deploy.budget_line(BOARD, 0.5, None)
+    assert "no finished student fits; the cheapest is #5 small (2.00 ms, 80,000 parameters)" in line, line
+    assert deploy.budget_line(BOARD, 5.0, None).startswith("budget ≤ 5 ms batch-1 p50: #3 mid camkd [a+b]")
+
+
+def test_latency_reports_ordered_percentiles_and_restores_the_model():
+    model = models.create("resnet8", 10, 1).train()
+    threads = torch.get_num_threads()
+    out = latency(model, 1, 28, batch=8, repeats=12, threads=1)
+    assert 0 < out["latency_ms_b1_p50"] <= out["latency_ms_b1_p90"]
+    assert out["throughput_bN"] > 0 and (out["batch_n"], out["repeats"], out["threads"]) == (8, 12, 1)
+    assert model.training and torch.get_num_threads() == threads
+
+
+def test_bench_student_measures_a_student_file(tmp_path, capsys):
+    model = models.create("resnet8", 10, 1)
+    path = tmp_path / "student.pt"
+    teachers.save_model_file(str(path), model, {"input_shape": [1, 28, 28]})
+    assert run.main(["bench-student", str(path), "--repeats", "10", "--batch", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["arch"], out["input_shape"], out["params"]) == ("resnet8", [1, 28, 28], 77_754)
+    assert out["macs"] == 9_345_920 and out["export_bytes"] == path.stat().st_size
+    assert 0 < out["latency_ms_b1_p50"] <= out["latency_ms_b1_p90"] and out["threads"] == 1
+
+
+def test_bench_student_refuses_what_it_cannot_measure(tmp_path, capsys):
+    path = tmp_path / "old.pt"
+    teachers.save_model_file(str(path), models.create("resnet8", 10, 1))  # no input_shape recorded
+    assert run.main(["bench-student", str(path)]) == 2
+    assert "does not record its input size" in capsys.readouterr().err
+    assert run.main(["bench-student", str(path), "--size", "28,28"]) == 2
+    assert "--size '28,28': give channels,height,width" in capsys.readouterr().err
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    assert run.main(["bench-student", str(tmp_path / "plain.pt"), "--size", "1,28,28"]) == 2
+    assert "is not a camkd model file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--repeats", "--batch"])
+def test_bench_settings_must_be_positive(tmp_path, capsys, flag):
+    assert run.main(["bench-student", str(tmp_path / "x.pt"), flag, "0"]) == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
