@@ -370,7 +370,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     export: bool = Field(
         True,
-        description="also write a torch.export artifact (student.pt2) at the end; student.pt is always written",
+        description="also write student.pt2 (torch.export) and, with the [onnx] extra, student.onnx (its logits checked by "
+        "onnxruntime) at the end; student.pt is always written",
     )
 
     @field_validator("milestones")

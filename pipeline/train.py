@@ -320,9 +320,11 @@ def fit(
 
 def export_student(
     cfg: Config, plan: TrainPlan, student_state: dict, run_dir: str, log=print
-) -> dict[str, str]:
-    """student.pt (state_dict + config, importable as a teacher), always, and with `train.export` student.pt2
-    (torch.export, for serving; a few seconds per run), from the weights of the best validation epoch."""
+) -> dict[str, Any]:
+    """student.pt (state_dict + config, importable as a teacher), always; with `train.export` also student.pt2
+    (torch.export, for serving) and, when the `[onnx]` extra is installed, student.onnx with its logits checked
+    against the model's by onnxruntime (`onnx_max_abs_diff`). All from the weights of the best validation epoch;
+    a few seconds per run."""
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     student.load_state_dict(student_state)
     student.eval()
@@ -334,10 +336,11 @@ def export_student(
     }
     pt_url = storage.join(run_dir, "student.pt")
     teachers.save_model_file(pt_url, student, extra)
-    out = {"state_dict": pt_url}
+    out: dict[str, Any] = {"state_dict": pt_url}
     if not cfg.train.export:
         return out
     example = torch.zeros(2, plan.channels, h, w)
+    program = None
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(student, (example,), dynamic_shapes=({0: batch},))
@@ -353,7 +356,31 @@ def export_student(
         url = storage.join(run_dir, "student.torchscript.pt")
         storage.write_bytes_atomic(url, buf.getvalue())
         out["torchscript"] = url
+    out |= export_onnx(student, example, program, run_dir, log)
     return out
+
+
+def export_onnx(student, example: torch.Tensor, program, run_dir: str, log=print) -> dict[str, Any]:
+    """student.onnx and its parity (max |onnxruntime − torch| over 8 random images), or {} with one line saying
+    what is missing. An export that fails is logged, never fatal: student.pt and student.pt2 are written."""
+    from camkd import export as onnx_export
+
+    absent = onnx_export.missing()
+    if absent:
+        log(f"[train] no student.onnx: {', '.join(absent)} not installed ({onnx_export.ONNX_EXTRA})")
+        return {}
+    try:
+        data = onnx_export.to_onnx(student, example, program)
+    except Exception as e:
+        log(f"[train] ONNX export failed ({type(e).__name__}: {str(e)[:300]}); student.pt and student.pt2 are written")
+        return {}
+    url = storage.join(run_dir, "student.onnx")
+    storage.write_bytes_atomic(url, data)
+    gen = torch.Generator().manual_seed(0)
+    diff = onnx_export.parity(data, student, torch.randn(8, *example.shape[1:], generator=gen))
+    if diff > 1e-4:
+        log(f"[train] warning: student.onnx's logits differ from the model's by up to {diff:.2e} (> 1e-4)")
+    return {"onnx": url, "onnx_max_abs_diff": diff}
 
 
 def student_cost(

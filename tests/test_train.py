@@ -131,6 +131,13 @@ def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
     exported = torch.export.load(summary["exports"]["torch_export"])
     x = torch.randn(5, 3, 32, 32)
     torch.testing.assert_close(exported.module()(x), student.eval()(x), rtol=1e-4, atol=1e-5)
+    # student.onnx (the [onnx] extra, in dev): onnxruntime's logits match the student's to 1e-4, at a batch size
+    # the export never saw
+    from camkd import export as onnx_export
+
+    onnx_bytes = storage.read_bytes(summary["exports"]["onnx"])
+    np.testing.assert_allclose(onnx_export.run_onnx(onnx_bytes, x), student(x).detach().numpy(), atol=1e-4, rtol=0)
+    assert summary["exports"]["onnx_max_abs_diff"] < 1e-4
 
 
 @pytest.mark.fault
