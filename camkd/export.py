@@ -24,7 +24,9 @@ def missing() -> list[str]:
     return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, program: torch.export.ExportedProgram | None = None) -> bytes:
+def to_onnx(
+    model: nn.Module, example: torch.Tensor, program: torch.export.ExportedProgram | None = None
+) -> bytes:
     """The ONNX bytes of `model` (eval mode) with a dynamic batch; `program` reuses a `torch.export` of it."""
     absent = [m for m in missing() if m != "onnxruntime"]
     if absent:
@@ -35,8 +37,14 @@ def to_onnx(model: nn.Module, example: torch.Tensor, program: torch.export.Expor
     # the exporter prints its progress to stdout; a training log wants one line, written by the caller
     with contextlib.redirect_stdout(io.StringIO()):
         onnx_program = torch.onnx.export(
-            program, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
-            verbose=False, optimize=True,
+            program,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            opset_version=OPSET,
+            verbose=False,
+            optimize=True,
         )
     return onnx_program.model_proto.SerializeToString()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from camkd.strategies import Distiller, TeacherOutputs
@@ -60,13 +61,15 @@ class TrainStep:
 
 
 class Normalizer:
-    """uint8 [B,C,H,W] → float (x/255 − mean)/std. The constants are built once per device: a tensor made from
-    Python numbers on a GPU is a pageable host→device copy, which waits for the stream, so building them per call
-    would make every step wait for the previous one's backward, all-reduce and optimizer step."""
+    """uint8 [B,C,H,W] → float (x/255 − mean)/std, then (with `size`) resized bilinearly (antialiased) to
+    [H, W] where the images differ. The constants are built once per device: a tensor made from Python numbers on
+    a GPU is a pageable host→device copy, which waits for the stream, so building them per call would make every
+    step wait for the previous one's backward, all-reduce and optimizer step."""
 
-    def __init__(self, mean, std) -> None:
+    def __init__(self, mean, std, size: tuple[int, int] | None = None) -> None:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.size = (int(size[0]), int(size[1])) if size else None
         if len(self.mean) != len(self.std) or not self.mean:
             raise ValueError(f"mean {list(self.mean)} and std {list(self.std)} need one value per channel")
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -82,7 +85,10 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         m, s = self.constants(images.device)
-        return (images.float() / 255.0 - m) / s
+        x = (images.float() / 255.0 - m) / s
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return x
 
 
 @lru_cache(maxsize=64)

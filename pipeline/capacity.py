@@ -238,7 +238,8 @@ def probe_shapes(cfg, meta=None) -> dict[str, list[int]]:
     for t in cfg.teachers:
         with torch.no_grad():
             model = models.create(t.arch, classes, chans).eval()
-            shapes[t.name] = list(model.forward_features(torch.zeros(1, chans, *hw)).shape[1:])
+            size = list(t.input_size) if t.input_size else hw  # the size the teacher sees
+            shapes[t.name] = list(model.forward_features(torch.zeros(1, chans, *size)).shape[1:])
     return shapes
 
 

@@ -19,7 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from camkd.models import available as available_models
+from camkd.models import check_timm_name
 from camkd.strategies import STRATEGIES
+from pipeline.preprocessing import check_own, square_size
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 StrategyName = Literal["ce", "kd", "aver", "ebkd", "dkd", "camkd", "camkd_logits"]
@@ -219,11 +221,55 @@ class TeacherConfig(Strict):
         description="the file inside a tar `checkpoint`, e.g. resnet32x4_vanilla/ckpt_epoch_240.pth (mdistiller)",
     )
     train: TeacherTraining | None = None
+    mean: list[float] | None = Field(
+        None,
+        description="the teacher's input normalisation, one value per channel (with std), applied on the teacher "
+        "actor; default: the dataset's. Part of the cache's identity when set (timm's pretrained_cfg or "
+        "torchvision's weights meta say what pretrained weights expect)",
+    )
+    std: list[float] | None = None
+    input_size: tuple[int, int] | None = Field(
+        None, description="[H, W] (or one side) the teacher's inputs are resized to; default: the data's size"
+    )
+    preprocessing: Literal["data", "pretrained"] = Field(
+        "data",
+        description="where mean/std/input_size come from when not set here: `data` (the dataset's) or "
+        "`pretrained` (timm's pretrained_cfg or torchvision's weights meta for `arch`: for a checkpoint holding "
+        "those pretrained weights)",
+    )
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return square_size(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained(cls, data: Any) -> Any:
+        """`preprocessing: pretrained`: mean/std/input_size not set here come from the architecture's pretrained
+        config (explicit values win; an unknown architecture is left to the `arch` check)."""
+        if not isinstance(data, dict) or data.get("preprocessing") != "pretrained":
+            return data
+        from camkd.models import pretrained_preprocessing
+
+        try:
+            pre = pretrained_preprocessing(str(data.get("arch", "")))
+        except (ImportError, ValueError, RuntimeError, KeyError):
+            pre = None
+        if not pre or not pre.get("mean"):
+            return data
+        data = dict(data)
+        if data.get("mean") is None and data.get("std") is None:
+            data["mean"], data["std"] = [float(m) for m in pre["mean"]], [float(x) for x in pre["std"]]
+        size = tuple(pre.get("input_size") or ())[-2:]
+        if data.get("input_size") is None and len(size) == 2:
+            data["input_size"] = [int(size[0]), int(size[1])]
+        return data
 
     @field_validator("checkpoint")
     @classmethod
@@ -240,6 +286,12 @@ class TeacherConfig(Strict):
             raise ValueError(
                 f"teacher {self.name!r}: `member` names a file inside the tar archive `checkpoint`"
             )
+        if self.preprocessing == "pretrained" and self.mean is None:
+            raise ValueError(
+                f"teacher {self.name!r}: preprocessing: pretrained, but {self.arch} has no pretrained config "
+                "(only timm: and torchvision: architectures have one); set mean/std here or use preprocessing: data"
+            )
+        check_own(f"teachers[{self.name}]", self.mean, self.std, self.input_size)
         return self
 
 
@@ -289,11 +341,29 @@ class CacheConfig(Strict):
 
 class StudentConfig(Strict):
     arch: str = "resnet8x4"
+    mean: list[float] | None = Field(
+        None,
+        description="the student's input normalisation, one value per channel (with std); default: the dataset's",
+    )
+    std: list[float] | None = None
+    input_size: tuple[int, int] | None = Field(
+        None, description="[H, W] (or one side) the student's inputs are resized to; default: the data's size"
+    )
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return square_size(v)
+
+    @model_validator(mode="after")
+    def _norm(self) -> StudentConfig:
+        check_own("student", self.mean, self.std, self.input_size)
+        return self
 
 
 class StrategyConfig(Strict):
@@ -500,6 +570,13 @@ class TuneSettings(Strict):
     asha: AshaConfig = AshaConfig()
     max_concurrent_trials: int = Field(1, ge=1)
     trial_cpus: float = Field(0.5, ge=0, description="CPUs held by each trial's driver")
+    keep_best_subsets: int | None = Field(
+        None,
+        ge=1,
+        description="rank the sweep's teacher subsets from the cache first (ensemble top-1 of the averaged "
+        "logits on the validation hold-out; `tune --rank-only` shows the ranking) and sweep only the N best; "
+        "arms without teachers (ce) still run. Needs data.val_fraction > 0",
+    )
 
     @field_validator("teacher_set_sizes")
     @classmethod
@@ -659,11 +736,19 @@ class Config(Strict):
 def _check_arch(v: str) -> str:
     if v.startswith("torchvision:"):
         return v
+    if v.startswith("timm:"):  # imports timm (only for timm: names); ImportError says how to install it
+        try:
+            check_timm_name(v[len("timm:") :])
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return v
     names = available_models()
     if v not in names:
         close = difflib.get_close_matches(v, names, n=3)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"unknown architecture {v!r}{hint} Available: {names} or torchvision:<name>")
+        raise ValueError(
+            f"unknown architecture {v!r}{hint} Available: {names}, torchvision:<name> or timm:<name>"
+        )
     return v
 
 

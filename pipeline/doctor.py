@@ -111,7 +111,7 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     on batches of the real shapes, on the worker's device, for `seconds`; samples/s."""
     import torch
 
-    from camkd.training import Normalizer, TrainStep
+    from camkd.training import TrainStep
     from camkd.training import amp_dtype as amp_dtype_for
     from pipeline.steps import CachedTeachers, DummyBatch, EpochStats, StudentStep
     from pipeline.worker import TrainPlan, build_distiller
@@ -126,7 +126,7 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     read = plan.read_plan("train", with_teachers=True)
     step = StudentStep(
         TrainStep(distiller, distiller, optimizer, device, amp),
-        Normalizer(plan.spec["mean"], plan.spec["std"]),
+        plan.student_preprocessing().normalizer(),
         CachedTeachers(read, plan.num_classes),
         cfg.train.channels_last and device.type == "cuda",
     )

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage, tables, teachers
+from pipeline import preprocessing, storage, tables, teachers
 from pipeline.cache import (
     CACHE_FORMAT,
     META_KEY,
@@ -210,8 +210,13 @@ def _probe(ref: teachers.TeacherRef, channels: int, height: int, width: int) -> 
 
 
 def _probe_of(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> tuple[tuple[int, ...], int]:
-    h, w = (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
+    """The probe at the size the teacher sees: its own input_size, else the views'."""
+    h, w = ref.input_size or _data_hw(meta, spec)
     return _probe(ref, meta.channels, h, w)
+
+
+def _data_hw(meta: DatasetMeta, spec: ViewSpec) -> tuple[int, int]:
+    return (meta.image_shape[0], meta.image_shape[1]) if meta.image_shape else (spec.size, spec.size)
 
 
 def feature_shape(ref: teachers.TeacherRef, meta: DatasetMeta, spec: ViewSpec) -> list[int]:
@@ -302,9 +307,9 @@ def autoscaling_maximum() -> dict[str, int] | None:
 
 def teacher_norm(ref: teachers.TeacherRef, spec: ViewSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a teacher's inputs are normalised with: the views' (the dataset's) unless the teacher
-    brings its own."""
-    mean, std = getattr(ref, "mean", None), getattr(ref, "std", None)
-    return (tuple(mean or spec.mean), tuple(std or spec.std))
+    brings its own (`teachers[].mean/std`)."""
+    pre = preprocessing.of_teacher(ref, spec)
+    return pre.mean, pre.std
 
 
 @dataclass(frozen=True)
@@ -385,20 +390,23 @@ def _memory_requests(ps: PrecomputeSpec, meta: DatasetMeta) -> dict[str, int]:
     rows = max(p.rows for p in meta.split("train").parts)
     spec = ViewSpec.from_dict(ps.spec)
     pixels = int(np.prod(meta.image_shape)) if meta.image_shape else 3 * spec.size * spec.size
-    outputs = weights = 0
+    outputs = weights = resized = 0
     for t in ps.teachers:
         ref = teachers.TeacherRef.from_dict(t)
         shape, nbytes = _probe_of(ref, meta, spec)
         maps = 2 * int(np.prod(shape)) if ps.fmt.features != "none" else 0
         outputs += rows * (4 * meta.num_classes + maps)
         weights += nbytes
+        if ref.input_size:  # float32 pixels at the teacher's own size, one teacher at a time
+            resized = max(resized, 4 * rows * meta.channels * ref.input_size[0] * ref.input_size[1])
     task, actor = (
         192 * 2**20,
         768 * 2**20,
     )  # a Ray worker process; one that has imported torch and the teachers
     return {
         "render": task + 3 * rows * pixels,
-        "infer": actor + 2 * weights + 2 * rows * pixels + 2 * outputs,  # weights: the file and the model
+        # weights: the file and the model
+        "infer": actor + 2 * weights + 2 * rows * pixels + resized + 2 * outputs,
         "write": task + 3 * outputs + 1,
     }
 
@@ -496,6 +504,7 @@ def precompute_teachers(
             threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
             compression=cfg.cache.compression,
             norms=tuple(teacher_norm(tp.ref, spec) for tp in plans),
+            sizes=tuple(tp.ref.input_size for tp in plans),
             channels_last=cfg.cache.channels_last,
         )
         log(f"[precompute] {len(items)} (part, view) item(s); {pool.line(len(plans))}")

@@ -50,6 +50,9 @@ class PrecomputeSpec:
     threads: int
     compression: str
     norms: tuple[Norm, ...] = ()  # per teacher; () = the views' mean/std for every teacher
+    sizes: tuple[
+        tuple[int, int] | None, ...
+    ] = ()  # per teacher: [H, W] its inputs are resized to; None: as rendered
     channels_last: str = "auto"  # "auto" (measured on a GPU at start-up) | "on" | "off"
 
 
@@ -109,8 +112,12 @@ class TeacherPool:
             k: teachers.build_model(teachers.TeacherRef.from_dict(t)).to(self.device)
             for k, t in enumerate(ps.teachers)
         }
+        # each teacher's own preprocessing (`teachers[].mean/std/input_size`), else the views' mean/std
         self.normalizers = {
-            k: Normalizer(*(ps.norms[k] if ps.norms else (self.spec.mean, self.spec.std)))
+            k: Normalizer(
+                *(ps.norms[k] if ps.norms else (self.spec.mean, self.spec.std)),
+                size=ps.sizes[k] if ps.sizes else None,
+            )
             for k in self.models
         }
         self.copies = torch.cuda.Stream() if self.device.type == "cuda" else None
@@ -126,7 +133,9 @@ class TeacherPool:
         import torch
 
         c = self.models[k].in_chans
-        h, w = self.ps.image_shape[:2] if self.ps.image_shape else (self.spec.size, self.spec.size)
+        h, w = self.normalizers[k].size or (
+            self.ps.image_shape[:2] if self.ps.image_shape else (self.spec.size, self.spec.size)
+        )
         x = torch.zeros(self.ps.batch_size, c, h, w, device=self.device)
         times = {}
         for fmt in (torch.contiguous_format, torch.channels_last):
@@ -179,7 +188,7 @@ class TeacherPool:
                 x.record_stream(main)
             else:
                 x = pixels_t[sl]
-            x = norm(x)
+            x = norm(x)  # the teacher's own mean/std (and input_size), else the views'
             if self.channels_last[k]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), self._autocast():

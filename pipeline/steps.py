@@ -106,14 +106,31 @@ class CachedTeachers:
 
 
 class OnlineTeachers:
-    """Teacher outputs computed in the loop, on the same normalised views the student sees."""
+    """Teacher outputs computed in the loop, on the same views the student sees, each teacher's preprocessed as
+    in precompute (its own mean/std/input_size, else the dataset's; `normalizers`, one per teacher). Teachers
+    that share a preprocessing share one normalised batch; without `normalizers` they get the student's."""
 
-    def __init__(self, teachers: list, needs_features: bool) -> None:
+    def __init__(
+        self, teachers: list, needs_features: bool, normalizers: list[Normalizer] | None = None
+    ) -> None:
         self.teachers, self.needs_features = teachers, needs_features
+        self.normalizers = normalizers
+
+    def _inputs(self, batch: dict, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.normalizers is None:
+            return [images] * len(self.teachers)
+        channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+        made: dict[tuple, torch.Tensor] = {}
+        for n in self.normalizers:
+            key = (n.mean, n.std, n.size)
+            if key not in made:
+                x = n(batch["image"])
+                made[key] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return [made[(n.mean, n.std, n.size)] for n in self.normalizers]
 
     @torch.no_grad()
     def __call__(self, batch: dict, images: torch.Tensor) -> TeacherOutputs:
-        fmaps = [t.forward_features(images) for t in self.teachers]
+        fmaps = [t.forward_features(x) for t, x in zip(self.teachers, self._inputs(batch, images))]
         logits = torch.stack([t.forward_head(f) for t, f in zip(self.teachers, fmaps)]).float()
         return TeacherOutputs(logits, fmaps if self.needs_features else None)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from camkd import models
-from pipeline import storage, teachers
+from pipeline import preprocessing, storage, teachers
 from pipeline.config import Config, TeacherConfig, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.train import fit
@@ -26,6 +26,9 @@ def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
     rows = []
     for teacher in cfg.teachers:
         start = time.time()
+        hint = preprocessing.pretrained_hint(teacher, meta.channels, cfg.data.normalization)
+        if hint:
+            log(f"[teachers] note: {hint}")
         if teacher.train is not None and not storage.exists(teachers.trained_checkpoint_url(cfg, teacher)):
             log(f"[teachers] training {teacher.name} ({teacher.arch}, {teacher.train.epochs} epochs)")
             train_teacher(cfg, teacher, meta, log=log)
@@ -43,13 +46,17 @@ def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
 
 
 def teacher_config(cfg: Config, teacher: TeacherConfig) -> Config:
-    """The config that trains `teacher` with strategy ce (the same trainer as students)."""
+    """The config that trains `teacher` with strategy ce (the same trainer as students), on inputs preprocessed as
+    the teacher's always are (its own mean/std/input_size, else the dataset's)."""
     t = teacher.train
     assert t is not None
     return with_updates(
         cfg,
         {
             "student.arch": teacher.arch,
+            "student.mean": teacher.mean,
+            "student.std": teacher.std,
+            "student.input_size": list(teacher.input_size) if teacher.input_size else None,
             "strategy.name": "ce",
             "strategy.mode": "cached",
             "strategy.teachers": None,

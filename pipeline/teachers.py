@@ -8,7 +8,9 @@ precompute imports directly. This module never trains and never imports Ray: wor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import pickle
 import tarfile
 from dataclasses import asdict, dataclass
@@ -18,7 +20,7 @@ import pyarrow.fs as pafs
 import torch
 
 from camkd import models
-from pipeline import storage
+from pipeline import preprocessing, storage
 from pipeline.config import Config, TeacherConfig
 
 MODEL_FORMAT = "camkd-model/1"
@@ -30,7 +32,8 @@ class TeacherError(RuntimeError):
 
 @dataclass(frozen=True)
 class TeacherRef:
-    """A resolved teacher: which file, which architecture, and its content id."""
+    """A resolved teacher: which file, which architecture, its own input preprocessing (None: the dataset's), and
+    its content id."""
 
     name: str
     arch: str
@@ -38,17 +41,33 @@ class TeacherRef:
     sha256: str
     num_classes: int
     in_chans: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: tuple[int, int] | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.arch.replace(':', '-')}-{self.sha256[:12]}"
+        """`<arch>-<sha256[:12]>`, plus `-p<digest>` of its own preprocessing when it has any: outputs cached
+        under another normalisation or size are another store; the default keeps the id it always had."""
+        base = f"{self.arch.replace(':', '-')}-{self.sha256[:12]}"
+        own = {
+            k: list(v)
+            for k, v in (("mean", self.mean), ("std", self.std), ("input_size", self.input_size))
+            if v
+        }
+        if not own:
+            return base
+        return f"{base}-p{hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"id": self.id}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherRef:
-        return cls(**{k: d[k] for k in ("name", "arch", "checkpoint", "sha256", "num_classes", "in_chans")})
+        own = {k: tuple(d[k]) for k in ("mean", "std", "input_size") if d.get(k)}
+        return cls(
+            **{k: d[k] for k in ("name", "arch", "checkpoint", "sha256", "num_classes", "in_chans")}, **own
+        )
 
 
 SAFETENSORS_MAGIC_MAX_HEADER = 100_000_000
@@ -250,11 +269,12 @@ def resolve(
     nothing.
     """
     root = storage.normalize_url(cfg.root).rstrip("/") + "/"
+    own = own_preprocessing(cfg, teacher, in_chans)
     data = None
     if teacher.checkpoint is not None and not storage.normalize_url(teacher.checkpoint).startswith(root):
         url, data, sha = _import(cfg, teacher, storage.normalize_url(teacher.checkpoint), copy)
         if data is None:  # imported before, under this architecture: checked then, nothing to read now
-            return TeacherRef(teacher.name, teacher.arch, url, sha, num_classes, in_chans)
+            return TeacherRef(teacher.name, teacher.arch, url, sha, num_classes, in_chans, *own)
     elif teacher.checkpoint is not None:
         url = storage.normalize_url(teacher.checkpoint)
         data = read_checkpoint(url, teacher.name, teacher.member)
@@ -273,7 +293,24 @@ def resolve(
             f"teacher {teacher.name!r}: {url} holds a {meta.get('arch')} with {meta.get('num_classes')} classes, "
             f"but the config says {teacher.arch} on a {num_classes}-class dataset; fix teachers[].arch or the file"
         )
-    return TeacherRef(teacher.name, teacher.arch, url, storage.sha256_bytes(data), num_classes, in_chans)
+    return TeacherRef(
+        teacher.name, teacher.arch, url, storage.sha256_bytes(data), num_classes, in_chans, *own
+    )
+
+
+def own_preprocessing(cfg: Config, teacher: TeacherConfig, in_chans: int) -> tuple:
+    """The teacher's own (mean, std, input_size) for TeacherRef (None where it uses the dataset's)."""
+    try:
+        return preprocessing.own_values(
+            f"teachers[{teacher.name}]",
+            teacher.mean,
+            teacher.std,
+            teacher.input_size,
+            in_chans,
+            cfg.data.normalization,
+        )
+    except ValueError as e:
+        raise TeacherError(str(e)) from None
 
 
 def resolve_all(

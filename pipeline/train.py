@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from camkd import models, strategy_class
-from pipeline import capacity, storage, teachers
+from pipeline import capacity, preprocessing, storage, teachers
 from pipeline.cache import check_manifest_dataset, check_parts_present, find_store, output_format
 from pipeline.config import Config, ConfigError, bind_config
 from pipeline.ingest import DatasetMeta, require_dataset
@@ -82,6 +82,10 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
         needs_features=cls.needs_features,
     )
     plan.read_scope = uuid.uuid4().hex
+    try:
+        plan.preprocess = preprocessing.of_student(cfg, spec, meta.channels).to_dict()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cls.max_teachers == 0:
         _size_reader(cfg, plan, meta)
         return plan
@@ -328,10 +332,11 @@ def export_student(
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     student.load_state_dict(student_state)
     student.eval()
-    h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
+    pre = plan.student_preprocessing()
+    h, w = pre.input_hw(plan.image_hw)
     extra = {
-        "normalization": {"mean": plan.spec["mean"], "std": plan.spec["std"]},
-        "input_shape": [plan.channels, h, w],  # what `camkd bench-student` measures it at
+        "normalization": {"mean": list(pre.mean), "std": list(pre.std)},
+        "input_shape": [plan.channels, h, w],  # what `camkd bench-student` measures it at (after any resize)
         "config": plan.cfg,
     }
     pt_url = storage.join(run_dir, "student.pt")
@@ -372,7 +377,9 @@ def export_onnx(student, example: torch.Tensor, program, run_dir: str, log=print
     try:
         data = onnx_export.to_onnx(student, example, program)
     except Exception as e:
-        log(f"[train] ONNX export failed ({type(e).__name__}: {str(e)[:300]}); student.pt and student.pt2 are written")
+        log(
+            f"[train] ONNX export failed ({type(e).__name__}: {str(e)[:300]}); student.pt and student.pt2 are written"
+        )
         return {}
     url = storage.join(run_dir, "student.onnx")
     storage.write_bytes_atomic(url, data)
@@ -392,7 +399,7 @@ def student_cost(
 
     student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
     student.load_state_dict(student_state)
-    h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
+    h, w = plan.student_preprocessing().input_hw(plan.image_hw)
     sizes = storage.list_sizes(run_dir)
     return {
         "params": parameter_count(student),

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from camkd import Distiller, StrategyParams, create_strategy, models
-from camkd.training import Normalizer, TrainStep
+from camkd.training import TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
-from pipeline import storage, teachers
+from pipeline import preprocessing, storage, teachers
 from pipeline.batches import (
     EvalSet,
     ReaderOptions,
@@ -40,6 +40,7 @@ from pipeline.batches import (
 )
 from pipeline.collectives import Collectives
 from pipeline.config import Config, validate
+from pipeline.preprocessing import Preprocessing
 from pipeline.reader import (
     ReadPlan,
     Slice,
@@ -60,7 +61,7 @@ from pipeline.steps import (
     share_buffers,
     state_digest,
 )
-from pipeline.views import view_for_epoch
+from pipeline.views import ViewSpec, view_for_epoch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -102,10 +103,21 @@ class TrainPlan:
     needs_features: bool = False
     read_tasks: int = 1  # Ray Data read tasks per worker: scaling.read_tasks, else the capacity model's
     read_scope: str = ""  # this run's reader scope: open files are remembered within it
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the student's Preprocessing; {}: the views'
 
     @property
     def config(self) -> Config:
         return validate(self.cfg, "train plan")
+
+    def student_preprocessing(self) -> Preprocessing:
+        if self.preprocess:
+            return Preprocessing.from_dict(self.preprocess)
+        return Preprocessing(tuple(self.spec["mean"]), tuple(self.spec["std"]))
+
+    def teacher_preprocessing(self, k: int) -> Preprocessing:
+        return preprocessing.of_teacher(
+            teachers.TeacherRef.from_dict(self.teacher_refs[k]), ViewSpec.from_dict(self.spec)
+        )
 
     def read_plan(self, split: str, with_teachers: bool) -> ReadPlan:
         cfg = self.config
@@ -181,10 +193,12 @@ def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None =
     kwargs: dict[str, Any] = {}
     if plan.needs_features:
         if online_teachers is not None:
-            h, w = plan.image_shape[:2] if plan.image_shape else (plan.spec["size"], plan.spec["size"])
-            with torch.no_grad():
-                probe = torch.zeros(1, plan.channels, h, w)
-                shapes = [list(t.forward_features(probe).shape[1:]) for t in online_teachers]
+            sizes = [
+                plan.teacher_preprocessing(k).input_hw(plan.image_hw) for k in range(len(online_teachers))
+            ]
+            with torch.no_grad():  # each teacher at the size it sees
+                probes = [torch.zeros(1, plan.channels, *hw) for hw in sizes]
+                shapes = [list(t.forward_features(x).shape[1:]) for t, x in zip(online_teachers, probes)]
             heads = [t.head for t in online_teachers]
         else:
             shapes = [m["output"]["feature_shape"] for m in plan.manifests]
@@ -304,7 +318,8 @@ class WorkerRun:
         self.pin_memory = (
             device.type == "cuda" if cfg.train.pin_memory == "auto" else bool(cfg.train.pin_memory)
         )
-        self.normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
+        # the student's inputs: student.mean/std/input_size, else the dataset's
+        self.normalizer = plan.student_preprocessing().normalizer()
         self._build_model()
         self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
         self.best_student: dict[str, torch.Tensor] | None = None
@@ -318,7 +333,11 @@ class WorkerRun:
         teachers_in_batch = (
             CachedTeachers(self.train_read, plan.num_classes)
             if self.online_teachers is None
-            else OnlineTeachers(self.online_teachers, plan.needs_features)
+            else OnlineTeachers(
+                self.online_teachers,
+                plan.needs_features,
+                [plan.teacher_preprocessing(k).normalizer() for k in range(self.k)],
+            )
         )
         channels_last = cfg.train.channels_last and device.type == "cuda"
         self.student_step = StudentStep(self.step_fn, self.normalizer, teachers_in_batch, channels_last)

@@ -136,7 +136,9 @@ def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
     from camkd import export as onnx_export
 
     onnx_bytes = storage.read_bytes(summary["exports"]["onnx"])
-    np.testing.assert_allclose(onnx_export.run_onnx(onnx_bytes, x), student(x).detach().numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        onnx_export.run_onnx(onnx_bytes, x), student(x).detach().numpy(), atol=1e-4, rtol=0
+    )
     assert summary["exports"]["onnx_max_abs_diff"] < 1e-4
 
 
