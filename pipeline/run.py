@@ -19,13 +19,26 @@ import yaml
 
 from pipeline.config import Config, ConfigError, load_config
 
-STAGES = ["ingest", "teachers", "precompute", "train", "tune", "report", "doctor", "quickstart", "all"]
+STAGES = [
+    "ingest",
+    "teachers",
+    "precompute",
+    "train",
+    "rank",
+    "tune",
+    "report",
+    "doctor",
+    "quickstart",
+    "all",
+]
 
 HELP = {
     "ingest": "read the data source into Parquet image parts under <root>/datasets (a no-op when done)",
     "teachers": "train the teachers that have `train:` and check that imported checkpoints load",
     "precompute": "run each teacher once over all training views into the Parquet cache (resumable)",
     "train": "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
+    "rank": "rank teacher subsets from the cache alone, in seconds (ensemble / oracle top-1 on the validation "
+    "hold-out, disagreement, CA-MKD weights): tune's subsets, else every non-empty one; trains nothing",
     "tune": "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
     "report": "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
     "doctor": "measure storage from every node, the reader and the student step like one worker; name the "
@@ -115,6 +128,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                 metavar="N",
                 help="name the best finished student with at most N parameters",
             )
+        if stage == "rank":
+            p.add_argument("--root", help="the root the cache was built under (default: the config's root)")
+        if stage == "tune":
+            p.add_argument(
+                "--rank-only",
+                action="store_true",
+                help="rank the teacher subsets this sweep would train, from the cache; write rank.json and "
+                "rank.md into the sweep folder; train nothing",
+            )
         if stage == "quickstart":
             p.add_argument("--root", help="output folder (default ./camkd-runs)")
             p.add_argument(
@@ -178,7 +200,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         from pipeline.quickstart import quickstart_config
 
         return quickstart_config(args.config, overrides, root=args.root, full=args.full)
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "root", None):
+        from pipeline.config import with_updates
+
+        cfg = with_updates(cfg, {"root": args.root})
+    return cfg
 
 
 def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
@@ -231,6 +258,17 @@ def _plan_lines(cfg: Config, stage: str):
             f"tune: {len(arms(cfg))} arm(s): "
             + ", ".join(f"{a['strategy']}[{'+'.join(a['teachers'])}]" for a in arms(cfg))
         )
+        if cfg.tune.keep_best_subsets is not None:
+            print(
+                f"tune: tune.keep_best_subsets {cfg.tune.keep_best_subsets}: only the best-ranked teacher subsets "
+                "are swept (ranked from the cache first; `tune --rank-only` shows the ranking)"
+            )
+    if stage == "rank":
+        from pipeline.rank import rank_dir
+        from pipeline.tune import ranking_subsets
+
+        subsets = ranking_subsets(cfg)
+        print(f"rank: {len(subsets)} teacher subset(s) from the cache → {rank_dir(cfg)}")
     return meta
 
 
@@ -256,6 +294,14 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.quickstart import run_quickstart
 
         return run_quickstart(cfg, overwrite=args.overwrite)
+    if stage == "rank":  # the cache alone: no Ray
+        from pipeline import rank, tune
+
+        return rank.run_stage(cfg, tune.ranking_subsets(cfg))
+    if stage == "tune" and args.rank_only:
+        from pipeline.tune import rank_only
+
+        return rank_only(cfg)
     from pipeline.runtime import ensure_ray
 
     if stage != "report":
@@ -289,7 +335,10 @@ def run(args: argparse.Namespace) -> object:
         done = {}
         if storage.exists(storage.join(sweep_dir(cfg), "tune")):
             done["sweep"] = write_sweep_report(
-                cfg, sweep_dir(cfg), bench=bench_settings(args), budget_ms=args.budget_ms,
+                cfg,
+                sweep_dir(cfg),
+                bench=bench_settings(args),
+                budget_ms=args.budget_ms,
                 budget_params=args.budget_params,
             )
         quick = regenerate_report(cfg)

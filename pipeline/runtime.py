@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -70,6 +71,49 @@ def ensure_ray(cfg: Config | None = None, log=print) -> None:
             f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s)"
         )
     quiet_ray_data()
+    quiet_console()
+
+
+# Ray's own error-level lines that say nothing to a user and are printed on the driver's console from every Ray
+# Train controller: the worker-health actor it starts is given its arguments through the object store, which the C++
+# core worker reports at level E. They stay in the session's log files (/tmp/ray/session_*/logs).
+RAY_CONSOLE_NOISE = (
+    re.compile(
+        r"core_worker\.cc:\d+: Actor with class name: '\w+' .*constructor arguments in the object store"
+    ),
+)
+
+
+def quiet_console(patterns=RAY_CONSOLE_NOISE, dispatcher=None) -> bool:
+    """Drop worker log lines matching `patterns` from this driver's console (not from Ray's log files).
+
+    Wraps the handlers Ray's log forwarding calls (`ray.init(log_to_driver=True)` adds them; call this after it);
+    False where this Ray has no such dispatcher (then nothing changes)."""
+    if dispatcher is None:
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            return False
+    handlers = getattr(dispatcher, "handlers", None)
+    lock = getattr(dispatcher, "_lock", None)
+    if not isinstance(handlers, list) or lock is None:
+        return False
+
+    def filtered(handle):
+        if getattr(handle, "_camkd_filtered", False):
+            return handle
+
+        def emit(data):
+            lines = [x for x in data.get("lines", []) if not any(p.search(x) for p in patterns)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        emit._camkd_filtered = True
+        return emit
+
+    with lock:
+        dispatcher.handlers = [(name, filtered(h)) for name, h in handlers]
+    return True
 
 
 def local_ray_options(num_cpus: int | None = None, num_gpus: int | None = None) -> dict:

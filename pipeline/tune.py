@@ -2,7 +2,8 @@
 
 Each trial is a Ray Train run (a Tune function trainable that builds and fits a TorchTrainer whose reports reach
 Tune through TuneReportCallback) that reads only its own teachers' columns from the one shared cache. An
-interrupted sweep resumes with `Tuner.restore` without re-running finished trials.
+interrupted sweep resumes with `Tuner.restore` without re-running finished trials. With `tune.keep_best_subsets`
+the teacher subsets are first ranked from the cache (`pipeline/rank.py`) and only the best ones are swept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 from camkd import strategy_class
-from pipeline import storage
+from pipeline import rank, storage
 from pipeline.config import Config, Domain, bind_config, validate, with_updates
 from pipeline.ingest import DatasetMeta, require_dataset
 from pipeline.report import error_summary, write_sweep_report
@@ -44,8 +45,9 @@ def sweep_dir(cfg: Config) -> str:
     return storage.join(storage.runs_dir(cfg.root, cfg.experiment), "sweep")
 
 
-def arms(cfg: Config) -> list[dict[str, Any]]:
-    """(strategy, teacher set) pairs to try; combinations a strategy cannot take (kd with 3 teachers) are skipped."""
+def arms(cfg: Config, subsets: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    """(strategy, teacher set) pairs to try; combinations a strategy cannot take (kd with 3 teachers) are skipped.
+    With `subsets`, only the arms whose teacher set is one of them (and the arms without teachers)."""
     names = [t.name for t in cfg.teachers]
     t = cfg.tune
     if t.teacher_sets:
@@ -66,12 +68,57 @@ def arms(cfg: Config) -> list[dict[str, Any]]:
             except ValueError:
                 continue
             out.append({"strategy": strategy, "teachers": s})
+    if subsets is not None:
+        allowed = {tuple(s) for s in subsets}
+        out = [a for a in out if not a["teachers"] or tuple(a["teachers"]) in allowed]
     if not out:
         raise ValueError(
             f"tune: no valid (strategy, teacher set) combination among strategies {t.strategies} and teacher "
             f"sets {sets}; e.g. camkd needs at least 2 teachers, kd exactly 1"
         )
     return out
+
+
+def sweep_subsets(cfg: Config) -> list[list[str]]:
+    """The distinct teacher subsets the sweep's arms train from, in arm order (ce's empty set is none)."""
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for a in arms(cfg):
+        if a["teachers"]:
+            seen.setdefault(tuple(a["teachers"]), list(a["teachers"]))
+    return list(seen.values())
+
+
+def ranking_subsets(cfg: Config) -> list[list[str]]:
+    """What the `rank` stage ranks: the sweep's subsets when tune.teacher_sets / teacher_set_sizes say which,
+    else every non-empty subset of the configured teachers."""
+    if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
+        return sweep_subsets(cfg)
+    return rank.all_subsets([t.name for t in cfg.teachers])
+
+
+def rank_only(cfg: Config, log=print) -> dict[str, Any]:
+    """`tune --rank-only`: rank the subsets this sweep would train, from the cache; write rank.json/rank.md into
+    the sweep folder; train nothing (no Ray)."""
+    meta = rank.require_cached_dataset(cfg)
+    result = rank.rank_stage(cfg, meta, sweep_subsets(cfg), sweep_dir(cfg), log=log)
+    if cfg.tune.keep_best_subsets is not None:
+        log_kept(cfg, result, log, "would sweep")
+    return result
+
+
+def log_kept(cfg: Config, result: dict[str, Any], log, verb: str) -> list[list[str]]:
+    """The subsets tune.keep_best_subsets keeps from a ranking, logged with the ones it drops."""
+    kept, dropped = rank.keep_best(result["subsets"], cfg.tune.keep_best_subsets)
+
+    def names(sets: list[list[str]]) -> str:
+        return ", ".join("+".join(s) for s in sets) or "none"
+
+    log(
+        f"[tune] tune.keep_best_subsets {cfg.tune.keep_best_subsets}: {verb} {len(kept)} of "
+        f"{len(result['subsets'])} teacher subset(s) ranked from the cache; kept {names(kept)}; dropped "
+        f"{names(dropped)}"
+    )
+    return kept
 
 
 def _domain(value: Domain | list[Any], search: str):
@@ -90,10 +137,10 @@ def _domain(value: Domain | list[Any], search: str):
     return tune.randint(value.randint[0], value.randint[1] + 1)
 
 
-def param_space(cfg: Config) -> dict[str, Any]:
+def param_space(cfg: Config, subsets: list[list[str]] | None = None) -> dict[str, Any]:
     from ray import tune
 
-    all_arms = arms(cfg)
+    all_arms = arms(cfg, subsets)
     space: dict[str, Any] = {
         "arm": tune.grid_search(all_arms) if cfg.tune.search == "grid" else tune.choice(all_arms)
     }
@@ -146,8 +193,10 @@ def check_same_sweep(out: str, cfg: Config) -> None:
     )
 
 
-def run_stage(cfg: Config, log=print) -> dict[str, Any]:
-    """The `tune` stage: run (or resume) the sweep, then write the leaderboard and plots."""
+def run_stage(cfg: Config, log=print, verbose: int = 1) -> dict[str, Any]:
+    """The `tune` stage: run (or resume) the sweep, then write the leaderboard and plots. `verbose` is Tune's
+    console output (0: none — our own lines and the leaderboard only, as the quickstart prints; 1: its status
+    tables and each trial's result when it ends)."""
     from ray import tune
 
     from pipeline.asha import ResumableASHA
@@ -188,8 +237,12 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
             if t.asha.enabled
             else None
         )
-        space = param_space(cfg)
-        n_arms = len(arms(cfg))
+        kept = None
+        if t.keep_best_subsets is not None:
+            ranking = rank.rank_stage(cfg, meta, sweep_subsets(cfg), out, log=log)
+            kept = log_kept(cfg, ranking, log, "sweeping")
+        space = param_space(cfg, kept)
+        n_arms = len(arms(cfg, kept))
         log(
             f"[tune] sweep of {n_arms} (strategy, teacher set) arm(s) × space {list(t.space)}; "
             f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → {exp_path}"
@@ -205,7 +258,7 @@ def run_stage(cfg: Config, log=print) -> dict[str, Any]:
                 max_concurrent_trials=t.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
-                name=TRIAL_TRAINABLE, storage_path=path, storage_filesystem=fs, verbose=1
+                name=TRIAL_TRAINABLE, storage_path=path, storage_filesystem=fs, verbose=verbose
             ),
         )
     grid = tuner.fit()

@@ -88,3 +88,23 @@ def test_bench_student_refuses_what_it_cannot_measure(tmp_path, capsys):
 def test_bench_settings_must_be_positive(tmp_path, capsys, flag):
     assert run.main(["bench-student", str(tmp_path / "x.pt"), flag, "0"]) == 2
     assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_quiet_console_drops_only_rays_object_store_noise():
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from pipeline.runtime import quiet_console
+
+    seen = []
+    dispatcher = WorkerStandardStreamDispatcher()
+    dispatcher.add_handler("ray_print_logs", lambda data: seen.append(list(data["lines"])))
+    noise = (
+        "[2026-12-03 06:13:26,179 E 23011 23052] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: 'a6a1' has constructor arguments in the object store and max_restarts > 0"
+    )
+    assert quiet_console(dispatcher=dispatcher) and quiet_console(
+        dispatcher=dispatcher
+    )  # twice: wrapped once
+    dispatcher.emit({"lines": [noise, "[train] epoch 1", "core_worker.cc:10: a real error"], "pid": 1})
+    dispatcher.emit({"lines": [noise], "pid": 1})  # nothing left: the handler is not called
+    assert seen == [["[train] epoch 1", "core_worker.cc:10: a real error"]]

@@ -122,7 +122,9 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
         assert r["export_bytes"] == (os.path.getsize(exported) if r["status"] == "finished" else ""), r
     assert rows[0]["params"] == str(board[0]["params"]) and rows[0]["latency_ms_b1_p50"]
     top = max(r["best_top1"] for r in board if r["status"] == "finished")
-    assert [r["pareto"] for r in board] == [r["status"] == "finished" and r["best_top1"] == top for r in board]
+    assert [r["pareto"] for r in board] == [
+        r["status"] == "finished" and r["best_top1"] == top for r in board
+    ]
     for name in ("best_per_teacher_set.png", "top_trials_curves.png", "camkd_weights.png", "pareto.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
     # `report` regenerates the same leaderboard from the stored results alone.
