@@ -19,6 +19,7 @@ TINY = [
     "train.epochs=1",
     "train.milestones=[]",
     "tune.teacher_set_sizes=[3]",
+    "tune.space={student.arch: [resnet8, MobileNetV2]}",
 ]
 
 
@@ -62,9 +63,25 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, ray_cluster
     assert (
         wrong["aver"]["swapped_classes"] == wrong["aver"]["other_classes"] == pytest.approx(1 / 3, abs=1e-3)
     )
-    assert len(summary["leaderboard"]) == 1
-    assert summary["leaderboard"][0]["teachers"] == "good-a+good-b+swapped"
-    assert summary["leaderboard"][0]["status"] == "finished", summary["leaderboard"]
+    board = summary["leaderboard"]
+    assert sorted(r["student"] for r in board) == ["MobileNetV2", "resnet8"], board
+    assert all(r["teachers"] == "good-a+good-b+swapped" and r["status"] == "finished" for r in board), board
+    # Each student's cost, measured in the report's quiet pass, beside its accuracy; the same in the CSV.
+    costs = ["params", "macs", "latency_ms_b1_p50", "latency_ms_b1_p90", "throughput_bN", "export_bytes"]
+    for row in summary["students"] + board:
+        assert all(isinstance(row[c], (int, float)) and row[c] > 0 for c in costs), row
+        assert row["latency_ms_b1_p90"] >= row["latency_ms_b1_p50"]
+    by_arch = {r["student"]: r for r in board}
+    assert by_arch["resnet8"]["params"] == 77_754 < by_arch["MobileNetV2"]["params"]
+    header = (
+        (tmp_path / "runs" / "quickstart" / "sweep" / "report" / "leaderboard.csv")
+        .read_text()
+        .splitlines()[0]
+    )
+    assert all(c in header.split(",") for c in costs), header
+    assert (report_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "every student on the first 540" in (report_dir / "report.md").read_text()
+    assert "╭" not in out  # Tune's per-trial result boxes stay out of the console
     for name in (
         "accuracy_per_strategy.png",
         "confidence_weight_over_epochs.png",
