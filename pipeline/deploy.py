@@ -99,13 +99,16 @@ def add_costs(
     num_classes: int,
     bench: Bench,
     log=print,
+    measured: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fill every row's cost columns in place. `run_dirs[i]`: row i's run folder (None: never trained to the end).
+    `measured`: architectures already measured in this pass (arch → its costs, as this returns them), reused so
+    one report gives one figure per architecture.
 
     Parameters, MACs and latency depend on the architecture alone, so each architecture is measured once, on the
     first finished run's student.pt when there is one (the exported file itself), else on a fresh model of it;
     `export_bytes` is each run's own student.pt (blank where none was written)."""
-    by_arch: dict[str, dict[str, Any]] = {}
+    by_arch: dict[str, dict[str, Any]] = dict(measured or {})
     first_file: dict[str, str] = {}
     files: dict[int, str] = {}
     for i, row in enumerate(rows):
@@ -113,7 +116,7 @@ def add_costs(
         if run_dir and storage.exists(storage.join(run_dir, "student.pt")):
             files[i] = storage.join(run_dir, "student.pt")
             first_file.setdefault(row["student"], files[i])
-    archs = sorted({r["student"] for r in rows})
+    archs = sorted({r["student"] for r in rows} - set(by_arch))
     if archs:
         log(f"[report] measuring {len(archs)} student architecture(s) one at a time: {bench.describe()}")
     for arch in archs:

@@ -143,7 +143,7 @@ def write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log
         class_weights[s["strategy"]] = last.get("class_weight", {})
         row["mean_weights"] = ", ".join(f"{t}={w:.3f}" for t, w in weights.items()) or "-"
         s_rows.append(row)
-    costs = student_costs(cfg, s_rows, students)
+    costs = student_costs(cfg, s_rows, students, sweep.get("costs"))
     camkd_weights, camkd_class = mean_weights.get("camkd", {}), class_weights.get("camkd", {})
     swaps = swapped_classes(cfg)
     plots = {
@@ -313,9 +313,10 @@ def defaults_note(cfg: Config) -> str:
 
 
 def student_costs(
-    cfg: Config, s_rows: list[dict[str, Any]], students: list[dict[str, Any]]
+    cfg: Config, s_rows: list[dict[str, Any]], students: list[dict[str, Any]], measured: dict | None = None
 ) -> dict[str, Any]:
-    """Each student's cost (`pipeline/deploy.py`) on its row: params, MACs, latency, throughput, student.pt's size."""
+    """Each student's cost (`pipeline/deploy.py`) on its row: params, MACs, latency, throughput, student.pt's size;
+    an architecture the sweep's report measured (`measured`) keeps that figure, so the report has one per arch."""
     for r, s in zip(s_rows, students):
         r |= {
             "rank": f"student-{s['strategy']}",
@@ -324,7 +325,7 @@ def student_costs(
         }
         r["best_top1"] = r["val_top1"]
     return report.add_deploy_costs(
-        cfg, s_rows, [s["run_dir"] for s in students], deploy.Bench(), log=lambda *_: None
+        cfg, s_rows, [s["run_dir"] for s in students], deploy.Bench(), log=lambda *_: None, measured=measured
     )
 
 

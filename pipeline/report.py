@@ -276,14 +276,31 @@ def plot_class_weights(class_weight: dict[str, list[float]], classes: list[str],
 
 
 def add_deploy_costs(
-    cfg: Config, rows: list[dict[str, Any]], run_dirs: list[str | None], bench: deploy.Bench, log=print
+    cfg: Config,
+    rows: list[dict[str, Any]],
+    run_dirs: list[str | None],
+    bench: deploy.Bench,
+    log=print,
+    measured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Each row's student cost (`pipeline/deploy.py`, one quiet pass) and its place on the latency front."""
+    """Each row's student cost (`pipeline/deploy.py`, one quiet pass) and its place on the latency front.
+    `measured`: an earlier pass's costs (what this returns); its architectures are reused when it measured the
+    same way at the same input size."""
     from pipeline.ingest import require_dataset
 
     meta = require_dataset(cfg, log=lambda *_: None)
+    shape = deploy.input_shape(cfg, meta)
+    same = (
+        measured and measured.get("bench") == bench.describe() and measured.get("input_shape") == list(shape)
+    )
     info = deploy.add_costs(
-        rows, dict(enumerate(run_dirs)), deploy.input_shape(cfg, meta), meta.num_classes, bench, log=log
+        rows,
+        dict(enumerate(run_dirs)),
+        shape,
+        meta.num_classes,
+        bench,
+        log=log,
+        measured=measured["architectures"] if same else None,
     )
     front = set(deploy.pareto_front(rows, "latency_ms_b1_p50"))
     for i, (r, run_dir) in enumerate(zip(rows, run_dirs)):
