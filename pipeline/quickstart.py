@@ -72,9 +72,8 @@ def run_quickstart(cfg: Config, overwrite: bool = False, log=print) -> dict[str,
     _step(
         5, n, "rank teacher subsets from the cache; Ray Tune sweep of the best (student architectures)", log
     )
-    sweep = tune.run_stage(
-        cfg, log=log, verbose=0
-    )  # no Tune tables/result boxes; trials still print progress
+    # Tune's status tables and per-trial result boxes stay off the console; the trials' own lines still print.
+    sweep = tune.run_stage(cfg, log=log, verbose=0)
     _step(6, n, "report", log)
     summary = write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log=log)
     summary["wall_seconds"] = round(time.time() - started, 1)
@@ -285,7 +284,7 @@ def data_note(cfg: Config, meta, t_rows: list[dict[str, Any]], s_rows: list[dict
         f"on, {ranges.val_hi - ranges.val_lo} held out for validation) and {meta.split('test').rows} test images; "
         f"{cfg.views.count} cached views per image. The teachers trained on "
         + (
-            f"their own prefixes ({teacher_rows})"
+            f"their own prefixes where set ({teacher_rows}), the others all {ranges.train_end} training rows"
             if teacher_rows
             else f"all {ranges.train_end} training rows"
         )
