@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import preprocessing, storage, tables, teachers
+from pipeline import storage, tables, teachers
 from pipeline.cache import (
     CACHE_FORMAT,
     META_KEY,
@@ -305,13 +305,6 @@ def autoscaling_maximum() -> dict[str, int] | None:
     return {k: int(v) for k, v in found.items()} if found else None
 
 
-def teacher_norm(ref: teachers.TeacherRef, spec: ViewSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) a teacher's inputs are normalised with: the views' (the dataset's) unless the teacher
-    brings its own (`teachers[].mean/std`)."""
-    pre = preprocessing.of_teacher(ref, spec)
-    return pre.mean, pre.std
-
-
 @dataclass(frozen=True)
 class PoolPlan:
     """Where the teachers run and how far their pool may grow, with the reason (printed, and in --dry-run)."""
@@ -503,8 +496,6 @@ def precompute_teachers(
             batch_size=cfg.cache.batch_size,
             threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
             compression=cfg.cache.compression,
-            norms=tuple(teacher_norm(tp.ref, spec) for tp in plans),
-            sizes=tuple(tp.ref.input_size for tp in plans),
             channels_last=cfg.cache.channels_last,
         )
         log(f"[precompute] {len(items)} (part, view) item(s); {pool.line(len(plans))}")

@@ -31,9 +31,6 @@ from pipeline.views import ViewSpec, render_eval, render_train
 TEST = -1  # the `view` of a test-split item (evaluation view, no cache part written)
 
 
-Norm = tuple[tuple[float, ...], tuple[float, ...]]  # a teacher's input (mean, std), one value per channel
-
-
 @dataclass(frozen=True)
 class PrecomputeSpec:
     """What every stage needs (picklable): data, views, teachers, stores and the output format."""
@@ -49,10 +46,6 @@ class PrecomputeSpec:
     batch_size: int
     threads: int
     compression: str
-    norms: tuple[Norm, ...] = ()  # per teacher; () = the views' mean/std for every teacher
-    sizes: tuple[
-        tuple[int, int] | None, ...
-    ] = ()  # per teacher: [H, W] its inputs are resized to; None: as rendered
     channels_last: str = "auto"  # "auto" (measured on a GPU at start-up) | "on" | "off"
 
 
@@ -100,25 +93,18 @@ class TeacherPool:
     def __init__(self, ps: PrecomputeSpec, precision: str) -> None:
         import torch
 
-        from camkd.training import Normalizer
-        from pipeline import teachers
+        from pipeline import preprocessing, teachers
 
         torch.set_num_threads(max(1, ps.threads))
         self.ps = ps
         self.spec = ViewSpec.from_dict(ps.spec)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.models = {
-            k: teachers.build_model(teachers.TeacherRef.from_dict(t)).to(self.device)
-            for k, t in enumerate(ps.teachers)
-        }
+        refs = [teachers.TeacherRef.from_dict(t) for t in ps.teachers]
+        self.models = {k: teachers.build_model(ref).to(self.device) for k, ref in enumerate(refs)}
         # each teacher's own preprocessing (`teachers[].mean/std/input_size`), else the views' mean/std
         self.normalizers = {
-            k: Normalizer(
-                *(ps.norms[k] if ps.norms else (self.spec.mean, self.spec.std)),
-                size=ps.sizes[k] if ps.sizes else None,
-            )
-            for k in self.models
+            k: preprocessing.of_teacher(ref, self.spec).normalizer() for k, ref in enumerate(refs)
         }
         self.copies = torch.cuda.Stream() if self.device.type == "cuda" else None
         self.channels_last = {k: False for k in self.models}
