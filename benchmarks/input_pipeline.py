@@ -16,7 +16,7 @@ as cores, in the consumer's process) delivers (per core = that ÷ cores; goals a
     python benchmarks/input_pipeline.py [--rows 6144] [--scenarios abcd]
 
 Latency hiding (`--latency-ms N`): the reader over a storage layer that delays every open and every read by N ms
-and counts them (`delay://N/<folder>`, `pipeline/latency.py`: the delay is a sleep, so the ratio measures latency
+and counts them (`delay://N/<folder>`, `pipeline/store/delay.py`: the delay is a sleep, so the ratio measures latency
 hiding, not a server's CPU), against the same layer at 0 ms. For scenarios (a) and (c) by default: delivered
 samples/s of both readers at N ms and at 0 ms and their ratio, requests per 1,000 samples, and the round trips a
 read task waits for in series per row group (time with at least one request outstanding ÷ N ms ÷ row groups).
@@ -46,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from pipeline import storage, tables
-from pipeline.cache import (
+from pipeline.cache.layout import (
     CachePart,
     Manifest,
     OutputFormat,
@@ -60,8 +59,10 @@ from pipeline.cache import (
     view_dir,
 )
 from pipeline.config import validate
-from pipeline.ingest import ingest
-from pipeline.reader import (
+from pipeline.data.ingest import ingest
+from pipeline.data.views import make_view_spec, render_train
+from pipeline.store import storage, tables
+from pipeline.train.reader import (
     ReadPlan,
     Slice,
     TeacherSource,
@@ -73,7 +74,6 @@ from pipeline.reader import (
     read_slices,
     row_group_slices,
 )
-from pipeline.views import make_view_spec, render_train
 
 SCENARIOS = {
     "a": {"what": "CIFAR rows + 3 teachers, fp16 maps", "features": "fp16", "logits": "fp16", "teachers": 3},
@@ -327,8 +327,8 @@ def draft_gain(plan, units, n: int = 128) -> dict[str, float]:
     for the scenario's files (320-500 px, ImageNet-like) and for larger photos (1280×960)."""
     from PIL import Image
 
-    from pipeline.ingest import open_image_part, read_image_rows
-    from pipeline.views import ViewSpec, render_eval
+    from pipeline.data.ingest import open_image_part, read_image_rows
+    from pipeline.data.views import ViewSpec, render_eval
 
     rows = read_image_rows(open_image_part(plan.dataset_dir, "train", units[0].part), None)
     small = rows["image"].to_pylist()[:n]
@@ -370,7 +370,7 @@ def _at(plan: ReadPlan, local_root: str, root: str) -> ReadPlan:
 
 def task_batches(units) -> list[dict[str, np.ndarray]]:
     """The item batches one Ray Data read task hands `read_slices`, in order, as `build_dataset` makes them."""
-    from pipeline import reader
+    from pipeline.train import reader
 
     per_call = getattr(reader, "ITEMS_PER_CALL", None)  # None: every item of the task in one call
     rows = items(units, 0, 0)
@@ -413,7 +413,7 @@ def counted_task(plan, units, latency_s: float, counter, at=None) -> dict[str, f
 
 
 def _task_rate(plan, units, counter) -> dict[str, float]:
-    from pipeline.reader import items_per_task
+    from pipeline.train.reader import items_per_task
 
     start_counts = counter()
     rows, start = 0, time.perf_counter()
@@ -463,8 +463,8 @@ def latency_main(args, cores: int) -> None:
     """--latency-ms: each scenario's reader at N ms and at 0 ms of storage latency, side by side (module doc)."""
     import ray
 
-    from pipeline import latency
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
+    from pipeline.store import delay as delay_layer
 
     work = Path(tempfile.mkdtemp(prefix="camkd-latency-bench-"))
     s3 = S3Proxy() if args.root == "s3-proxy" else None
@@ -493,9 +493,9 @@ def latency_main(args, cores: int) -> None:
                 else:
 
                     def at(seconds, plan=plan, local_root=local_root):
-                        return _at(plan, local_root, f"{latency.SCHEME}{seconds * 1000:g}{local_root}")
+                        return _at(plan, local_root, f"{delay_layer.SCHEME}{seconds * 1000:g}{local_root}")
 
-                    p, counter = at(delay), latency.counters().snapshot
+                    p, counter = at(delay), delay_layer.counters().snapshot
                 r[label] = counted_task(p, units, delay, counter, at)
                 r[label]["ray_data_samples_per_s"] = round(
                     delivered(p, units, args.epochs, args.batch, from_first_batch=True)
@@ -574,7 +574,7 @@ def main() -> None:
         return
     import ray
 
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="camkd-input-bench-"))

@@ -30,11 +30,12 @@ import torch
 
 from camkd import models
 from camkd.training import normalize
-from pipeline import storage, tables, teachers
-from pipeline.cache import OutputFormat, encode_outputs
+from pipeline.cache.layout import OutputFormat, encode_outputs
 from pipeline.config import validate
-from pipeline.ingest import ingest, open_image_part, read_image_rows
-from pipeline.views import make_view_spec, render_train
+from pipeline.data.ingest import ingest, open_image_part, read_image_rows
+from pipeline.data.views import make_view_spec, render_train
+from pipeline.store import storage, tables
+from pipeline.teachers import checkpoints
 
 CLASSES = 100
 
@@ -47,7 +48,7 @@ def plain_loop(cfg, meta, refs, batch: int, views: int, device, dtype) -> float:
     once, run every teacher on it (logits + fp16 feature maps to host memory). Its clock starts before the
     teachers load, as the Ray path's does (its actors load them)."""
     start = time.perf_counter()
-    models_ = [teachers.build_model(r).to(device) for r in refs]
+    models_ = [checkpoints.build_model(r).to(device) for r in refs]
     spec = make_view_spec(cfg, meta.encoding)
     ddir = storage.dataset_dir(cfg.root, meta.name, meta.fingerprint)
     n = 0
@@ -79,7 +80,7 @@ def plain_loop(cfg, meta, refs, batch: int, views: int, device, dtype) -> float:
 
 def bytes_per_sample(ref, rows: int = 256) -> dict[str, float]:
     """On-disk bytes per image (one view) of a cache part in each storage format (the stage's own encoder)."""
-    model = teachers.build_model(ref)
+    model = checkpoints.build_model(ref)
     with torch.no_grad():
         fmap = model.forward_features(torch.randn(rows, 3, 32, 32))
         logits = model.forward_head(fmap).numpy()
@@ -103,7 +104,7 @@ def bytes_per_sample(ref, rows: int = 256) -> dict[str, float]:
 
 def precision_error(ref, device, rows: int = 256) -> dict[str, float | str]:
     """What bf16 inference does to a teacher's outputs and to the KD targets cached from them, against fp32."""
-    model = teachers.build_model(ref).to(device)
+    model = checkpoints.build_model(ref).to(device)
     x = torch.randn(rows, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         f32 = model.forward_features(x)
@@ -177,8 +178,8 @@ def ray_once(cfg, refs, meta, threads: int, total: int, first_rows: int) -> dict
     CPU-seconds Ray's own processes took."""
     import ray
 
-    from pipeline.precompute import precompute_teachers
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.cache.precompute import precompute_teachers
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
 
     start = time.perf_counter()
     ray.init(**local_ray_options(threads), log_to_driver=False, include_dashboard=False)
@@ -211,9 +212,9 @@ def format_bytes(cfg, refs, threads: int, rows: int = 512) -> tuple[dict[str, fl
     idx, keys), and bytes stored (the Parquet part on disk, with its footer and receipt)."""
     import ray
 
+    from pipeline.cache.precompute import precompute_teachers
     from pipeline.config import with_updates
-    from pipeline.precompute import precompute_teachers
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
 
     ray.init(**local_ray_options(threads), log_to_driver=False, include_dashboard=False)
     quiet_ray_data()
@@ -250,7 +251,7 @@ def main() -> None:
     entries = []
     for i, arch in enumerate(TEACHERS):
         torch.manual_seed(i)
-        teachers.save_model_file(str(root / f"t{i}.pt"), models.create(arch, CLASSES, 3))
+        checkpoints.save_model_file(str(root / f"t{i}.pt"), models.create(arch, CLASSES, 3))
         entries.append({"name": f"t{i}", "arch": arch, "checkpoint": str(root / f"t{i}.pt")})
     # The actor holds 1.5 of the 2 CPUs (2 torch threads), render and write tasks a quarter each: the machine's
     # cores are shared the way the plain loop uses them.
@@ -277,7 +278,7 @@ def main() -> None:
         }
     )
     meta = ingest(cfg, log=lambda *_: None)
-    refs = teachers.resolve_all(cfg, CLASSES, 3)
+    refs = checkpoints.resolve_all(cfg, CLASSES, 3)
     workload = {
         "teachers": [f"{e['name']}:{e['arch']}" for e in entries],
         "images": args.images,

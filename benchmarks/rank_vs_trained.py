@@ -4,8 +4,8 @@ One command: the quickstart's setup (configs/quickstart.yaml: V = 2 cached views
 3 epochs, its three teachers), pinned to the 3 000-row Fashion-MNIST subset it was measured on (`PINNED`: teachers
 and students on the same 2 700 training rows, 300 held out), plus a fourth teacher (`short`: a resnet8 trained for
 one epoch) so that there are 11 subsets CA-MKD can take (every subset of ≥ 2 of the 4 teachers). It ranks
-them from the cache (`pipeline/rank.py`), then trains every subset's CA-MKD student to the end in one sweep
-(`pipeline/tune.py`, ASHA off, the same epochs and seed for all), and prints both orders side by side with
+them from the cache (`pipeline/sweep/rank.py`), then trains every subset's CA-MKD student to the end in one sweep
+(`pipeline/sweep/tune.py`, ASHA off, the same epochs and seed for all), and prints both orders side by side with
 Spearman's ρ (n = the number of subsets) between each cache score and the trained validation top-1 (the sweep's
 selection metric; test top-1 alongside). Resumable: teachers, cache and finished trials are reused.
 
@@ -29,12 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import precompute, rank, storage, teacher_stage, tune
+from pipeline.cache import precompute
 from pipeline.config import with_updates
-from pipeline.ingest import ingest
-from pipeline.quickstart import quickstart_config
-from pipeline.runtime import ensure_ray
-from pipeline.train import SUMMARY_FILE
+from pipeline.data.ingest import ingest
+from pipeline.ops.runtime import ensure_ray
+from pipeline.report.quickstart import quickstart_config
+from pipeline.store import storage
+from pipeline.sweep import rank, tune
+from pipeline.teachers import stage as teacher_stage
+from pipeline.train.driver import SUMMARY_FILE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "rank"
 # What docs/rank was measured with (configs/quickstart.yaml of commit 55e7e0a), whatever the quickstart uses now.
@@ -106,7 +109,7 @@ def trained_rows(cfg) -> dict[str, dict]:
     """Per teacher subset ("a+b"): the finished trials' best and final validation top-1 and test top-1."""
     out: dict[str, dict] = {}
     train_root = storage.join(tune.sweep_dir(cfg), "train")
-    from pipeline.report import leaderboard
+    from pipeline.report.leaderboard import leaderboard
 
     for row in leaderboard(cfg, tune.sweep_dir(cfg)):
         if row["status"] != "finished":

@@ -157,17 +157,19 @@ def ray_path(
     backend."""
     import ray
 
-    from pipeline import precompute, teachers, train
+    from pipeline.cache import precompute
     from pipeline.config import validate, with_updates
-    from pipeline.ingest import ingest
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.data.ingest import ingest
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
+    from pipeline.teachers import checkpoints
+    from pipeline.train import driver
 
     root = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
     files = []
     for i in range(K):
         torch.manual_seed(i)
         path = root / f"t{i}.pt"
-        teachers.save_model_file(str(path), models.create(TEACHER, CLASSES, 3))
+        checkpoints.save_model_file(str(path), models.create(TEACHER, CLASSES, 3))
         files.append({"name": f"t{i}", "arch": TEACHER, "checkpoint": str(path)})
     cfg = validate(
         {
@@ -213,7 +215,7 @@ def ray_path(
     runs = [("ce", {"strategy.name": "ce"}), ("camkd", {})]
     runs += [(f"camkd+{v}", RAY_VARIANTS[v]) for v in variants]
     for strategy, updates in runs:
-        s = train.fit(
+        s = driver.fit(
             with_updates(cfg, updates),
             meta,
             str(root / "runs"),

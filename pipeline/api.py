@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import Config, load_config
-from pipeline.ingest import DatasetMeta
+from pipeline.data.ingest import DatasetMeta
 
 
 class Result(BaseModel):
@@ -76,34 +76,34 @@ def _yaml(value: Any) -> str:
 
 
 def ingest(cfg: Config) -> DatasetMeta:
-    from pipeline.ingest import ingest as run
+    from pipeline.data.ingest import ingest as run
 
     return run(cfg)
 
 
 def train_teachers(cfg: Config) -> list[TeacherResult]:
-    from pipeline import teacher_stage
-    from pipeline.runtime import ensure_ray
+    from pipeline.ops.runtime import ensure_ray
+    from pipeline.teachers import stage as teacher_stage
 
     ensure_ray(cfg)
     return [TeacherResult.model_validate(r) for r in teacher_stage.run_stage(cfg)]
 
 
 def precompute(cfg: Config, overwrite: bool = False) -> PrecomputeResult:
-    from pipeline import precompute as stage
-    from pipeline.runtime import ensure_ray
+    from pipeline.cache import precompute as stage
+    from pipeline.ops.runtime import ensure_ray
 
     ensure_ray(cfg)
     return PrecomputeResult.model_validate(stage.run_stage(cfg, overwrite=overwrite))
 
 
 def train(cfg: Config, name: str | None = None) -> RunSummary:
-    from pipeline import train as stage
+    from pipeline.train import driver as stage
 
     return RunSummary.model_validate(stage.run_stage(cfg, name=name))
 
 
 def tune(cfg: Config) -> SweepResult:
-    from pipeline import tune as stage
+    from pipeline.sweep import tune as stage
 
     return SweepResult.model_validate(stage.run_stage(cfg))

@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python pipeline/run.py` (also from a Ray job's working dir): import the repo
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python pipeline/run.py` (also from a Ray job's working dir): import the repo, and
+    # not this folder, whose stage packages (data, train, ...) would otherwise shadow top-level names
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import yaml
 
@@ -165,7 +166,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_settings(args: argparse.Namespace):
-    from pipeline.deploy import Bench
+    from pipeline.report.deploy import Bench
 
     for name in ("threads", "repeats", "batch"):
         if getattr(args, name) < 1:
@@ -176,8 +177,8 @@ def bench_settings(args: argparse.Namespace):
 def bench_student(args: argparse.Namespace) -> dict:
     import json
 
-    from pipeline import storage
-    from pipeline.deploy import bench_file
+    from pipeline.report.deploy import bench_file
+    from pipeline.store import storage
 
     shape = None
     if args.size:
@@ -197,7 +198,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     if args.stage == "quickstart":
-        from pipeline.quickstart import quickstart_config
+        from pipeline.report.quickstart import quickstart_config
 
         return quickstart_config(args.config, overrides, root=args.root, full=args.full)
     cfg = load_config(args.config, overrides)
@@ -209,14 +210,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
-    from pipeline import storage
+    from pipeline.store import storage
 
     print("# resolved config")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print("\n# plan")
     meta = None
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster to describe: attach (cheap), run nothing
-        from pipeline.runtime import ensure_ray
+        from pipeline.ops.runtime import ensure_ray
 
         ensure_ray(cfg, log=lambda *_: None)
     try:
@@ -225,7 +226,7 @@ def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
     except Exception as e:  # the config is valid; storage may just not be reachable from this machine
         print(f"storage {cfg.root}: not reachable from here ({type(e).__name__}: {e}); the plan needs it")
     if stage in ("precompute", "all", "quickstart") and cfg.teachers:
-        from pipeline.precompute import dry_run_pool
+        from pipeline.cache.precompute import dry_run_pool
 
         print(dry_run_pool(cfg))
     print("\n# capacity (model fed by benchmarks/input_pipeline.py; README 'Capacity')")
@@ -234,9 +235,9 @@ def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
 
 
 def _plan_lines(cfg: Config, stage: str):
-    from pipeline import precompute
-    from pipeline.ingest import find_dataset
-    from pipeline.train import run_name_for
+    from pipeline.cache import precompute
+    from pipeline.data.ingest import find_dataset
+    from pipeline.train.driver import run_name_for
 
     meta = find_dataset(cfg)
     print(
@@ -252,7 +253,7 @@ def _plan_lines(cfg: Config, stage: str):
     if stage in ("train", "all"):
         print(f"train: run {run_name_for(cfg)} → {cfg.root}/runs/{cfg.experiment}/")
     if stage in ("tune", "all", "quickstart") and (cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes):
-        from pipeline.tune import arms
+        from pipeline.sweep.tune import arms
 
         print(
             f"tune: {len(arms(cfg))} arm(s): "
@@ -264,8 +265,8 @@ def _plan_lines(cfg: Config, stage: str):
                 "are swept (ranked from the cache first; `tune --rank-only` shows the ranking)"
             )
     if stage == "rank":
-        from pipeline.rank import rank_dir
-        from pipeline.tune import ranking_subsets
+        from pipeline.sweep.rank import rank_dir
+        from pipeline.sweep.tune import ranking_subsets
 
         subsets = ranking_subsets(cfg)
         print(f"rank: {len(subsets)} teacher subset(s) from the cache → {rank_dir(cfg)}")
@@ -273,7 +274,7 @@ def _plan_lines(cfg: Config, stage: str):
 
 
 def capacity_lines(cfg: Config, meta, rate: float | None) -> list[str]:
-    from pipeline import capacity
+    from pipeline.ops import capacity
 
     return capacity.estimate(cfg, meta, rate, capacity.probe_shapes(cfg, meta)).lines(cfg)
 
@@ -287,50 +288,50 @@ def run(args: argparse.Namespace) -> object:
         return None
     stage = args.stage
     if stage == "ingest":
-        from pipeline.ingest import ingest
+        from pipeline.data.ingest import ingest
 
         return ingest(cfg, verify=args.verify).model_dump()
     if stage == "quickstart":
-        from pipeline.quickstart import run_quickstart
+        from pipeline.report.quickstart import run_quickstart
 
         return run_quickstart(cfg, overwrite=args.overwrite)
     if stage == "rank":  # the cache alone: no Ray
-        from pipeline import rank, tune
+        from pipeline.sweep import rank, tune
 
         return rank.run_stage(cfg, tune.ranking_subsets(cfg))
     if stage == "tune" and args.rank_only:
-        from pipeline.tune import rank_only
+        from pipeline.sweep.tune import rank_only
 
         return rank_only(cfg)
-    from pipeline.runtime import ensure_ray
+    from pipeline.ops.runtime import ensure_ray
 
     if stage != "report":
         ensure_ray(cfg)
     if stage == "teachers":
-        from pipeline.teacher_stage import run_stage
+        from pipeline.teachers.stage import run_stage
 
         return run_stage(cfg)
     if stage == "precompute":
-        from pipeline.precompute import run_stage
+        from pipeline.cache.precompute import run_stage
 
         return run_stage(cfg, overwrite=args.overwrite)
     if stage == "train":
-        from pipeline.train import run_stage
+        from pipeline.train.driver import run_stage
 
         return run_stage(cfg, name=args.name)
     if stage == "tune":
-        from pipeline.tune import run_stage
+        from pipeline.sweep.tune import run_stage
 
         return run_stage(cfg)
     if stage == "doctor":
-        from pipeline.doctor import run_stage
+        from pipeline.ops.doctor import run_stage
 
         return run_stage(cfg, seconds=args.seconds)
     if stage == "report":
-        from pipeline import storage
-        from pipeline.quickstart import regenerate_report
-        from pipeline.report import write_sweep_report
-        from pipeline.tune import sweep_dir
+        from pipeline.report.leaderboard import write_sweep_report
+        from pipeline.report.quickstart import regenerate_report
+        from pipeline.store import storage
+        from pipeline.sweep.tune import sweep_dir
 
         done = {}
         if storage.exists(storage.join(sweep_dir(cfg), "tune")):
@@ -351,14 +352,17 @@ def run(args: argparse.Namespace) -> object:
             )
         return done
     if stage == "all":
-        from pipeline import precompute, teacher_stage, train, tune
-        from pipeline.ingest import ingest
+        from pipeline.cache import precompute
+        from pipeline.data.ingest import ingest
+        from pipeline.sweep import tune
+        from pipeline.teachers import stage as teacher_stage
+        from pipeline.train import driver
 
         ingest(cfg)
         if cfg.teachers:
             teacher_stage.run_stage(cfg)
             precompute.run_stage(cfg, overwrite=args.overwrite)
-        result = {"train": train.run_stage(cfg)}
+        result = {"train": driver.run_stage(cfg)}
         if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
             result["tune"] = tune.run_stage(cfg)
         return result
@@ -366,12 +370,12 @@ def run(args: argparse.Namespace) -> object:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.cache import CacheError
-    from pipeline.ingest import IngestError
-    from pipeline.runtime import ClusterError
-    from pipeline.storage import StorageError
-    from pipeline.teachers import TeacherError
-    from pipeline.train import TrainingError
+    from pipeline.cache.layout import CacheError
+    from pipeline.data.ingest import IngestError
+    from pipeline.ops.runtime import ClusterError
+    from pipeline.store.storage import StorageError
+    from pipeline.teachers.checkpoints import TeacherError
+    from pipeline.train.driver import TrainingError
 
     return (ConfigError, IngestError, TeacherError, CacheError, TrainingError, ClusterError, StorageError)
 

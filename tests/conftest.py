@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from camkd import models  # noqa: E402
-from pipeline import teachers  # noqa: E402
 from pipeline.config import Config, validate  # noqa: E402
+from pipeline.teachers import checkpoints  # noqa: E402
 
 RAY_CPUS = 4  # logical CPUs for the test cluster (this machine has 2 cores; tasks are small)
 # CA-MKD from t1 + t2 for 3 deterministic epochs on the tiny synthetic dataset. β is 5, not the paper's 50: with
@@ -39,7 +39,7 @@ def ray_cluster():
     # Ray Train's controller polls its workers every 2 s by default; polling faster only shortens the tail of the
     # many tiny runs in this suite (about 3 s each). Set before Ray starts so drivers and workers inherit it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    from pipeline.runtime import local_ray_options, quiet_ray_data
+    from pipeline.ops.runtime import local_ray_options, quiet_ray_data
 
     # Started as run.py starts a local Ray (its worker-pool setting), with the dashboard.
     if not ray.is_initialized():
@@ -88,7 +88,7 @@ def make_teacher_file(
     model = models.create(arch, num_classes, in_chans)
     if epochs:
         from camkd.training import normalize
-        from pipeline.ingest import _synthetic_split
+        from pipeline.data.ingest import _synthetic_split
 
         split = _synthetic_split(tiny_config(path.parent).data, "train")
         x = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous()
@@ -103,7 +103,7 @@ def make_teacher_file(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    teachers.save_model_file(str(path), model.eval())
+    checkpoints.save_model_file(str(path), model.eval())
     return path
 
 
@@ -129,8 +129,8 @@ def cached(ray_cluster, teacher_files, tmp_path_factory):
 
     Returns (cfg for t1+t2, cfg for t3, dataset meta, precompute summary, precompute summary of t3).
     """
-    from pipeline import precompute
-    from pipeline.ingest import ingest
+    from pipeline.cache import precompute
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("cache-root")
     cfg = tiny_config(root, teachers=teacher_entries(teacher_files, ("t1", "t2")))
@@ -151,12 +151,12 @@ def undisturbed(cached, tmp_path_factory):
 
     The session's teachers have random weights, so β is lowered from 50 to keep their feature term from
     drowning the labels in 24 steps: the point here is the machinery, not the teachers' quality."""
-    from pipeline import train
     from pipeline.config import with_updates
+    from pipeline.train import driver
 
     cfg = with_updates(
         cached[0],
         CAMKD_RUN,
     )
     out = tmp_path_factory.mktemp("runs")
-    return cfg, out, train.fit(cfg, cached[2], str(out), "w1")
+    return cfg, out, driver.fit(cfg, cached[2], str(out), "w1")

@@ -16,19 +16,21 @@ import yaml
 from conftest import ROOT, make_teacher_file, teacher_entries, tiny_config
 
 from camkd.training import normalize
-from pipeline import cache, precompute, storage, teachers
-from pipeline.cache import CacheError, find_store, output_format
+from pipeline.cache import layout, precompute
+from pipeline.cache.layout import CacheError, find_store, output_format
 from pipeline.config import with_updates
-from pipeline.ingest import ingest, open_image_part, read_image_rows
-from pipeline.reader import ReadPlan, Slice, TeacherSource, items, read_slices
-from pipeline.views import make_view_spec, render_train_view
+from pipeline.data.ingest import ingest, open_image_part, read_image_rows
+from pipeline.data.views import make_view_spec, render_train_view
+from pipeline.store import storage
+from pipeline.teachers import checkpoints
+from pipeline.train.reader import ReadPlan, Slice, TeacherSource, items, read_slices
 
 
 def _stores(cfg, meta, names):
     """(refs, stores, manifests) of the named teachers for this config's views and format."""
     spec = make_view_spec(cfg, meta.encoding)
     fmt = output_format(cfg, meta)
-    refs = teachers.resolve_all(cfg, meta.num_classes, meta.channels, names)
+    refs = checkpoints.resolve_all(cfg, meta.num_classes, meta.channels, names)
     found = [
         find_store(storage.teacher_dir(cfg.root, meta.fingerprint, r.id), r.to_dict(), spec, fmt, [0])
         for r in refs
@@ -66,7 +68,7 @@ def _direct(ref, cfg, meta, part, view):
     pixels = render_train_view(
         rows["image"].combine_chunks(), rows["idx"].to_numpy(), view, spec, tuple(meta.image_shape)
     )
-    model = teachers.build_model(ref)
+    model = checkpoints.build_model(ref)
     with torch.no_grad():
         fmap = model.forward_features(normalize(torch.from_numpy(pixels), spec.mean, spec.std))
         return model.forward_head(fmap).numpy(), fmap.numpy()
@@ -91,7 +93,7 @@ def test_round_trip_fp16_matches_direct_forward(cached):
     assert set(head) == {"classifier.weight", "classifier.bias"}
     # every part is followed by its receipt, which a resumed run trusts instead of re-reading the part
     part = os.path.join(stores[0], "view-0001", "part-00002.parquet")
-    receipt = json.load(open(part + cache.RECEIPT_SUFFIX))
+    receipt = json.load(open(part + layout.RECEIPT_SUFFIX))
     assert receipt["bytes"] == os.path.getsize(part) and receipt["rows"] == 64 and receipt["view"] == 1
 
 
@@ -103,14 +105,14 @@ def test_int8_features_and_topk_logits_within_stated_bounds(cached):
     # plus 2^-11·|x| because teacher maps travel from the inference actors to the writers in float16
     q, scale = rows["t0_feat"], rows["t0_feat_scale"].astype(np.float32)
     assert q.dtype == np.int8 and scale.shape == (64, fmap.shape[1])
-    deq = cache.dequantize_int8(q, scale)
+    deq = layout.dequantize_int8(q, scale)
     bound = np.abs(fmap).reshape(64, fmap.shape[1], -1).max(-1) / 127 * 0.5 * (1 + 2**-8)
     assert (np.abs(deq - fmap) <= bound[:, :, None, None] + 2**-11 * np.abs(fmap) + 1e-7).all()
     # top-k logits travel raw (decoded on the training device); the k largest are exact (fp16), the tail keeps
     # its probability mass
     values, index, fill = rows["t0_topk_values"], rows["t0_topk_index"], rows["t0_tail_logit"]
     assert values.shape == (64, 3) and index.shape == (64, 3) and fill.shape == (64,)
-    dense = cache.topk_decode(values, index, fill, 10)
+    dense = layout.topk_decode(values, index, fill, 10)
     top = np.argsort(-logits, 1)[:, :3]
     np.testing.assert_allclose(
         np.take_along_axis(dense, top, 1), np.take_along_axis(logits, top, 1), rtol=2**-10, atol=1e-3
@@ -135,15 +137,15 @@ def test_int8_quantisation_reads_float16_maps_as_their_float32_copy_and_refuses_
     x[0, 0] = 0
     x[1, 1] = -(x[1, 1] ** 2)
     x[2, 2] = np.float16(1e-6)
-    q16, s16 = cache.quantize_int8(x)
-    q32, s32 = cache.quantize_int8(x.astype(np.float32))
+    q16, s16 = layout.quantize_int8(x)
+    q32, s32 = layout.quantize_int8(x.astype(np.float32))
     assert q16.dtype == np.int8 and np.array_equal(q16, q32) and np.array_equal(s16, s32)
     assert np.abs(q16).max() == 127 and (q16[0, 0] == 0).all()
     x[3, 4, 1, 2] = np.inf
     for features in ("int8", "fp16"):
-        fmt = cache.OutputFormat("fp16", 10, features, 5)
+        fmt = layout.OutputFormat("fp16", 10, features, 5)
         with pytest.raises(ValueError, match="teacher features hold"):
-            cache.encode_outputs(np.arange(16), np.zeros((16, 5), np.float32), x, fmt)
+            layout.encode_outputs(np.arange(16), np.zeros((16, 5), np.float32), x, fmt)
 
 
 def test_second_run_added_teacher_and_more_views_compute_only_whats_missing(cached, tmp_path):
@@ -214,17 +216,17 @@ def test_bad_parts_are_refused_with_the_file_and_the_fix(cached, tmp_path):
     s1, m1 = stores[0], manifests[0]
     v0 = os.path.join(s1, "view-0000")
 
-    ref = cache.StoreRef.of(m1)
+    ref = layout.StoreRef.of(m1)
 
     def read(part, expected_idx):
-        opened = cache.open_cache_part(os.path.join(v0, part), ref, 0, part)
-        table = cache.read_cache_rows(opened, ref, [0], ["idx", "logits", "feat"])
-        cache.check_aligned(table, opened.url, ref, expected_idx)
+        opened = layout.open_cache_part(os.path.join(v0, part), ref, 0, part)
+        table = layout.read_cache_rows(opened, ref, [0], ["idx", "logits", "feat"])
+        layout.check_aligned(table, opened.url, ref, expected_idx)
         return table
 
     # bytes flipped inside a data page, size unchanged: the column checksums catch it
     flip_bytes_in_data_pages(os.path.join(v0, "part-00000.parquet"))
-    cache.check_parts_present(m1, s1, [0])  # same size: the cheap pre-flight cannot see it ...
+    layout.check_parts_present(m1, s1, [0])  # same size: the cheap pre-flight cannot see it ...
     with pytest.raises(
         CacheError,
         match=r"part-00000\.parquet of teacher 't1' is corrupt \(column 'feat', row group 0 .*re-run",
@@ -237,7 +239,7 @@ def test_bad_parts_are_refused_with_the_file_and_the_fix(cached, tmp_path):
     with pytest.raises(
         CacheError, match=r"part-00001\.parquet of teacher 't1' has \d+ bytes.*truncated.*precompute"
     ):
-        cache.check_parts_present(m1, s1, [0])
+        layout.check_parts_present(m1, s1, [0])
     with pytest.raises(
         CacheError, match=r"part-00001\.parquet of teacher 't1' is corrupt.*re-run precompute"
     ):
@@ -249,7 +251,7 @@ def test_bad_parts_are_refused_with_the_file_and_the_fix(cached, tmp_path):
     with pytest.raises(
         CacheError, match=r"part-00002\.parquet of teacher 't1' is missing; re-run precompute"
     ):
-        cache.check_parts_present(m1, s1, [0])
+        layout.check_parts_present(m1, s1, [0])
     with pytest.raises(
         CacheError, match=r"part-00002\.parquet of teacher 't1' is missing; re-run precompute"
     ):
@@ -270,7 +272,7 @@ def test_bad_parts_are_refused_with_the_file_and_the_fix(cached, tmp_path):
         read("part-00003.parquet", np.arange(192, 256))
     # precompute refuses to overwrite the foreign part silently, and repairs everything with --overwrite
     open(part, "wb").write(truncated)
-    os.remove(os.path.join(v0, "part-00003.parquet" + cache.RECEIPT_SUFFIX))
+    os.remove(os.path.join(v0, "part-00003.parquet" + layout.RECEIPT_SUFFIX))
     storage.remove(os.path.join(s1, "manifest.json"))
     with pytest.raises(CacheError, match="refusing to overwrite a foreign cache part"):
         precompute.run_stage(cfg)
@@ -287,7 +289,7 @@ def test_other_views_format_checkpoint_or_an_old_layout_are_refused_saying_what_
     cfg, _, meta, *_ = cached
     spec = make_view_spec(cfg, meta.encoding)
     fmt = output_format(cfg, meta)
-    t1 = teachers.resolve(cfg, cfg.teachers[0], meta.num_classes, meta.channels)
+    t1 = checkpoints.resolve(cfg, cfg.teachers[0], meta.num_classes, meta.channels)
     tdir = storage.teacher_dir(cfg.root, meta.fingerprint, t1.id)
     # another view spec lives beside the existing one: not found, naming what this teacher has
     other = make_view_spec(with_updates(cfg, {"views.seed": 5}), meta.encoding)
@@ -310,7 +312,7 @@ def test_other_views_format_checkpoint_or_an_old_layout_are_refused_saying_what_
     with pytest.raises(CacheError, match=r"older camkd-ray \(cache format 1\); rebuild it: delete"):
         find_store(str(old), t1.to_dict(), spec, fmt, [0])
     with pytest.raises(CacheError, match=r"cache format 1, this version reads 2\); rebuild it"):
-        cache.load_manifest(str(old), "t1")
+        layout.load_manifest(str(old), "t1")
 
 
 @pytest.mark.fault
@@ -334,8 +336,8 @@ def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_
         stderr=subprocess.DEVNULL,
     )
     meta = ingest(cfg)
-    ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
-    store = cache.store_dir(
+    ref = checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
+    store = layout.store_dir(
         storage.teacher_dir(cfg.root, meta.fingerprint, ref.id),
         make_view_spec(cfg, meta.encoding),
         output_format(cfg, meta),
@@ -343,13 +345,13 @@ def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_
     vdir = os.path.join(store, "view-0000")
     deadline = time.time() + 180
     while time.time() < deadline:
-        done = [n for n in storage.listdir(vdir) if n.endswith(cache.RECEIPT_SUFFIX)]
+        done = [n for n in storage.listdir(vdir) if n.endswith(layout.RECEIPT_SUFFIX)]
         if len(done) >= 2:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = sorted(n for n in storage.listdir(vdir) if n.endswith(cache.RECEIPT_SUFFIX))
+    before = sorted(n for n in storage.listdir(vdir) if n.endswith(layout.RECEIPT_SUFFIX))
     assert 2 <= len(before) < 12, f"kill came too late/early: {before}"
     assert not storage.exists(os.path.join(store, "manifest.json"))
     resumed = precompute.run_stage(cfg)["teachers"][0]
@@ -357,8 +359,8 @@ def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_
     clean_cfg = with_updates(cfg, {"root": str(tmp_path / "b")})
     ingest(clean_cfg)
     precompute.run_stage(clean_cfg)
-    a = cache.load_manifest(store)
-    b = cache.load_manifest(store.replace(str(tmp_path / "a"), str(tmp_path / "b")))
+    a = layout.load_manifest(store)
+    b = layout.load_manifest(store.replace(str(tmp_path / "a"), str(tmp_path / "b")))
     assert [p.digest for p in a.views[0].parts] == [p.digest for p in b.views[0].parts], "resumed = clean run"
     assert not [n for n in storage.listdir(vdir) if storage.TMP_MARK in n]
 
@@ -413,7 +415,7 @@ def test_device_encoders_store_the_bytes_of_the_numpy_encoders():
     tail logit as topk_encode, fp16 logits and maps as the NumPy cast; the stored tables are equal byte for byte."""
     import torch
 
-    from pipeline import device_encode
+    from pipeline.cache import encode
 
     rng = np.random.default_rng(7)
     scales = rng.choice([1e-4, 0.3, 7.0, 900.0], size=(48, 16, 1, 1))
@@ -423,30 +425,30 @@ def test_device_encoders_store_the_bytes_of_the_numpy_encoders():
     logits = (rng.standard_normal((48, 100)) * 5).astype(np.float32)
     idx = np.arange(48)
     for fmt in (
-        cache.OutputFormat("fp16", 0, "fp16", 100),
-        cache.OutputFormat("fp16", 0, "int8", 100),
-        cache.OutputFormat("topk", 12, "int8", 100),
+        layout.OutputFormat("fp16", 0, "fp16", 100),
+        layout.OutputFormat("fp16", 0, "int8", 100),
+        layout.OutputFormat("topk", 12, "int8", 100),
     ):
-        cols = device_encode.encode_logits(torch.from_numpy(logits), fmt) | device_encode.encode_features(
+        cols = encode.encode_logits(torch.from_numpy(logits), fmt) | encode.encode_features(
             torch.from_numpy(maps), fmt
         )
         cols = {k: v.numpy() for k, v in cols.items()}
-        assert not bool(device_encode.not_finite(*(torch.from_numpy(v) for v in cols.values())))
-        reference = cache.encode_outputs(idx, logits, maps.astype(np.float16), fmt)
+        assert not bool(encode.not_finite(*(torch.from_numpy(v) for v in cols.values())))
+        reference = layout.encode_outputs(idx, logits, maps.astype(np.float16), fmt)
         if fmt.logits == "fp16":
-            assert cache.stored_table(idx, cols, fmt).equals(reference), fmt.key
+            assert layout.stored_table(idx, cols, fmt).equals(reference), fmt.key
             continue
-        values, index, fill = cache.topk_encode(logits, fmt.topk)
+        values, index, fill = layout.topk_encode(logits, fmt.topk)
         assert [set(a) for a in index] == [set(b) for b in cols["topk_index"]]
         order = np.argsort(index, 1), np.argsort(cols["topk_index"], 1)
         np.testing.assert_array_equal(
             np.take_along_axis(values, order[0], 1), np.take_along_axis(cols["topk_values"], order[1], 1)
         )
         np.testing.assert_array_equal(fill, cols["tail_logit"])
-        q, s = cache.quantize_int8(maps.astype(np.float16))
+        q, s = layout.quantize_int8(maps.astype(np.float16))
         np.testing.assert_array_equal(cols["feat"], q)
         np.testing.assert_array_equal(cols["feat_scale"], s)
     bad = maps.copy()
     bad[0, 0, 0, 0] = 1e6  # beyond float16: inf as stored
-    cols = device_encode.encode_features(torch.from_numpy(bad), cache.OutputFormat("fp16", 0, "int8", 100))
-    assert bool(device_encode.not_finite(*cols.values()))
+    cols = encode.encode_features(torch.from_numpy(bad), layout.OutputFormat("fp16", 0, "int8", 100))
+    assert bool(encode.not_finite(*cols.values()))

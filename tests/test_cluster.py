@@ -1130,8 +1130,8 @@ def test_shipped_cluster_configs_fit_the_training_configs_they_serve(config):
     """Every GPU training config on every shipped cluster shape: a GPU node holds a Train worker plus the read CPUs
     the capacity model gives it, enough GPU nodes exist for the workers, the object store fits in /dev/shm, and
     Ray Data has CPUs to run on (the KubeRay head has none)."""
-    from pipeline import capacity
     from pipeline.config import load_config
+    from pipeline.ops import capacity
 
     cfg = load_config(config)
     need = capacity.estimate(cfg, None, None, capacity.probe_shapes(cfg)).read_cpus_per_worker

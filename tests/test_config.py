@@ -212,9 +212,9 @@ def test_a_folder_is_bound_to_its_config_and_survives_fields_added_since(tmp_pat
 def test_a_run_name_ray_cannot_tag_is_refused_before_anything_runs(tmp_path):
     """A non-ASCII run name once failed inside Ray Train's controller (its metric tags take ASCII only), after
     three worker-group restarts; it is refused up front, naming the rule."""
-    from pipeline import train
+    from pipeline.train import driver
 
     cfg = validate({"root": str(tmp_path)}, "test")
     with pytest.raises(ConfigError, match=r"run name .camkd-β0\.5.: use ASCII letters, digits and"):
-        train.fit(cfg, None, str(tmp_path), "camkd-β0.5")
+        driver.fit(cfg, None, str(tmp_path), "camkd-β0.5")
     assert not list(tmp_path.iterdir()), "nothing was written"

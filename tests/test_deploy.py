@@ -8,7 +8,9 @@ import torch
 
 from camkd import models
 from camkd.costs import latency
-from pipeline import deploy, run, teachers
+from pipeline import run
+from pipeline.report import deploy
+from pipeline.teachers import checkpoints
 
 
 def row(rank, student, top1, ms, params, status="finished"):
@@ -64,7 +66,7 @@ def test_latency_reports_ordered_percentiles_and_restores_the_model():
 def test_bench_student_measures_a_student_file(tmp_path, capsys):
     model = models.create("resnet8", 10, 1)
     path = tmp_path / "student.pt"
-    teachers.save_model_file(str(path), model, {"input_shape": [1, 28, 28]})
+    checkpoints.save_model_file(str(path), model, {"input_shape": [1, 28, 28]})
     assert run.main(["bench-student", str(path), "--repeats", "10", "--batch", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["arch"], out["input_shape"], out["params"]) == ("resnet8", [1, 28, 28], 77_754)
@@ -74,7 +76,7 @@ def test_bench_student_measures_a_student_file(tmp_path, capsys):
 
 def test_bench_student_refuses_what_it_cannot_measure(tmp_path, capsys):
     path = tmp_path / "old.pt"
-    teachers.save_model_file(str(path), models.create("resnet8", 10, 1))  # no input_shape recorded
+    checkpoints.save_model_file(str(path), models.create("resnet8", 10, 1))  # no input_shape recorded
     assert run.main(["bench-student", str(path)]) == 2
     assert "does not record its input size" in capsys.readouterr().err
     assert run.main(["bench-student", str(path), "--size", "28,28"]) == 2
@@ -93,7 +95,7 @@ def test_bench_settings_must_be_positive(tmp_path, capsys, flag):
 def test_quiet_console_drops_only_rays_object_store_noise():
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from pipeline.runtime import quiet_console
+    from pipeline.ops.runtime import quiet_console
 
     seen = []
     dispatcher = WorkerStandardStreamDispatcher()

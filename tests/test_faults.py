@@ -21,10 +21,14 @@ import torch
 import yaml
 from conftest import CAMKD_RUN, ROOT
 
-from pipeline import cache, runtime, storage, tables, teachers, train
+from pipeline.cache import layout
 from pipeline.config import with_updates
-from pipeline.storage import StorageError
-from pipeline.views import make_view_spec
+from pipeline.data.views import make_view_spec
+from pipeline.ops import runtime
+from pipeline.store import storage, tables
+from pipeline.store.storage import StorageError
+from pipeline.teachers import checkpoints
+from pipeline.train import driver
 
 pytestmark = pytest.mark.fault
 
@@ -86,7 +90,7 @@ def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cach
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = train.fit(cfg, cached[2], str(tmp_path), "killed")
+    summary = driver.fit(cfg, cached[2], str(tmp_path), "killed")
     thread.join(timeout=5)
     assert killed, "no Train worker was killed"
     assert summary["epochs"] == 3 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
@@ -157,19 +161,19 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
     vdir = os.path.join(store, "view-0001")
     for part in manifest.views[1].parts:
         path = os.path.join(vdir, part.name)
-        opened = tables.open_table(path, cache.META_KEY)
+        opened = tables.open_table(path, layout.META_KEY)
         table = opened.read(None, opened.schema.names)
         bad = np.full((table.num_rows, 10), np.nan, dtype=np.float16)
         col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(20), table.num_rows, [None, pa.py_buffer(bad)])
         table = table.set_column(table.schema.get_field_index("logits"), "logits", col)
-        kv = {cache.META_KEY: json.dumps(opened.metadata).encode()}
+        kv = {layout.META_KEY: json.dumps(opened.metadata).encode()}
         tables.write_table(path, tables.encode_table(table, meta.row_group_rows, kv))
         part.bytes = os.path.getsize(path)  # keep the pre-flight size check quiet
-    storage.write_json(cache.manifest_url(store), manifest.model_dump())
+    storage.write_json(layout.manifest_url(store), manifest.model_dump())
     with pytest.raises(
-        train.TrainingError, match=r"non-finite loss at epoch 2, step 1 \(rank 0, first bad term kd=nan"
+        driver.TrainingError, match=r"non-finite loss at epoch 2, step 1 \(rank 0, first bad term kd=nan"
     ) as e:
-        train.fit(cfg, meta, str(tmp_path / "runs"), "nan")
+        driver.fit(cfg, meta, str(tmp_path / "runs"), "nan")
     assert "last good checkpoint is kept" in str(e.value)
     kept = tmp_path / "runs" / "nan" / "checkpoint_epoch_0001" / "state.pt"
     state = torch.load(kept, weights_only=True)
@@ -180,10 +184,10 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(cac
 
 
 def _store(cfg, meta, name):
-    ref = teachers.resolve(cfg, next(t for t in cfg.teachers if t.name == name), 10, 3)
+    ref = checkpoints.resolve(cfg, next(t for t in cfg.teachers if t.name == name), 10, 3)
     tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
-    return cache.find_store(
-        tdir, ref.to_dict(), make_view_spec(cfg, meta.encoding), cache.output_format(cfg, meta), [0, 1]
+    return layout.find_store(
+        tdir, ref.to_dict(), make_view_spec(cfg, meta.encoding), layout.output_format(cfg, meta), [0, 1]
     )
 
 
@@ -204,8 +208,8 @@ def test_a_corrupt_cache_part_stops_training_at_once_naming_it(cached, tmp_path)
     part = os.path.join(store, "view-0001", "part-00002.parquet")
     flip_bytes_in_data_pages(part)
     logs: list[str] = []
-    with pytest.raises(train.TrainingError) as e:
-        train.fit(cfg, meta, str(tmp_path / "runs"), "corrupt", log=logs.append)
+    with pytest.raises(driver.TrainingError) as e:
+        driver.fit(cfg, meta, str(tmp_path / "runs"), "corrupt", log=logs.append)
     message = str(e.value)
     assert f"cache part {part} of teacher 't2' is corrupt" in message, message
     assert "delete it and re-run precompute" in message and "restart" not in message, message
@@ -220,7 +224,7 @@ def test_storage_not_writable_fails_before_training(cached):
     cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None})
     started = time.time()
     with pytest.raises(StorageError, match=r"cannot create folder '/proc/camkd-runs/ce'|not writable"):
-        train.fit(cfg, cached[2], "/proc/camkd-runs", "ce")
+        driver.fit(cfg, cached[2], "/proc/camkd-runs", "ce")
     assert time.time() - started < 30
 
 
@@ -258,7 +262,7 @@ def test_full_storage_fails_with_a_clear_message_and_keeps_checkpoints(cached, t
     )
     _fill(tiny_disk)
     with pytest.raises(StorageError, match="disk is full"):
-        train.fit(cfg, cached[2], str(tiny_disk), "full-before")
+        driver.fit(cfg, cached[2], str(tiny_disk), "full-before")
     os.remove(tiny_disk / "filler")
     run_dir = tiny_disk / "full-during"
 
@@ -268,8 +272,8 @@ def test_full_storage_fails_with_a_clear_message_and_keeps_checkpoints(cached, t
         _fill(tiny_disk)
 
     threading.Thread(target=fill_after_first_checkpoint, daemon=True).start()
-    with pytest.raises(train.TrainingError, match=r"No space left on device|disk is full"):
-        train.fit(cfg, cached[2], str(tiny_disk), "full-during")
+    with pytest.raises(driver.TrainingError, match=r"No space left on device|disk is full"):
+        driver.fit(cfg, cached[2], str(tiny_disk), "full-during")
     state = torch.load(run_dir / "checkpoint_epoch_0001" / "state.pt", weights_only=True)
     assert state["epoch"] == 0
 
@@ -278,7 +282,7 @@ def test_gpu_requested_on_a_cpu_cluster_is_a_clear_error(cached):
     cfg = with_updates(cached[0], {"strategy.name": "ce", "strategy.teachers": None, "scaling.use_gpu": True})
     started = time.time()
     with pytest.raises(runtime.ClusterError, match=r"use_gpu is true .* the cluster has 0 GPU\(s\)"):
-        train.fit(cfg, cached[2], "/tmp/unused-gpu-run", "gpu")
+        driver.fit(cfg, cached[2], "/tmp/unused-gpu-run", "gpu")
     assert time.time() - started < 30
 
 
@@ -305,11 +309,11 @@ def test_pickled_teacher_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, path)
     with pytest.raises(
-        teachers.TeacherError,
+        checkpoints.TeacherError,
         match="refusing to load .*pickled Python objects.*torch.save\\(model.state_dict",
     ):
-        teachers.load_state_dict(path.read_bytes(), str(path))
+        checkpoints.load_state_dict(path.read_bytes(), str(path))
     assert not os.path.exists("/tmp/camkd-pwned")
     buf = io.BytesIO()
     torch.save({"model": {"conv.weight": torch.zeros(2)}}, buf)  # RepDistiller's format is accepted
-    assert set(teachers.load_state_dict(buf.getvalue(), "x")[0]) == {"conv.weight"}
+    assert set(checkpoints.load_state_dict(buf.getvalue(), "x")[0]) == {"conv.weight"}

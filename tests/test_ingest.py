@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import ingest, storage
 from pipeline.config import validate
+from pipeline.data import ingest
+from pipeline.store import storage
 
 
 def write_idx(path, array, compress=True):
@@ -339,7 +340,7 @@ def test_huggingface_dataset_saved_to_disk(tmp_path):
 
 def _views_render(cfg, meta):
     """The ingested parts serve the training read path: a training view of every row renders."""
-    from pipeline.reader import image_plan, items, read_slices, row_group_slices
+    from pipeline.train.reader import image_plan, items, read_slices, row_group_slices
 
     plan = image_plan(cfg, meta)
     rows = 0

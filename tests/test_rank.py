@@ -12,9 +12,11 @@ import yaml
 from conftest import teacher_entries
 
 from camkd.losses import confidence_weights
-from pipeline import rank, run, storage, tune
-from pipeline.cache import CacheError
+from pipeline import run
+from pipeline.cache.layout import CacheError
 from pipeline.config import with_updates
+from pipeline.store import storage
+from pipeline.sweep import rank, tune
 
 # Three teachers, four rows, three classes. Argmax per row: A [0, 1, 0, 1], B [1, 1, 2, 0], C [2, 0, 2, 2].
 LABELS = np.array([0, 1, 2, 0])

@@ -5,10 +5,11 @@ import pytest
 import torch
 from test_ingest import make_image_folder
 
-from pipeline import ingest, storage
-from pipeline.collectives import CollectiveDeviceError, Collectives
 from pipeline.config import validate
-from pipeline.reader import (
+from pipeline.data import ingest
+from pipeline.store import storage
+from pipeline.train.collectives import CollectiveDeviceError, Collectives
+from pipeline.train.reader import (
     ShuffleBuffer,
     Slice,
     build_dataset,
@@ -104,7 +105,7 @@ def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray
     """Read through the real Ray Data reader, shuffle buffer off, in order: every batch of 16 from a folder read
     class by class holds at least 3 of its 4 classes (class-sorted storage would give 1), and two epochs see
     different batches."""
-    from pipeline.runtime import quiet_ray_data
+    from pipeline.ops.runtime import quiet_ray_data
 
     cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
     quiet_ray_data(preserve_order=True)
@@ -130,8 +131,8 @@ def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_clu
     """Both readers, in order: the same batches, row for row and pixel for pixel, for training shares that start
     and end inside row groups (3 workers) with their per-epoch rotation, and for evaluation slices (last batch
     short)."""
-    from pipeline.reader import EVAL_VIEW
-    from pipeline.runtime import quiet_ray_data
+    from pipeline.ops.runtime import quiet_ray_data
+    from pipeline.train.reader import EVAL_VIEW
 
     cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
     plan = image_plan(cfg, meta)

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, make_teacher_file, tiny_config
 from s3server import S3Server
 
-from pipeline import storage, tables
+from pipeline.store import storage, tables
 
 pytestmark = pytest.mark.fault
 

@@ -8,10 +8,10 @@ from conftest import CAMKD_RUN
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from camkd.training import Normalizer, TrainStep
-from pipeline import train, worker
 from pipeline.config import with_updates
-from pipeline.reader import EVAL_VIEW, Slice, items, local_batches
-from pipeline.steps import CachedTeachers, EpochStats, StudentStep, evaluate
+from pipeline.train import driver, worker
+from pipeline.train.reader import EVAL_VIEW, Slice, items, local_batches
+from pipeline.train.step import CachedTeachers, EpochStats, StudentStep, evaluate
 
 # Ops that wait for the device (a value read on the host, or an output shape that depends on values) or that copy
 # host data to the device (a tensor made from Python data dispatches lift_fresh first).
@@ -69,7 +69,7 @@ def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
     the first step after a check does on a GPU). Fails with constants built from Python lists on every call."""
     cfg = with_updates(cached[0], CAMKD_RUN)
     meta = cached[2]
-    plan = train.make_plan(cfg, meta, "/nonexistent")
+    plan = driver.make_plan(cfg, meta, "/nonexistent")
     read = plan.read_plan("train", with_teachers=True)
     distiller = worker.build_distiller(plan, cfg)
     optimizer = torch.optim.SGD(

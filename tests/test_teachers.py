@@ -10,8 +10,10 @@ from conftest import tiny_config
 from safetensors.torch import save_file
 
 from camkd import models
-from pipeline import storage, teacher_stage, teachers
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
+from pipeline.store import storage
+from pipeline.teachers import checkpoints
+from pipeline.teachers import stage as teacher_stage
 
 
 def _trained_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
@@ -77,17 +79,17 @@ def test_repdistiller_mdistiller_and_safetensors_teachers_are_imported(tmp_path)
     rows = teacher_stage.run_stage(cfg)
     assert [r["name"] for r in rows] == ["last", "best", "tar", "st"]
     for r in rows:
-        ref = teachers.TeacherRef.from_dict(r)
+        ref = checkpoints.TeacherRef.from_dict(r)
         assert ref.checkpoint.startswith(str(tmp_path / "root" / "teachers")), "copied into root"
-        model = teachers.build_model(ref)
+        model = checkpoints.build_model(ref)
         for key, value in sd[r["name"]].items():
             assert torch.equal(model.state_dict()[key], value), (r["name"], key)
     # a member that is not in the archive: the error lists what is
     bad = cfg.teachers[2].model_copy(update={"member": "resnet32x4_vanilla/ckpt_epoch_240.pth"})
     with pytest.raises(
-        teachers.TeacherError, match=r"has no member 'resnet32x4_vanilla.*it holds \['resnet8_vanilla"
+        checkpoints.TeacherError, match=r"has no member 'resnet32x4_vanilla.*it holds \['resnet8_vanilla"
     ):
-        teachers.resolve(cfg.model_copy(update={"root": str(tmp_path / "other")}), bad, 10, 3)
+        checkpoints.resolve(cfg.model_copy(update={"root": str(tmp_path / "other")}), bad, 10, 3)
 
 
 def test_an_imported_teacher_needs_neither_its_file_nor_a_rehash_once_copied(tmp_path):
@@ -96,10 +98,10 @@ def test_an_imported_teacher_needs_neither_its_file_nor_a_rehash_once_copied(tmp
     path.parent.mkdir()
     torch.save({"model": _trained_state("resnet8", 0)}, path)
     cfg = tiny_config(tmp_path / "root", teachers=[{"name": "t", "arch": "resnet8", "checkpoint": str(path)}])
-    first = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
+    first = checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
     index = storage.read_json(str(tmp_path / "root" / "teachers" / "imported.json"))
     assert index[str(path)]["sha256"] == first.sha256
     path.unlink()  # as on a node that never had the file
-    again = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
+    again = checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
     assert again == first and again.checkpoint.endswith("/model.pt")
-    teachers.build_model(again)
+    checkpoints.build_model(again)

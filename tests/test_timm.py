@@ -14,10 +14,14 @@ from conftest import make_teacher_file, tiny_config
 
 import camkd.models as M
 from camkd.training import Normalizer
-from pipeline import cache, precompute, storage, tables, teacher_stage, teachers, train
+from pipeline.cache import layout, precompute
 from pipeline.config import ConfigError, validate
-from pipeline.ingest import ingest, open_image_part, read_image_rows
-from pipeline.views import make_view_spec, render_train_view
+from pipeline.data.ingest import ingest, open_image_part, read_image_rows
+from pipeline.data.views import make_view_spec, render_train_view
+from pipeline.store import storage, tables
+from pipeline.teachers import checkpoints
+from pipeline.teachers import stage as teacher_stage
+from pipeline.train import driver
 
 timm = pytest.importorskip("timm")
 
@@ -114,21 +118,21 @@ def test_preprocessing_is_in_the_store_identity_only_when_it_is_not_the_default(
         cfg = tiny_config(
             tmp_path / "root", teachers=[{"name": "t", "arch": "resnet8", "checkpoint": str(path), **own}]
         )
-        return cfg, teachers.resolve(cfg, cfg.teachers[0], 10, 3)
+        return cfg, checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
 
     cfg, default = ref()
     assert default.id == f"resnet8-{default.sha256[:12]}", "existing configs keep their cache"
-    assert teachers.TeacherRef.from_dict(default.to_dict()) == default
+    assert checkpoints.TeacherRef.from_dict(default.to_dict()) == default
     same = ref(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])[1]  # the dataset's, spelled out per channel
     assert same.id == default.id and same.mean is None
     own = ref(mean=TEACHER_MEAN, std=TEACHER_STD)[1]
     sized = ref(mean=TEACHER_MEAN, std=TEACHER_STD, input_size=48)[1]
     assert own.id.startswith(default.id + "-p") and own.mean == tuple(TEACHER_MEAN)
     assert len({default.id, own.id, sized.id}) == 3 and sized.input_size == (48, 48)
-    assert teachers.TeacherRef.from_dict(sized.to_dict()) == sized  # through JSON lists and back
+    assert checkpoints.TeacherRef.from_dict(sized.to_dict()) == sized  # through JSON lists and back
     store = lambda r: storage.teacher_dir(cfg.root, "fp", r.id)
     assert store(own) != store(default)
-    with pytest.raises(teachers.TeacherError, match=r"teachers\[t\]\.mean has 1 value.*3 channel"):
+    with pytest.raises(checkpoints.TeacherError, match=r"teachers\[t\]\.mean has 1 value.*3 channel"):
         ref(mean=[0.4], std=[0.2])
     with pytest.raises(ConfigError, match=r"set both mean and std"):
         tiny_config(tmp_path, student={"arch": "resnet8", "mean": [0.4, 0.4, 0.4]})
@@ -189,15 +193,15 @@ def test_a_timm_teacher_with_its_own_normalisation_through_ingest_teachers_preco
     )
     summary = precompute.run_stage(cfg)
     t = summary["teachers"][0]
-    ref = teachers.TeacherRef.from_dict(row)
+    ref = checkpoints.TeacherRef.from_dict(row)
     assert t["id"] == ref.id and ref.id in t["store"]
 
-    manifest = cache.load_manifest(t["store"], "tm")
+    manifest = layout.load_manifest(t["store"], "tm")
     assert manifest.feature_shape == [96, 2, 2], "features at the teacher's 48 px, not the data's 32"
     part = meta.split("train").parts[0]
-    url = storage.join(cache.view_dir(t["store"], 0), part.name)
-    stored = tables.open_table(url, cache.META_KEY).read(None, ["idx", "logits", "feat"])
-    cached = cache.decode_outputs(stored, cache.StoreRef.of(manifest), logits=True, features=True)
+    url = storage.join(layout.view_dir(t["store"], 0), part.name)
+    stored = tables.open_table(url, layout.META_KEY).read(None, ["idx", "logits", "feat"])
+    cached = layout.decode_outputs(stored, layout.StoreRef.of(manifest), logits=True, features=True)
     rows = read_image_rows(
         open_image_part(storage.dataset_dir(cfg.root, meta.name, meta.fingerprint), "train", part.name), None
     )
@@ -208,7 +212,7 @@ def test_a_timm_teacher_with_its_own_normalisation_through_ingest_teachers_preco
             rows["image"].combine_chunks(), rows["idx"].to_numpy(), 0, spec, tuple(meta.image_shape)
         )
     )
-    model = teachers.build_model(ref)
+    model = checkpoints.build_model(ref)
     with torch.no_grad():
         own = model(Normalizer(TEACHER_MEAN, TEACHER_STD, (48, 48))(pixels)).numpy()
         dataset = model(Normalizer(DATASET_MEAN, DATASET_STD, (48, 48))(pixels)).numpy()
@@ -216,7 +220,7 @@ def test_a_timm_teacher_with_its_own_normalisation_through_ingest_teachers_preco
     np.testing.assert_allclose(logits, own, rtol=2e-3, atol=2e-3)
     assert np.abs(logits - dataset).max() > 50 * np.abs(logits - own).max(), "the dataset's normalisation"
 
-    result = train.fit(cfg, meta, str(tmp_path / "runs"), "timm")
+    result = driver.fit(cfg, meta, str(tmp_path / "runs"), "timm")
     assert result["status"] == "finished" and result["teachers"] == ["tm", "zoo"]
     student_file = torch.load(result["exports"]["state_dict"], weights_only=True)
     assert student_file["arch"] == "timm:test_efficientnet"

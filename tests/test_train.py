@@ -11,10 +11,13 @@ from conftest import CAMKD_RUN, tiny_config
 
 from camkd import TeacherOutputs, models
 from camkd.training import Normalizer, normalize
-from pipeline import storage, teacher_stage, teachers, train, worker
 from pipeline.config import BindingError, with_updates
-from pipeline.ingest import ingest
-from pipeline.reader import (
+from pipeline.data.ingest import ingest
+from pipeline.store import storage
+from pipeline.teachers import checkpoints
+from pipeline.teachers import stage as teacher_stage
+from pipeline.train import driver, worker
+from pipeline.train.reader import (
     EVAL_VIEW,
     Slice,
     contiguous_shares,
@@ -23,7 +26,7 @@ from pipeline.reader import (
     read_slices,
     teacher_outputs_from_batch,
 )
-from pipeline.steps import evaluate
+from pipeline.train.step import evaluate
 
 
 def camkd_config(cached, **updates):
@@ -71,7 +74,7 @@ def rescore_alone(summary: dict, cfg, meta, world: int) -> float:
     state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
     student = models.create(state["arch"], state["num_classes"], state["in_chans"])
     student.load_state_dict(state["state_dict"])
-    plan = train.make_plan(cfg, meta, summary["run_dir"])
+    plan = driver.make_plan(cfg, meta, summary["run_dir"])
     read = plan.read_plan("test", with_teachers=False)
     normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
     hits = count = 0.0
@@ -90,7 +93,7 @@ def test_two_worker_ddp_matches_one_worker_and_every_rank_scores_the_exported_st
 ):
     cfg, _, one = one_worker
     cfg2 = with_updates(cfg, {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1})
-    two = train.fit(cfg2, cached[2], str(tmp_path), "w2")
+    two = driver.fit(cfg2, cached[2], str(tmp_path), "w2")
     assert two["history"][-1]["train_ce"] < two["history"][0]["train_ce"]
     assert two["best_val_top1"] > 0.3
     # Same data, same global batch (2 × 16 vs 1 × 32), gradients averaged by DDP: the runs agree on what the model
@@ -110,7 +113,7 @@ def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
     worker instead, is the same run: the same batches in the same order, so the same losses epoch for epoch."""
     cfg, _, reference = one_worker
     cfg_threads = with_updates(cfg, {"scaling.reader": "threads", "scaling.read_threads": 2})
-    got = train.fit(cfg_threads, cached[2], str(tmp_path), "threads")
+    got = driver.fit(cfg_threads, cached[2], str(tmp_path), "threads")
     assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
     for a, b in zip(got["history"], reference["history"]):
         assert (a["train_loss"], a["train_top1"], a["val_top1"]) == (
@@ -123,7 +126,7 @@ def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
 def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
     cfg, out, summary = one_worker
     logs = []
-    again = train.fit(cfg, cached[2], str(out), "w1", log=logs.append)
+    again = driver.fit(cfg, cached[2], str(out), "w1", log=logs.append)
     assert again == summary and "already finished" in logs[-1]
     state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
     student = models.create(state["arch"], state["num_classes"], state["in_chans"])
@@ -149,17 +152,17 @@ def test_same_run_name_with_another_config_is_refused(one_worker, cached):
     with pytest.raises(
         BindingError, match=r"started with a different config \(strategy\.beta: 5\.0 → 10\.0\)"
     ):
-        train._check_same_run(os.path.join(out, "w1"), other)
+        driver._check_same_run(os.path.join(out, "w1"), other)
     # w1 has finished: its summary is not handed back as the result of another config either
     with pytest.raises(BindingError, match=r"strategy\.beta: 5\.0 → 10\.0"):
-        train.fit(other, cached[2], str(out), "w1")
+        driver.fit(other, cached[2], str(out), "w1")
 
 
 def test_cached_and_online_first_step_agree(cached):
     """Identical views: the loss terms computed from the cache equal those of teachers run in the loop."""
     cfg = camkd_config(cached)
     meta = cached[2]
-    plan = train.make_plan(cfg, meta, "/nonexistent")
+    plan = driver.make_plan(cfg, meta, "/nonexistent")
     read = plan.read_plan("train", with_teachers=True)
     p = meta.split("train").parts[0]
     s = Slice(p.name, p.first_idx, p.rows, p.first_idx, p.first_idx + p.rows)
@@ -167,7 +170,7 @@ def test_cached_and_online_first_step_agree(cached):
     batch = {k: torch.from_numpy(np.ascontiguousarray(v[:32])) for k, v in block.items()}
     images = normalize(batch["image"], plan.spec["mean"], plan.spec["std"])
     cached_out = teacher_outputs_from_batch(batch, 2, True, True, meta.num_classes)
-    online_models = [teachers.build_model(teachers.TeacherRef.from_dict(r)) for r in plan.teacher_refs]
+    online_models = [checkpoints.build_model(checkpoints.TeacherRef.from_dict(r)) for r in plan.teacher_refs]
     with torch.no_grad():
         fmaps = [t.forward_features(images) for t in online_models]
         online_out = TeacherOutputs(
@@ -187,7 +190,7 @@ def test_online_mode_trains(cached, tmp_path):
     cfg = with_updates(
         camkd_config(cached), {"strategy.mode": "online", "train.epochs": 1, "train.export": False}
     )
-    summary = train.fit(cfg, cached[2], str(tmp_path), "online")
+    summary = driver.fit(cfg, cached[2], str(tmp_path), "online")
     assert summary["epochs"] == 1 and summary["mode"] == "online" and "weight/t2" in summary["history"][0]
 
 
@@ -200,8 +203,8 @@ def test_teacher_trained_here_is_imported_by_precompute(ray_cluster, tmp_path):
     ingest(cfg)
     rows = teacher_stage.run_stage(cfg)
     assert rows[0]["name"] == "mine" and rows[0]["test_top1"] is not None
-    ref = teachers.resolve(cfg, cfg.teachers[0], 10, 3)
-    model = teachers.build_model(ref)  # weights_only load of the file the trainer wrote
+    ref = checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
+    model = checkpoints.build_model(ref)  # weights_only load of the file the trainer wrote
     assert isinstance(model, models.FeatureClassifier)
     assert teacher_stage.run_stage(cfg)[0]["id"] == ref.id, "a second `teachers` run must not retrain"
 
@@ -223,7 +226,7 @@ def test_runs_write_tensorboard_events_and_an_mlflow_store(cached, tmp_path):
             "tracking.mlflow": {"uri": store, "experiment": "camkd-test"},
         },
     )
-    summary = train.fit(cfg, cached[2], str(tmp_path / "runs"), "tracked")
+    summary = driver.fit(cfg, cached[2], str(tmp_path / "runs"), "tracked")
     events = EventAccumulator(str(tmp_path / "runs" / "tracked" / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]

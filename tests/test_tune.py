@@ -12,8 +12,11 @@ import pytest
 import yaml
 from conftest import ROOT, teacher_entries
 
-from pipeline import report, run, storage, tune
+from pipeline import run
 from pipeline.config import BindingError, with_updates
+from pipeline.report import leaderboard
+from pipeline.store import storage
+from pipeline.sweep import tune
 
 
 def sweep_config(cached, root, **tune_section):
@@ -128,7 +131,7 @@ def test_sweep_asha_leaderboard_kill_resume_and_only_its_teachers(cached, tmp_pa
     for name in ("best_per_teacher_set.png", "top_trials_curves.png", "camkd_weights.png", "pareto.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
     # `report` regenerates the same leaderboard from the stored results alone.
-    again = report.write_sweep_report(cfg, tune.sweep_dir(cfg))
+    again = leaderboard.write_sweep_report(cfg, tune.sweep_dir(cfg))
     assert [r["trial"] for r in again["leaderboard"]] == [r["trial"] for r in board]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.views import (
+from pipeline.data.views import (
     ViewSpec,
     crop_flip_params,
     render_eval_view,

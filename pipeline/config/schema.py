@@ -1,0 +1,746 @@
+"""The configuration schema: one typed tree for every stage, its defaults, and the checks each field must pass.
+
+Loaded once at the edge (`pipeline/config/loading.py`: YAML file + `--set` overrides); stages receive validated
+`Config` objects and never read the environment or raw dicts themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from camkd.models import available as available_models
+from camkd.models import check_timm_name
+from camkd.strategies import STRATEGIES
+from pipeline.data.preprocessing import check_own, square_size
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+StrategyName = Literal["ce", "kd", "aver", "ebkd", "dkd", "camkd", "camkd_logits"]
+SourceKind = Literal[
+    "fashion-mnist",
+    "mnist",
+    "idx",
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+    "webdataset",
+    "huggingface",
+    "synthetic",
+]
+
+# Per-dataset normalisation (mean, std) and default locations; the user's config may override all of them.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {"mean": [0.2860], "std": [0.3530], "path": "/usr/share/datasets/fashion-mnist"},
+    "mnist": {"mean": [0.1307], "std": [0.3081], "path": "/usr/share/datasets/mnist"},
+    "idx": {"mean": [0.5], "std": [0.25], "path": None},
+    "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "path": None},
+    "cifar100": {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762], "path": None},
+    "imagefolder": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "webdataset": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "huggingface": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "path": None},
+    "synthetic": {"mean": [0.5], "std": [0.25], "path": None},
+}
+SMALL_LR_ARCHS = ("MobileNetV2", "MobileNetV2_conv2", "ShuffleV1", "ShuffleV2")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (field path, bad value, what is allowed)."""
+
+
+def absolute_location(value: str) -> str:
+    """A local path made absolute against the current working directory (`~` expanded); a URL kept as it is.
+
+    Config fields that name files or folders are resolved this way when the config is validated, which happens
+    first on the driver: Ray runs trials, jobs and workers in other working directories, so a relative path
+    that reached them would point somewhere else (a sweep's trials once looked for `./camkd-runs` inside their
+    own Tune trial folders).
+    """
+    if "://" in value:
+        return value.rstrip("/")
+    return os.path.abspath(os.path.expanduser(value))
+
+
+class BindingError(ConfigError):
+    """A run or sweep folder was started with another config; resuming it would mix two experiments."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(Strict):
+    """Random images whose class is a fixed pattern plus noise: learnable, for tests and benchmarks."""
+
+    num_classes: int = Field(10, ge=2)
+    train: int = Field(512, ge=1)
+    test: int = Field(128, ge=1)
+    size: int = Field(32, ge=8)
+    channels: Literal[1, 3] = 3
+    noise: float = Field(0.5, ge=0)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    source: SourceKind = "fashion-mnist"
+    path: str | None = Field(None, description="folder holding the source files; default per source")
+    name: str | None = Field(
+        None, pattern=NAME_RE, description="dataset name in storage; default: the source"
+    )
+    download: bool = Field(
+        False, description="fetch with torchvision when the files are absent (needs internet)"
+    )
+    rows_per_part: int = Field(2048, ge=1, le=1_000_000)
+    row_group_rows: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="rows per Parquet row group: the unit a read task reads and yields (its memory); smaller for "
+        "large rows (224-px images: 256)",
+    )
+    compression: Literal["none", "snappy", "zstd", "lz4"] = Field(
+        "lz4",
+        description="codec of the stored image parts; not part of the dataset's identity (a dataset already "
+        "ingested keeps its codec). lz4 decodes ~2.6× faster than zstd (Fashion-MNIST: 0.40 vs 1.06 ms per "
+        "1024 rows, 1.52× vs 1.76× smaller): the read task's cost for raw-pixel datasets",
+    )
+    order_seed: int = Field(0, description="seed of the stored, class-stratified random row order")
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="tail of the (stratified) training split held out for validation; 0: validate on the test "
+        "split (then model selection sees test data)",
+    )
+    limit_train: int | None = Field(None, ge=1, description="keep a class-balanced subset of this many rows")
+    limit_test: int | None = Field(None, ge=1)
+    subset_seed: int = 0
+    image_size: int = Field(
+        224, ge=8, description="imagefolder: output side of the training crop / eval crop"
+    )
+    eval_resize: int = Field(256, ge=8, description="imagefolder: shorter side before the eval center crop")
+    image_column: str = Field("image", description="huggingface: the column of encoded images")
+    label_column: str = Field("label", description="huggingface: the column of class indices")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    synthetic: SyntheticData = SyntheticData()
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, v: str | None) -> str | None:
+        return None if v is None else absolute_location(v)
+
+    @property
+    def dataset_name(self) -> str:
+        return self.name or self.source
+
+    @property
+    def source_path(self) -> str | None:
+        return self.path or DATASET_DEFAULTS[self.source]["path"]
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        d = DATASET_DEFAULTS[self.source]
+        return list(self.mean or d["mean"]), list(self.std or d["std"])
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set both data.mean and data.std, or neither (per-source defaults are used)")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        if (
+            self.source in ("idx", "cifar10", "cifar100", "imagefolder", "webdataset", "huggingface")
+            and not self.path
+        ):
+            raise ValueError(
+                f"data.path is required for source {self.source!r}: the folder holding its files"
+            )
+        return self
+
+
+class ViewConfig(Strict):
+    """Augmentation replay: V views per training image, each a pure function of (seed, idx, view)."""
+
+    count: int = Field(4, ge=1, le=1024, description="V: views cached per training image")
+    seed: int = 0
+    pad: int = Field(4, ge=0, le=64, description="padded random crop (fixed-size sources); 0 disables")
+    flip: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    decode: Literal["full", "draft"] = Field(
+        "full",
+        description="encoded images: full-size decode, or JPEG draft mode (DCT-scaled to the size the crop needs; "
+        "faster, slightly different pixels)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ViewConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"views.scale must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"views.ratio must satisfy 0 < lo <= hi, got {list(self.ratio)}")
+        return self
+
+
+class TeacherTraining(Strict):
+    """How the `teachers` stage trains a teacher that has no checkpoint (CE on the ingested training split)."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    label_noise: float = Field(0.0, ge=0, le=1, description="fraction of training labels replaced at random")
+    limit_train: int | None = Field(
+        None, ge=1, description="train on the first N rows only (a weaker teacher)"
+    )
+    label_swaps: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="class pairs whose labels are exchanged for training: a confidently wrong teacher",
+    )
+    seed: int = 0
+
+
+class TeacherConfig(Strict):
+    name: str = Field(pattern=NAME_RE)
+    arch: str
+    checkpoint: str | None = Field(
+        None,
+        description="checkpoint to import (weights_only=True): this project's model files, RepDistiller / mdistiller "
+        "checkpoints ({'model': ...}, incl. *_last.pth), plain state dicts, .safetensors, or a tar archive with `member`",
+    )
+    member: str | None = Field(
+        None,
+        description="the file inside a tar `checkpoint`, e.g. resnet32x4_vanilla/ckpt_epoch_240.pth (mdistiller)",
+    )
+    train: TeacherTraining | None = None
+    mean: list[float] | None = Field(
+        None,
+        description="the teacher's input normalisation, one value per channel (with std), applied on the teacher "
+        "actor; default: the dataset's. Part of the cache's identity when set (timm's pretrained_cfg or "
+        "torchvision's weights meta say what pretrained weights expect)",
+    )
+    std: list[float] | None = None
+    input_size: tuple[int, int] | None = Field(
+        None, description="[H, W] (or one side) the teacher's inputs are resized to; default: the data's size"
+    )
+    preprocessing: Literal["data", "pretrained"] = Field(
+        "data",
+        description="where mean/std/input_size come from when not set here: `data` (the dataset's) or "
+        "`pretrained` (timm's pretrained_cfg or torchvision's weights meta for `arch`: for a checkpoint holding "
+        "those pretrained weights)",
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return square_size(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained(cls, data: Any) -> Any:
+        """`preprocessing: pretrained`: mean/std/input_size not set here come from the architecture's pretrained
+        config (explicit values win; an unknown architecture is left to the `arch` check)."""
+        if not isinstance(data, dict) or data.get("preprocessing") != "pretrained":
+            return data
+        from camkd.models import pretrained_preprocessing
+
+        try:
+            pre = pretrained_preprocessing(str(data.get("arch", "")))
+        except (ImportError, ValueError, RuntimeError, KeyError):
+            pre = None
+        if not pre or not pre.get("mean"):
+            return data
+        data = dict(data)
+        if data.get("mean") is None and data.get("std") is None:
+            data["mean"], data["std"] = [float(m) for m in pre["mean"]], [float(x) for x in pre["std"]]
+        size = tuple(pre.get("input_size") or ())[-2:]
+        if data.get("input_size") is None and len(size) == 2:
+            data["input_size"] = [int(size[0]), int(size[1])]
+        return data
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str | None) -> str | None:
+        return None if v is None else absolute_location(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError(
+                f"teacher {self.name!r}: give exactly one of `checkpoint` (import a file) or `train` (train it here)"
+            )
+        if self.member is not None and self.checkpoint is None:
+            raise ValueError(
+                f"teacher {self.name!r}: `member` names a file inside the tar archive `checkpoint`"
+            )
+        if self.preprocessing == "pretrained" and self.mean is None:
+            raise ValueError(
+                f"teacher {self.name!r}: preprocessing: pretrained, but {self.arch} has no pretrained config "
+                "(only timm: and torchvision: architectures have one); set mean/std here or use preprocessing: data"
+            )
+        check_own(f"teachers[{self.name}]", self.mean, self.std, self.input_size)
+        return self
+
+
+class CacheConfig(Strict):
+    logits: Literal["fp16", "topk"] = "fp16"
+    topk: int = Field(10, ge=1, description="kept logits per view when logits: topk")
+    features: Literal["auto", "fp16", "int8", "none"] = Field(
+        "auto", description="auto: fp16 when a configured strategy needs features, else none"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="teacher inference precision (bf16/fp16: autocast on GPU); part of the cache's identity",
+    )
+    batch_size: int = Field(256, ge=1, description="teacher inference batch size")
+    actors: int | Literal["auto"] = Field(
+        "auto", description="teacher replicas (each runs every teacher); auto: one per GPU or per CPU slot"
+    )
+    max_actors: int | None = Field(
+        None,
+        ge=1,
+        description="the most replicas the pool grows to (with actors: auto); default: the autoscaler's maximum "
+        "of GPUs when Ray can read it, else the GPUs up or 8, whichever is more",
+    )
+    min_actors: int = Field(1, ge=1, description="autoscaling pool: replicas kept while work remains")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="teachers in channels_last on GPUs: auto = timed at actor start-up, the faster kept",
+    )
+    cpus_per_actor: float = Field(1.0, gt=0)
+    render_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs per view-rendering task (decode + augment); a task keeps 0.5-1 core busy while it runs "
+        "(precompute's summary reports cpu_use): 0.5 suits small machines, 1 nodes with cores to spare",
+    )
+    write_cpus: float = Field(
+        0.5, gt=0, description="CPUs per Parquet write task (encode, checksum, receipt); as render_cpus"
+    )
+    use_gpu: bool | Literal["auto"] = "auto"
+    wait_for_gpus: bool = Field(
+        False,
+        description="with use_gpu true and no GPU in the cluster: wait for an autoscaler instead of failing",
+    )
+    eval_test: bool = Field(True, description="also measure each teacher's top-1 on the test split")
+    compression: Literal["none", "snappy", "zstd", "lz4"] = "none"
+
+
+class StudentConfig(Strict):
+    arch: str = "resnet8x4"
+    mean: list[float] | None = Field(
+        None,
+        description="the student's input normalisation, one value per channel (with std); default: the dataset's",
+    )
+    std: list[float] | None = None
+    input_size: tuple[int, int] | None = Field(
+        None, description="[H, W] (or one side) the student's inputs are resized to; default: the data's size"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return square_size(v)
+
+    @model_validator(mode="after")
+    def _norm(self) -> StudentConfig:
+        check_own("student", self.mean, self.std, self.input_size)
+        return self
+
+
+class StrategyConfig(Strict):
+    name: StrategyName = "camkd"
+    mode: Literal["cached", "online"] = Field("cached", description="online: run the teachers in the loop")
+    teachers: list[str] | None = Field(None, description="names of the teachers to distill from; default all")
+    temperature: float = Field(4.0, gt=0)
+    gamma: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    alpha: float = Field(1.0, ge=0, description="weight of the KD term")
+    beta: float = Field(50.0, ge=0, description="weight of the intermediate (feature) term")
+    normalize: Literal["official", "mean"] = "official"
+    feature_weights: Literal["official", "detached", "logit"] = Field(
+        "official",
+        description="weights of the feature term: official = each teacher's frozen head on the connected student "
+        "map (gradient flows through them, as upstream); detached = the same, without gradient; logit = the "
+        "logit confidence weights",
+    )
+    inter_warmup_epochs: int = Field(
+        1, ge=0, description="epochs without the intermediate term (official: 1)"
+    )
+    dkd_alpha: float = Field(1.0, ge=0)
+    dkd_beta: float = Field(8.0, ge=0)
+    dkd_warmup_epochs: int = Field(20, ge=1)
+
+
+class TrainConfig(Strict):
+    """The paper recipe by default. `batch_size` is global: each of N workers gets batch_size / N."""
+
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: 0.05, or 0.01 for MobileNetV2/ShuffleV1/V2")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: multiply lr by batch_size/64 (the recipe's reference batch)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it"
+    )
+    seed: int = 0
+    label_noise: float = Field(0.0, ge=0, le=1)
+    label_swaps: list[tuple[int, int]] = Field(
+        default_factory=list, description="class pairs whose training labels are exchanged (teacher training)"
+    )
+    limit_train: int | None = Field(None, ge=1)
+    shuffle_buffer: int = Field(4096, ge=0, description="rows in the local shuffle buffer (0: no shuffle)")
+    deterministic: bool = Field(
+        False,
+        description="keep Ray Data's row order: the same batches on every run and after a resume (slower)",
+    )
+    nan_check_every: int = Field(
+        50, ge=1, description="steps between checks for a non-finite loss (each check is one host sync)"
+    )
+    prefetch_batches: int = Field(4, ge=0, description="batches each worker's reader prepares ahead")
+    pin_memory: bool | Literal["auto"] = Field("auto", description="pinned host batches; auto: on with GPUs")
+    eval_memory_mb: int = Field(
+        2048,
+        ge=0,
+        description="per worker: keep the evaluation split in memory when it fits, else re-read it",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="SyncBatchNorm across GPU workers (torch has no CPU SyncBatchNorm)"
+    )
+    channels_last: bool = Field(
+        False, description="GPU: channels_last memory format for student + connectors"
+    )
+    compile: bool = Field(False, description="torch.compile the student + strategy")
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
+    )
+    keep_checkpoints: int = Field(2, ge=1)
+    export: bool = Field(
+        True,
+        description="also write student.pt2 (torch.export) and, with the [onnx] extra, student.onnx (its logits checked by "
+        "onnxruntime) at the end; student.pt is always written",
+    )
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or any(m < 1 for m in v):
+            raise ValueError(f"milestones must be positive and strictly increasing, got {v}")
+        return v
+
+    def resolved_lr(self, arch: str) -> float:
+        base = self.lr if self.lr is not None else (0.01 if arch in SMALL_LR_ARCHS else 0.05)
+        return base * (self.batch_size / 64 if self.lr_scaling == "linear" else 1.0)
+
+
+class ScalingSettings(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; default: cpus_per_worker"
+    )
+    reader: Literal["ray_data", "threads"] = Field(
+        "ray_data",
+        description="ray_data: Ray Data read tasks (any node's CPUs, blocks through the object store); threads: "
+        "read_threads threads inside each training worker (its own CPUs: count them in cpus_per_worker)",
+    )
+    read_threads: int = Field(2, ge=1, description="reader threads per worker with reader: threads")
+    read_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each Ray Data read task")
+    read_tasks: int | None = Field(
+        None,
+        ge=1,
+        description="concurrent Ray Data read tasks per worker; default: what the capacity model says the "
+        "worker's rate needs (CPU and storage latency), at least 1 (`--dry-run` prints it)",
+    )
+    read_ahead: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="row groups each read task (or reader thread pool) fetches while it decodes one: hides "
+        "object-store latency; each costs one row group of memory",
+    )
+    read_object_store_mb: int | None = Field(
+        None,
+        ge=16,
+        description="object store each worker's Ray Data reader may fill; default: half its node's store ÷ the "
+        "workers on that node",
+    )
+    read_budget: Literal["worker", "cluster"] = Field(
+        "worker",
+        description="worker: each worker's Ray Data reader is limited to its share (read_tasks × read_cpus CPUs, "
+        "its node's object store ÷ the workers there); cluster: Ray Data's own default, every reader sized to the "
+        "whole cluster (for a few workers fed by CPU-only nodes; several readers per node then spill)",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="process-group backend: auto = nccl with GPUs, gloo on CPU; gloo with GPUs allows "
+        "fractional gpus_per_worker (several ranks on one GPU, for checks only)",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Train workers go: STRICT_SPREAD puts each on its own node"
+    )
+    check_resources: bool = Field(
+        True, description="fail fast when the cluster lacks the requested CPUs/GPUs"
+    )
+
+
+class StorageSettings(Strict):
+    """How storage errors that may pass (throttling, timeouts, dropped connections) are handled."""
+
+    retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="a transient storage error is retried (with backoff) for at least this long before the read "
+        "fails; a failed read is then retried as a read task, and only then does the worker group restart",
+    )
+
+
+class Domain(Strict):
+    """A searchable value: exactly one of grid, choice, uniform, loguniform, randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Domain:
+        given = [
+            k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"a search domain takes exactly one of grid/choice/uniform/loguniform/randint, got {given}"
+            )
+        for k in ("uniform", "loguniform", "randint"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{k} needs lo < hi, got {list(lo_hi)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs lo > 0, got {list(self.loguniform)}")
+        if (self.grid is not None and not self.grid) or (self.choice is not None and not self.choice):
+            raise ValueError("grid/choice need at least one value")
+        return self
+
+
+class AshaConfig(Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneSettings(Strict):
+    teacher_sets: list[list[str]] | None = Field(None, description="explicit teacher subsets to try")
+    teacher_set_sizes: list[int] | None = Field(
+        None, description="all subsets of these sizes of the teachers"
+    )
+    strategies: list[StrategyName] = Field(default_factory=lambda: ["camkd"])
+    space: dict[str, Domain | list[Any]] = Field(
+        default_factory=dict, description="dotted config path → values (a list is a grid) or a domain"
+    )
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1, description="random search: samples (grid: repeats of the grid)")
+    metric: Literal["val_top1", "val_top5"] = "val_top1"
+    asha: AshaConfig = AshaConfig()
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.5, ge=0, description="CPUs held by each trial's driver")
+    keep_best_subsets: int | None = Field(
+        None,
+        ge=1,
+        description="rank the sweep's teacher subsets from the cache first (ensemble top-1 of the averaged "
+        "logits on the validation hold-out; `tune --rank-only` shows the ranking) and sweep only the N best; "
+        "arms without teachers (ce) still run. Needs data.val_fraction > 0",
+    )
+
+    @field_validator("teacher_set_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(s < 1 for s in v)):
+            raise ValueError(f"teacher_set_sizes must be positive, got {v}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, domain in v.items():
+            if key.split(".")[0] not in TUNABLE_SECTIONS:
+                raise ValueError(
+                    f"tune.space key {key!r} must start with one of {sorted(TUNABLE_SECTIONS)} (e.g. strategy.beta)"
+                )
+            if isinstance(domain, list) and not domain:
+                raise ValueError(f"tune.space.{key}: a grid needs at least one value")
+        return v
+
+
+class RaySettings(Strict):
+    address: str | None = Field(
+        None, description="cluster to attach to; default: RAY_ADDRESS, else start locally"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+    num_gpus: int | None = Field(None, ge=0)
+
+
+class MLflowSettings(Strict):
+    uri: str = Field(description="tracking URI: sqlite:///path/mlflow.db, http://host:5000, ...")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the config's experiment")
+
+
+class WandbSettings(Strict):
+    project: str = "camkd-ray"
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: local files, `wandb sync` later"
+    )
+
+
+class TrackingConfig(Strict):
+    """Where per-epoch metrics go besides summary.json (rank 0 of every run and trial)."""
+
+    tensorboard: bool = Field(True, description="event files under <run>/tensorboard")
+    mlflow: MLflowSettings | None = Field(None, description="needs `pip install -e .[mlflow]`")
+    wandb: WandbSettings | None = Field(None, description="needs `pip install wandb`")
+    progress_seconds: float = Field(
+        30.0, ge=0, description="a progress line (step, samples/s, ETA) this often inside an epoch; 0: off"
+    )
+
+
+TUNABLE_SECTIONS = {"strategy", "train", "student", "views", "scaling"}
+
+
+class Config(Strict):
+    root: str = Field(
+        "./camkd-runs", description="storage root: a local path or an fsspec URL (s3://, gs://)"
+    )
+    experiment: str = Field("default", pattern=NAME_RE)
+    data: DataConfig = DataConfig()
+    views: ViewConfig = ViewConfig()
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    cache: CacheConfig = CacheConfig()
+    student: StudentConfig = StudentConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSettings = ScalingSettings()
+    storage: StorageSettings = StorageSettings()
+    tune: TuneSettings = TuneSettings()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RaySettings = RaySettings()
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("root must name a folder or a URL (s3://bucket/prefix, gs://...)")
+        return absolute_location(v)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; repeated: {dupes}")
+        for where, chosen in [("strategy.teachers", self.strategy.teachers)] + [
+            (f"tune.teacher_sets[{i}]", s) for i, s in enumerate(self.tune.teacher_sets or [])
+        ]:
+            unknown = sorted(set(chosen or []) - set(names))
+            if unknown:
+                raise ValueError(f"{where} names unknown teachers {unknown}; configured teachers: {names}")
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is global and must divide evenly across "
+                f"scaling.num_workers ({self.scaling.num_workers})"
+            )
+        if self.cache.logits == "topk" and self.cache.topk < 2:
+            raise ValueError("cache.topk must be at least 2 when cache.logits is 'topk'")
+        s = self.scaling
+        if s.use_gpu and s.backend != "gloo" and s.gpus_per_worker != 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker = {s.gpus_per_worker:g}: each NCCL rank trains on exactly one GPU, so "
+                "give it 1 (a fraction puts two NCCL ranks on one GPU, which NCCL refuses at init: 'Duplicate "
+                "GPU'; more than 1 leaves the extra GPUs idle). To share one GPU between ranks for a check, set "
+                "scaling.backend: gloo"
+            )
+        if s.use_gpu and s.backend == "gloo" and s.gpus_per_worker > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker = {s.gpus_per_worker:g}: a rank trains on one GPU; give it 1 or a "
+                "fraction (gloo ranks may share a GPU)"
+            )
+        if s.backend == "nccl" and not s.use_gpu:
+            raise ValueError(
+                "scaling.backend: nccl needs GPU workers (NCCL has no CPU transport); set scaling.use_gpu: true "
+                "or scaling.backend: auto (gloo on CPU)"
+            )
+        if self.train.sync_batchnorm and s.backend == "gloo":
+            raise ValueError(
+                "train.sync_batchnorm needs NCCL (gloo has no CUDA all_gather); leave scaling.backend: auto"
+            )
+        if self.train.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm has no CPU kernels); set "
+                "scaling.use_gpu: true, or leave train.sync_batchnorm: false (each CPU worker then normalises "
+                "its own share of the batch)"
+            )
+        if self.cache.max_actors is not None and self.cache.min_actors > self.cache.max_actors:
+            raise ValueError(
+                f"cache.min_actors ({self.cache.min_actors}) exceeds cache.max_actors ({self.cache.max_actors})"
+            )
+        if self.cache.min_actors > (self.cache.actors if isinstance(self.cache.actors, int) else 10**9):
+            raise ValueError(
+                f"cache.min_actors ({self.cache.min_actors}) exceeds cache.actors ({self.cache.actors})"
+            )
+        return self
+
+    # Derived views of the config, used by several stages.
+    def chosen_teachers(self) -> list[TeacherConfig]:
+        if self.strategy.teachers is None:
+            return list(self.teachers)
+        by_name = {t.name: t for t in self.teachers}
+        return [by_name[n] for n in self.strategy.teachers]
+
+    def strategies_in_use(self) -> set[str]:
+        used = {self.strategy.name}
+        if self.tune.strategies:
+            used |= set(self.tune.strategies)
+        return used
+
+    def feature_dtype(self) -> str:
+        if self.cache.features != "auto":
+            return self.cache.features
+        return "fp16" if any(STRATEGIES[s].needs_features for s in self.strategies_in_use()) else "none"
+
+
+def _check_arch(v: str) -> str:
+    if v.startswith("torchvision:"):
+        return v
+    if v.startswith("timm:"):  # imports timm (only for timm: names); ImportError says how to install it
+        try:
+            check_timm_name(v[len("timm:") :])
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return v
+    names = available_models()
+    if v not in names:
+        close = difflib.get_close_matches(v, names, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(
+            f"unknown architecture {v!r}{hint} Available: {names}, torchvision:<name> or timm:<name>"
+        )
+    return v

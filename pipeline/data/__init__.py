@@ -1,0 +1,2 @@
+"""The data stage: ingest from each source into Parquet image parts, augmentation views that replay
+exactly, and each model's input preprocessing."""

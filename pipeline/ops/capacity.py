@@ -1,0 +1,311 @@
+"""The capacity model: what a config costs in cache storage, and in read CPUs and read tasks per training worker.
+
+Fed by `benchmarks/input_pipeline.py` (the reader alone, delivered samples/s ÷ cores, 2-core x86 VM, 2026-11): a
+read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`), and
+an encoded image adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Storage latency adds
+a limit per read task: it waits about SERIAL_ROUND_TRIPS round trips per row group (the image part and every
+teacher's part are read concurrently, footers remembered), with `scaling.read_ahead` row groups in flight, so one
+task delivers at most (read_ahead + 1) × rows per group ÷ (round trips × latency). Faster server cores need fewer
+CPUs; the model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Measured per core (see the module docstring). Ray Data: (a) 102 KB/sample 4.0k/s, (b) 54 KB 5.7k/s, (c) 3.7 KB
+# 12.4k/s, (d) 224-px JPEG + 2 × int8 maps 361 KB 377/s: a least-squares line through (a)-(c) and the JPEG remainder
+# of (d). Threads (a later run): (a) 8.0k/s, (b) 12.9k/s, (c) 46.2k/s: the line through them; (d) ran at the same
+# rate with both readers (decode-bound), so DECODE_US is shared.
+READ_US = {"ray_data": (74.0, 1.70), "threads": (18.0, 1.07)}  # (µs per sample, µs per KB)
+DECODE_US = 1960.0
+# Student rates the GPU side must be fed: CIFAR-sized (an H200, batch 256, fp32, in-memory loop, measured in an
+# earlier round; the H100 in the README's performance table gives 18.6-29.8k cached CA-MKD), and an assumption for
+# 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
+GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
+CPU_RATE = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
+# Round trips a read task waits for in series per row group (`input_pipeline.py --latency-ms`), and the latency
+# assumed per request for an object store when nothing better is known (`doctor` measures it).
+SERIAL_ROUND_TRIPS = 1.2
+OBJECT_STORE_LATENCY_S = 0.025
+
+# Image sizes of the sources whose shape is known before ingest.
+SOURCE_SHAPES = {
+    "fashion-mnist": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+}
+SOURCE_ROWS = {"fashion-mnist": 60_000, "mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+@dataclass
+class TeacherBytes:
+    name: str
+    logits: int
+    features: int
+    feature_shape: list[int] | None
+
+    @property
+    def per_view(self) -> int:
+        return self.logits + self.features
+
+
+def storage_latency(root: str) -> float:
+    """Seconds per request assumed for `root`: 0 for a local path, the delay of a `delay://` root, and
+    OBJECT_STORE_LATENCY_S for an object store."""
+    from pipeline.store import delay
+
+    if "://" not in root or root.startswith("file://"):
+        return 0.0
+    if root.startswith(delay.SCHEME):
+        return delay.parse(root)[0]
+    return OBJECT_STORE_LATENCY_S
+
+
+def read_tasks_for(
+    rate: float, read_us: float, read_cpus: float, latency_s: float, group_rows: int, read_ahead: int
+) -> tuple[int, dict[str, float]]:
+    """Ray Data read tasks one worker needs to deliver `rate` samples/s: enough CPUs for the reading itself
+    (`read_us` µs per sample, `read_cpus` per task), and enough tasks that the storage latency is covered. Returns
+    (tasks, the two demands)."""
+    cpu_tasks = rate * read_us / 1e6 / read_cpus
+    per_task = (read_ahead + 1) * group_rows / (SERIAL_ROUND_TRIPS * latency_s) if latency_s > 0 else math.inf
+    latency_tasks = rate / per_task
+    return max(1, math.ceil(max(cpu_tasks, latency_tasks) - 1e-9)), {
+        "cpu_tasks": cpu_tasks,
+        "latency_tasks": latency_tasks,
+    }
+
+
+def plan_read_tasks(cfg, row_bytes: int, encoded: bool, group_rows: int) -> int:
+    """scaling.read_tasks, else what a worker reading rows of `row_bytes` needs at its default rate."""
+    if cfg.scaling.read_tasks:
+        return cfg.scaling.read_tasks
+    fixed, per_kb = READ_US[cfg.scaling.reader]
+    read_us = fixed + per_kb * row_bytes / 1024 + (DECODE_US if encoded else 0.0)
+    return read_tasks_for(
+        default_rate(cfg, encoded),
+        read_us,
+        cfg.scaling.read_cpus,
+        storage_latency(cfg.root),
+        group_rows,
+        cfg.scaling.read_ahead,
+    )[0]
+
+
+def default_rate(cfg, encoded: bool) -> float:
+    """The student rate a worker's reader is sized for: the measured GPU rates, or a CPU worker's."""
+    if cfg.scaling.use_gpu and encoded:
+        return GPU_RATES["224px"]
+    if cfg.scaling.use_gpu:
+        return GPU_RATES["distill" if cfg.teachers else "ce"]
+    return CPU_RATE
+
+
+@dataclass
+class Estimate:
+    rows: int | None
+    views: int
+    pixels: int
+    encoded: bool
+    teachers: list[TeacherBytes]
+    rate: float
+    workers: int
+    reader: str = "ray_data"
+    latency_s: float = 0.0
+    group_rows: int = 1024
+    read_ahead: int = 2
+    read_cpus: float = 0.5
+
+    @property
+    def reader_bytes(self) -> int:
+        """Bytes one training sample carries through the reader (pixels + every teacher's outputs)."""
+        return self.pixels + sum(t.per_view for t in self.teachers)
+
+    @property
+    def cache_bytes(self) -> int | None:
+        if self.rows is None:
+            return None
+        return self.rows * self.views * sum(t.per_view for t in self.teachers)
+
+    @property
+    def read_us_per_sample(self) -> float:
+        fixed, per_kb = READ_US[self.reader]
+        return fixed + per_kb * self.reader_bytes / 1024 + (DECODE_US if self.encoded else 0.0)
+
+    @property
+    def read_cpus_per_worker(self) -> float:
+        return self.rate * self.read_us_per_sample / 1e6
+
+    @property
+    def read_tasks(self) -> int:
+        """Ray Data read tasks per worker for `rate` (the default of scaling.read_tasks)."""
+        return read_tasks_for(
+            self.rate,
+            self.read_us_per_sample,
+            self.read_cpus,
+            self.latency_s,
+            self.group_rows,
+            self.read_ahead,
+        )[0]
+
+    def lines(self, cfg) -> list[str]:
+        gib = 2**30
+        out = [
+            f"reader: {self.reader_bytes / 1024:.1f} KB per sample ({self.pixels / 1024:.1f} KB pixels"
+            + "".join(f" + {t.name} {t.per_view / 1024:.1f} KB" for t in self.teachers)
+            + ")",
+        ]
+        if self.cache_bytes is not None:
+            out.append(
+                f"cache: {self.rows:,} rows × {self.views} view(s) × {sum(t.per_view for t in self.teachers) / 1024:.1f} KB "
+                f"= {self.cache_bytes / gib:.2f} GiB"
+            )
+        else:
+            out.append(
+                "cache: rows unknown until ingest (per row and view: "
+                f"{sum(t.per_view for t in self.teachers) / 1024:.1f} KB)"
+            )
+        need = self.read_cpus_per_worker
+        out.append(
+            f"read CPUs per worker at {self.rate:,.0f} samples/s: {need:.1f} "
+            f"({self.read_us_per_sample:.0f} µs of read CPU per sample with the {self.reader} reader; measured on a "
+            "2-core VM, see README "
+            f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
+        )
+        if cfg.scaling.reader == "ray_data":
+            tasks = cfg.scaling.read_tasks or self.read_tasks
+            _, why = read_tasks_for(
+                self.rate,
+                self.read_us_per_sample,
+                self.read_cpus,
+                self.latency_s,
+                self.group_rows,
+                self.read_ahead,
+            )
+            out.append(
+                f"read tasks per worker: {tasks}"
+                + (" (scaling.read_tasks)" if cfg.scaling.read_tasks else "")
+                + f"; the model asks {why['cpu_tasks']:.1f} for CPU and {why['latency_tasks']:.1f} for "
+                f"{self.latency_s * 1000:g} ms storage latency ({self.read_ahead} row group(s) read ahead of "
+                f"{self.group_rows} rows)"
+            )
+            store = (
+                f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
+                if cfg.scaling.read_object_store_mb
+                else "half its node's object store ÷ the workers on that node"
+            )
+            out.append(
+                f"worker budget (Ray Data, per worker): {tasks} task(s) × {cfg.scaling.read_cpus:g} CPU = "
+                f"{tasks * cfg.scaling.read_cpus:g} CPUs; object store: {store}"
+            )
+        if cfg.scaling.reader == "threads":
+            if cfg.scaling.read_threads < need:
+                out.append(
+                    f"warning: scaling.read_threads {cfg.scaling.read_threads} per worker < {need:.1f}: the GPU would "
+                    "wait for input at that rate"
+                )
+            return out
+        have = cfg.scaling.read_cpus * (cfg.scaling.read_tasks or 0)
+        if cfg.scaling.read_tasks and have < need:
+            out.append(
+                f"warning: scaling.read_tasks × read_cpus = {have:g} CPUs per worker < {need:.1f}: the GPU would wait "
+                "for input at that rate"
+            )
+        return out
+
+
+def probe_shapes(cfg, meta=None) -> dict[str, list[int]]:
+    """Teacher name → its feature map shape on this dataset's images (one forward of a zero image each); empty
+    when no configured strategy reads features."""
+    import torch
+
+    from camkd import models
+
+    if cfg.feature_dtype() == "none":
+        return {}
+    if meta is not None:
+        hw = list(meta.image_shape[:2]) if meta.image_shape else [cfg.data.image_size] * 2
+        chans, classes = meta.channels, meta.num_classes
+    else:
+        known = SOURCE_SHAPES.get(cfg.data.source)
+        hw = list(known[:2]) if known else [cfg.data.image_size] * 2
+        chans, classes = (known[2] if known else 3), 10
+    shapes = {}
+    for t in cfg.teachers:
+        with torch.no_grad():
+            model = models.create(t.arch, classes, chans).eval()
+            size = list(t.input_size) if t.input_size else hw  # the size the teacher sees
+            shapes[t.name] = list(model.forward_features(torch.zeros(1, chans, *size)).shape[1:])
+    return shapes
+
+
+def teacher_bytes(
+    fmt: str, topk: int, features: str, num_classes: int, shape: list[int] | None
+) -> tuple[int, int]:
+    logits = 2 * num_classes if fmt == "fp16" else 4 * min(topk, num_classes - 1) + 4
+    if features == "none" or not shape:
+        return logits, 0
+    values = int(math.prod(shape))
+    return logits, (2 * values if features == "fp16" else values + 2 * shape[0])
+
+
+def estimate(
+    cfg, meta=None, rate: float | None = None, shapes: dict[str, list[int]] | None = None
+) -> Estimate:
+    """The capacity estimate of a config (with the ingested dataset's meta when there is one).
+    `shapes`: teacher name → feature map shape (C, H, W), probed by the caller (None: logits only)."""
+    source = cfg.data.source
+    if meta is not None:
+        rows = meta.split("train").rows
+        shape = tuple(meta.image_shape) if meta.image_shape else None
+        num_classes = meta.num_classes
+    else:
+        rows = cfg.data.limit_train or SOURCE_ROWS.get(source)
+        shape = SOURCE_SHAPES.get(source)
+        num_classes = (
+            cfg.data.synthetic.num_classes if source == "synthetic" else (100 if source == "cifar100" else 10)
+        )
+        if source == "synthetic":
+            s = cfg.data.synthetic
+            shape, rows = (s.size, s.size, s.channels), s.train
+    encoded = shape is None
+    pixels = int(math.prod(shape)) if shape else 3 * cfg.data.image_size**2
+    features = cfg.feature_dtype()
+    teachers = []
+    for t in cfg.teachers:
+        t_shape = (shapes or {}).get(t.name)
+        logits, feats = teacher_bytes(cfg.cache.logits, cfg.cache.topk, features, num_classes, t_shape)
+        teachers.append(TeacherBytes(t.name, logits, feats, t_shape))
+    if rate is None:
+        rate = default_rate(cfg, encoded)
+    group_rows = meta.row_group_rows if meta is not None else cfg.data.row_group_rows
+    return Estimate(
+        rows,
+        cfg.views.count,
+        pixels,
+        encoded,
+        teachers,
+        rate,
+        cfg.scaling.num_workers,
+        cfg.scaling.reader,
+        latency_s=storage_latency(cfg.root),
+        group_rows=group_rows,
+        read_ahead=cfg.scaling.read_ahead,
+        read_cpus=cfg.scaling.read_cpus,
+    )
+
+
+def as_dict(e: Estimate) -> dict[str, Any]:
+    return {
+        "reader_bytes_per_sample": e.reader_bytes,
+        "cache_bytes": e.cache_bytes,
+        "read_us_per_sample": round(e.read_us_per_sample, 1),
+        "rate": e.rate,
+        "read_cpus_per_worker": round(e.read_cpus_per_worker, 2),
+        "read_tasks_per_worker": e.read_tasks,
+        "storage_latency_ms": e.latency_s * 1000,
+    }
