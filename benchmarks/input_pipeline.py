@@ -280,9 +280,9 @@ PEAK = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from pipeline.reader import ReadPlan, Slice, TeacherSource, items, read_slices
+from pipeline.train.reader import ReadPlan, Slice, TeacherSource, items, read_slices
 d = json.loads(sys.argv[2])
-from pipeline.cache import OutputFormat, StoreRef
+from pipeline.cache.layout import OutputFormat, StoreRef
 def source(t):
     ref = t["ref"]
     ref = StoreRef(**{**ref, "fmt": OutputFormat(**ref["fmt"]), "feature_shape": tuple(ref["feature_shape"] or ()) or None})

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python pipeline/run.py` (also from a Ray job's working dir): import the repo, and
+if __package__ in (
+    None,
+    "",
+):  # `python pipeline/run.py` (also from a Ray job's working dir): import the repo, and
     # not this folder, whose stage packages (data, train, ...) would otherwise shadow top-level names
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 

@@ -167,9 +167,10 @@ SIMULATED = textwrap.dedent(
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        from pipeline import storage, train
+        from pipeline.store import storage
+        from pipeline.train import driver as train
         from pipeline.config import validate
-        from pipeline.ingest import ingest
+        from pipeline.data.ingest import ingest
 
         cfg = validate(raw)
         meta = ingest(cfg, log=lambda *a: None)
@@ -235,7 +236,7 @@ BUDGETS = textwrap.dedent(
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         from pipeline.config import validate
-        from pipeline.ingest import ingest
+        from pipeline.data.ingest import ingest
 
         ingest(validate(raw), log=lambda *a: None)
 
@@ -280,9 +281,10 @@ BUDGET_CHILD = textwrap.dedent(
     import json, sys
     import ray
     ray.init(address=sys.argv[1], log_to_driver=True)
-    from pipeline import storage, train
+    from pipeline.store import storage
+    from pipeline.train import driver as train
     from pipeline.config import validate
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
     cfg = validate(json.loads(sys.argv[2]))
     meta = ingest(cfg, log=lambda *a: None)
     train.fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), "budget-" + sys.argv[3], log=print)
@@ -334,7 +336,7 @@ DOCTOR = textwrap.dedent(
     cluster.wait_for_nodes()
     try:
         from pipeline.config import validate
-        from pipeline.ingest import ingest
+        from pipeline.data.ingest import ingest
 
         ingest(validate(raw), log=lambda *a: None)
         outs = {}
@@ -397,9 +399,11 @@ POOL = textwrap.dedent(
     ray.init(address=cluster.address, log_to_driver=False)
     import torch
     from camkd import models
-    from pipeline import cache, precompute, teachers
+    from pipeline.cache import layout as cache
+    from pipeline.cache import precompute
+    from pipeline.teachers import checkpoints as teachers
     from pipeline.config import validate
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     torch.manual_seed(0)
     teachers.save_model_file(root + "/t.pt", models.create("resnet20", 10, 3).eval())
@@ -505,9 +509,10 @@ LOSE_TRAINING = textwrap.dedent(
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    from pipeline import storage, train
+    from pipeline.store import storage
+    from pipeline.train import driver as train
     from pipeline.config import validate
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     cfg = validate(raw)
     meta = ingest(cfg, log=lambda *a: None)
