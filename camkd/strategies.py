@@ -8,8 +8,8 @@ connectors and the frozen teacher heads. It never loads data, runs teachers or i
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +18,43 @@ from torch import Tensor, nn
 from camkd import losses
 from camkd.connectors import build_connectors
 
+FeatureWeights = Literal["official", "detached", "logit"]
+
+
+def _about(doc: str, **bounds: float) -> dict:
+    """A hyper-parameter's description and bounds (`gt`, `ge`): the configuration's schema is built from these
+    (`pipeline/config/schema.py`), so each parameter is defined once, here."""
+    return {"doc": doc, **bounds}
+
 
 @dataclass(frozen=True)
 class StrategyParams:
-    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (DESIGN.md, step 4)."""
+    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (docs/architecture.md, the method, step 4)."""
 
-    temperature: float = 4.0
-    gamma: float = 1.0
-    alpha: float = 1.0
-    beta: float = 50.0
-    normalize: losses.Normalize = "official"
-    # Weights of the feature term: "official" = confidence of each teacher's frozen head applied to the connected
-    # student map, with gradient (the authors' code); "detached" = the same without gradient; "logit" = the logit
-    # confidence weights of step 1.
-    feature_weights: str = "official"
-    inter_warmup_epochs: int = 1
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup_epochs: int = 20
+    temperature: float = field(default=4.0, metadata=_about("softmax temperature τ of the KD terms", gt=0))
+    gamma: float = field(default=1.0, metadata=_about("weight of the cross-entropy term", ge=0))
+    alpha: float = field(default=1.0, metadata=_about("weight of the KD term", ge=0))
+    beta: float = field(default=50.0, metadata=_about("weight of the intermediate (feature) term", ge=0))
+    normalize: losses.Normalize = field(
+        default="official",
+        metadata=_about("official: Σ w·term / (B·K), as the authors' code; mean: the plain weighted mean"),
+    )
+    feature_weights: FeatureWeights = field(
+        default="official",
+        metadata=_about(
+            "weights of the feature term: official = each teacher's frozen head on the connected student map "
+            "(gradient flows through them, as upstream); detached = the same, without gradient; logit = the "
+            "logit confidence weights"
+        ),
+    )
+    inter_warmup_epochs: int = field(
+        default=1, metadata=_about("epochs without the intermediate term (official: 1)", ge=0)
+    )
+    dkd_alpha: float = field(default=1.0, metadata=_about("DKD: weight of the target-class term", ge=0))
+    dkd_beta: float = field(default=8.0, metadata=_about("DKD: weight of the non-target-class term", ge=0))
+    dkd_warmup_epochs: int = field(
+        default=20, metadata=_about("DKD: epochs over which its loss ramps up linearly", ge=1)
+    )
 
 
 @dataclass

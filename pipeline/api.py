@@ -75,10 +75,11 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def ingest(cfg: Config) -> DatasetMeta:
+def ingest(cfg: Config, verify: bool = False) -> DatasetMeta:
+    """Read the data source into Parquet image parts (a no-op when done; `verify` re-hashes every source file)."""
     from pipeline.data.ingest import ingest as run
 
-    return run(cfg)
+    return run(cfg, verify=verify)
 
 
 def train_teachers(cfg: Config) -> list[TeacherResult]:
@@ -107,3 +108,67 @@ def tune(cfg: Config) -> SweepResult:
     from pipeline.sweep import tune as stage
 
     return SweepResult.model_validate(stage.run_stage(cfg))
+
+
+def rank(cfg: Config) -> dict[str, Any]:
+    """Rank teacher subsets from the cache alone (the sweep's subsets, else every non-empty one); no Ray."""
+    from pipeline.sweep import rank, tune
+
+    return rank.run_stage(cfg, tune.ranking_subsets(cfg))
+
+
+def rank_sweep(cfg: Config) -> dict[str, Any]:
+    """Rank the teacher subsets this sweep would train, into the sweep's folder; trains nothing."""
+    from pipeline.sweep.tune import rank_only
+
+    return rank_only(cfg)
+
+
+def report(cfg: Config, bench=None, budget_ms: float | None = None, budget_params: int | None = None) -> dict:
+    """Regenerate the sweep's leaderboard and plots and the quickstart report from stored results."""
+    from pipeline.config import ConfigError
+    from pipeline.report.leaderboard import write_sweep_report
+    from pipeline.report.quickstart import regenerate_report
+    from pipeline.store import storage
+    from pipeline.sweep.tune import sweep_dir
+
+    done = {}
+    if storage.exists(storage.join(sweep_dir(cfg), "tune")):
+        done["sweep"] = write_sweep_report(
+            cfg, sweep_dir(cfg), bench=bench, budget_ms=budget_ms, budget_params=budget_params
+        )
+    quick = regenerate_report(cfg)
+    if quick is not None:
+        done["quickstart"] = quick
+    if not done:
+        raise ConfigError(
+            f"nothing to report under {cfg.root}/runs/{cfg.experiment}: run `tune` or `quickstart` first "
+            "(or pass the same --config/--set root=... they used)"
+        )
+    return done
+
+
+def doctor(cfg: Config, seconds: float = 40.0) -> dict[str, Any]:
+    """Measure storage, the reader and the step where training runs; name the bottleneck."""
+    from pipeline.ops.doctor import run_stage
+
+    return run_stage(cfg, seconds=seconds)
+
+
+def quickstart(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """The whole pipeline on Fashion-MNIST and its report (`cfg` from `quickstart_config`)."""
+    from pipeline.report.quickstart import run_quickstart
+
+    return run_quickstart(cfg, overwrite=overwrite)
+
+
+def run_all(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """ingest → teachers → precompute → train, then the sweep and its report when `tune` is configured."""
+    ingest(cfg)
+    if cfg.teachers:
+        train_teachers(cfg)
+        precompute(cfg, overwrite=overwrite)
+    result: dict[str, Any] = {"train": train(cfg)}
+    if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
+        result["tune"] = tune(cfg)
+    return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (
@@ -21,40 +23,165 @@ if __package__ in (
 
 import yaml
 
+from pipeline import api
 from pipeline.config import Config, ConfigError, load_config
 
-STAGES = [
-    "ingest",
-    "teachers",
-    "precompute",
-    "train",
-    "rank",
-    "tune",
-    "report",
-    "doctor",
-    "quickstart",
-    "all",
-]
 
-HELP = {
-    "ingest": "read the data source into Parquet image parts under <root>/datasets (a no-op when done)",
-    "teachers": "train the teachers that have `train:` and check that imported checkpoints load",
-    "precompute": "run each teacher once over all training views into the Parquet cache (resumable)",
-    "train": "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
-    "rank": "rank teacher subsets from the cache alone, in seconds (ensemble / oracle top-1 on the validation "
-    "hold-out, disagreement, CA-MKD weights): tune's subsets, else every non-empty one; trains nothing",
-    "tune": "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
-    "report": "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
-    "doctor": "measure storage from every node, the reader and the student step like one worker; name the "
-    "bottleneck and what to change (~2 minutes; run it first on a new cluster)",
-    "quickstart": "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",
-    "all": "ingest → teachers → precompute → train → tune and its report (when tune is configured)",
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the CLI: its help, the API call it makes, and the flags of its own (beyond the common ones)."""
+
+    help: str
+    run: Callable[[Config, argparse.Namespace], object]
+    flags: tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a stale cache instead of refusing")
+
+
+def _name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="run name under <root>/runs/<experiment>/ (default: from the config)")
+
+
+def _seconds(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seconds", type=float, default=40.0, help="how long the reader is measured (the step: half of it)"
+    )
+
+
+def _verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every source file (normally an unchanged size and mtime means unchanged content)",
+    )
+
+
+def _budgets(p: argparse.ArgumentParser) -> None:
+    add_bench_arguments(p)
+    p.add_argument(
+        "--budget-ms",
+        type=float,
+        metavar="MS",
+        help="name the best finished student whose CPU batch-1 p50 latency is at most MS",
+    )
+    p.add_argument(
+        "--budget-params",
+        type=int,
+        metavar="N",
+        help="name the best finished student with at most N parameters",
+    )
+
+
+def _cache_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="the root the cache was built under (default: the config's root)")
+
+
+def _rank_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rank-only",
+        action="store_true",
+        help="rank the teacher subsets this sweep would train, from the cache; write rank.json and rank.md into "
+        "the sweep folder; train nothing",
+    )
+
+
+def _quickstart_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="output folder (default ./camkd-runs)")
+    p.add_argument("--full", action="store_true", help="the whole dataset and more epochs (much longer)")
+
+
+def _report(cfg: Config, a: argparse.Namespace) -> object:
+    return api.report(cfg, bench_settings(a), budget_ms=a.budget_ms, budget_params=a.budget_params)
+
+
+STAGES: dict[str, Stage] = {
+    "ingest": Stage(
+        "read the data source into Parquet image parts under <root>/datasets (a no-op when done)",
+        lambda cfg, a: api.ingest(cfg, verify=a.verify),
+        (_verify,),
+    ),
+    "teachers": Stage(
+        "train the teachers that have `train:` and check that imported checkpoints load",
+        lambda cfg, a: api.train_teachers(cfg),
+    ),
+    "precompute": Stage(
+        "run each teacher once over all training views into the Parquet cache (resumable)",
+        lambda cfg, a: api.precompute(cfg, overwrite=a.overwrite),
+        (_overwrite,),
+    ),
+    "train": Stage(
+        "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
+        lambda cfg, a: api.train(cfg, name=a.name),
+        (_name,),
+    ),
+    "rank": Stage(
+        "rank teacher subsets from the cache alone, in seconds (ensemble / oracle top-1 on the validation "
+        "hold-out, disagreement, CA-MKD weights): tune's subsets, else every non-empty one; trains nothing",
+        lambda cfg, a: api.rank(cfg),
+        (_cache_root,),
+    ),
+    "tune": Stage(
+        "sweep teacher subsets / strategies / hyper-parameters with Ray Tune + ASHA (resumable)",
+        lambda cfg, a: api.rank_sweep(cfg) if a.rank_only else api.tune(cfg),
+        (_rank_only,),
+    ),
+    "report": Stage(
+        "regenerate the sweep leaderboard and plots (and the quickstart report) from stored results",
+        _report,
+        (_budgets,),
+    ),
+    "doctor": Stage(
+        "measure storage from every node, the reader and the student step like one worker; name the "
+        "bottleneck and what to change (~2 minutes; run it first on a new cluster)",
+        lambda cfg, a: api.doctor(cfg, seconds=a.seconds),
+        (_seconds,),
+    ),
+    "quickstart": Stage(
+        "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",
+        lambda cfg, a: api.quickstart(cfg, overwrite=a.overwrite),
+        (_overwrite, _quickstart_flags),
+    ),
+    "all": Stage(
+        "ingest → teachers → precompute → train → tune and its report (when tune is configured)",
+        lambda cfg, a: api.run_all(cfg, overwrite=a.overwrite),
+        (_overwrite,),
+    ),
 }
 
 
 def program_name() -> str:
     """`camkd` when run as the installed console script, else `python pipeline/run.py` (the same CLI)."""
     return "camkd" if Path(sys.argv[0]).name == "camkd" else "python pipeline/run.py"
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply without"
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field by dotted path, e.g. --set train.epochs=5 (repeatable; VALUE is YAML)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        metavar="SAMPLES_PER_S",
+        help="--dry-run: student samples/s per worker the read CPUs must sustain (default on GPU: 26k for "
+        "CIFAR-sized data, the H200 cached CA-MKD rate, 3k for 224-px images; 150 on CPU)",
+    )
+    p.add_argument(
+        "--address", help="Ray cluster address to attach to (default: RAY_ADDRESS, else start locally)"
+    )
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -70,82 +197,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=HELP[stage], description=HELP[stage])
-        p.add_argument(
-            "--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply without"
-        )
-        p.add_argument(
-            "--set",
-            "-s",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a field by dotted path, e.g. --set train.epochs=5 (repeatable; VALUE is YAML)",
-        )
-        p.add_argument(
-            "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
-        )
-        p.add_argument(
-            "--rate",
-            type=float,
-            metavar="SAMPLES_PER_S",
-            help="--dry-run: student samples/s per worker the read CPUs must sustain (default on GPU: 26k for "
-            "CIFAR-sized data, the H200 cached CA-MKD rate, 3k for 224-px images; 150 on CPU)",
-        )
-        p.add_argument(
-            "--address", help="Ray cluster address to attach to (default: RAY_ADDRESS, else start locally)"
-        )
-        if stage in ("precompute", "all", "quickstart"):
-            p.add_argument(
-                "--overwrite", action="store_true", help="replace a stale cache instead of refusing"
-            )
-        if stage == "train":
-            p.add_argument(
-                "--name", help="run name under <root>/runs/<experiment>/ (default: from the config)"
-            )
-        if stage == "doctor":
-            p.add_argument(
-                "--seconds",
-                type=float,
-                default=40.0,
-                help="how long the reader is measured (the step: half of it)",
-            )
-        if stage == "ingest":
-            p.add_argument(
-                "--verify",
-                action="store_true",
-                help="re-hash every source file (normally an unchanged size and mtime means unchanged content)",
-            )
-        if stage == "report":
-            add_bench_arguments(p)
-            p.add_argument(
-                "--budget-ms",
-                type=float,
-                metavar="MS",
-                help="name the best finished student whose CPU batch-1 p50 latency is at most MS",
-            )
-            p.add_argument(
-                "--budget-params",
-                type=int,
-                metavar="N",
-                help="name the best finished student with at most N parameters",
-            )
-        if stage == "rank":
-            p.add_argument("--root", help="the root the cache was built under (default: the config's root)")
-        if stage == "tune":
-            p.add_argument(
-                "--rank-only",
-                action="store_true",
-                help="rank the teacher subsets this sweep would train, from the cache; write rank.json and "
-                "rank.md into the sweep folder; train nothing",
-            )
-        if stage == "quickstart":
-            p.add_argument("--root", help="output folder (default ./camkd-runs)")
-            p.add_argument(
-                "--full", action="store_true", help="the whole dataset and more epochs (much longer)"
-            )
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        _common_flags(p)
+        for add in stage.flags:
+            add(p)
     bench = sub.add_parser(
         "bench-student",
         help="measure a student file on this machine: parameters, MACs, CPU (and GPU) latency, throughput",
@@ -289,87 +345,7 @@ def run(args: argparse.Namespace) -> object:
     if args.dry_run:
         dry_run(cfg, args.stage, args.rate)
         return None
-    stage = args.stage
-    if stage == "ingest":
-        from pipeline.data.ingest import ingest
-
-        return ingest(cfg, verify=args.verify).model_dump()
-    if stage == "quickstart":
-        from pipeline.report.quickstart import run_quickstart
-
-        return run_quickstart(cfg, overwrite=args.overwrite)
-    if stage == "rank":  # the cache alone: no Ray
-        from pipeline.sweep import rank, tune
-
-        return rank.run_stage(cfg, tune.ranking_subsets(cfg))
-    if stage == "tune" and args.rank_only:
-        from pipeline.sweep.tune import rank_only
-
-        return rank_only(cfg)
-    from pipeline.ops.runtime import ensure_ray
-
-    if stage != "report":
-        ensure_ray(cfg)
-    if stage == "teachers":
-        from pipeline.teachers.stage import run_stage
-
-        return run_stage(cfg)
-    if stage == "precompute":
-        from pipeline.cache.precompute import run_stage
-
-        return run_stage(cfg, overwrite=args.overwrite)
-    if stage == "train":
-        from pipeline.train.driver import run_stage
-
-        return run_stage(cfg, name=args.name)
-    if stage == "tune":
-        from pipeline.sweep.tune import run_stage
-
-        return run_stage(cfg)
-    if stage == "doctor":
-        from pipeline.ops.doctor import run_stage
-
-        return run_stage(cfg, seconds=args.seconds)
-    if stage == "report":
-        from pipeline.report.leaderboard import write_sweep_report
-        from pipeline.report.quickstart import regenerate_report
-        from pipeline.store import storage
-        from pipeline.sweep.tune import sweep_dir
-
-        done = {}
-        if storage.exists(storage.join(sweep_dir(cfg), "tune")):
-            done["sweep"] = write_sweep_report(
-                cfg,
-                sweep_dir(cfg),
-                bench=bench_settings(args),
-                budget_ms=args.budget_ms,
-                budget_params=args.budget_params,
-            )
-        quick = regenerate_report(cfg)
-        if quick is not None:
-            done["quickstart"] = quick
-        if not done:
-            raise ConfigError(
-                f"nothing to report under {cfg.root}/runs/{cfg.experiment}: run `tune` or `quickstart` first "
-                "(or pass the same --config/--set root=... they used)"
-            )
-        return done
-    if stage == "all":
-        from pipeline.cache import precompute
-        from pipeline.data.ingest import ingest
-        from pipeline.sweep import tune
-        from pipeline.teachers import stage as teacher_stage
-        from pipeline.train import driver
-
-        ingest(cfg)
-        if cfg.teachers:
-            teacher_stage.run_stage(cfg)
-            precompute.run_stage(cfg, overwrite=args.overwrite)
-        result = {"train": driver.run_stage(cfg)}
-        if cfg.tune.teacher_sets or cfg.tune.teacher_set_sizes:
-            result["tune"] = tune.run_stage(cfg)
-        return result
-    raise AssertionError(stage)
+    return STAGES[args.stage].run(cfg, args)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

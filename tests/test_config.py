@@ -218,3 +218,18 @@ def test_a_run_name_ray_cannot_tag_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"run name .camkd-β0\.5.: use ASCII letters, digits and"):
         driver.fit(cfg, None, str(tmp_path), "camkd-β0.5")
     assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+def test_the_strategy_section_is_defined_once_by_camkd():
+    """`strategy.*` is `camkd.StrategyParams` plus the strategy's name, mode and teachers: one definition."""
+    import dataclasses
+    import typing
+
+    from camkd import STRATEGIES, StrategyParams
+    from pipeline.config.schema import StrategyName
+
+    cfg = load_config(None, ["strategy.beta=0.5", "strategy.feature_weights=logit"])
+    assert cfg.strategy.params() == StrategyParams(beta=0.5, feature_weights="logit")
+    params = {f.name for f in dataclasses.fields(StrategyParams)}
+    assert set(type(cfg.strategy).model_fields) == {"name", "mode", "teachers"} | params
+    assert typing.get_args(StrategyName) == tuple(STRATEGIES)

@@ -90,22 +90,12 @@ def _plan_teacher(
     overwrite: bool,
     log,
 ) -> TeacherPlan:
+    """What one teacher's store already holds (parts with a matching receipt) and what it still lacks."""
     tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
     store = store_dir(tdir, spec, fmt)
     parts = meta.split("train").parts
-    previous = None
-    done: dict[int, dict[str, CachePart]] = {}
-    if storage.exists(manifest_url(store)):
-        previous = load_manifest(store, ref.name)
-        check_manifest_dataset(previous, store, meta)
-        kept = [r.view for r in previous.views if r.view < spec.count]
-        check_parts_present(previous, store, kept)
-        done = {r.view: {p.name: p for p in r.parts} for r in previous.views}
-    elif storage.exists(manifest_url(tdir)):
-        raise CacheError(
-            f"the cache at {tdir} of teacher {ref.name!r} was written by an older camkd-ray (cache format 1); "
-            f"rebuild it: delete {tdir} and re-run precompute"
-        )
+    previous = _previous_manifest(ref, meta, spec, tdir, store)
+    done = {r.view: {p.name: p for p in r.parts} for r in previous.views} if previous else {}
     identity = {
         "teacher_id": ref.id,
         "dataset_fp": meta.fingerprint,
@@ -117,31 +107,8 @@ def _plan_teacher(
     for view in range(spec.count):
         if view in done and len(done[view]) == len(parts):
             continue
-        vdir = view_dir(store, view)
-        sizes = storage.list_sizes(vdir)
-        for name in [
-            n for n in sizes if storage.TMP_MARK in n
-        ]:  # half-written parts: never read, safe to drop
-            storage.remove(storage.join(vdir, name))
-        present = [p for p in parts if p.name in sizes]
-        receipts = _receipts([receipt_url(storage.join(vdir, p.name)) for p in present])
-        got: dict[str, CachePart] = {}
-        for p, receipt in zip(present, receipts):
-            url = storage.join(vdir, p.name)
-            if (
-                receipt is not None
-                and all(receipt.get(k) == v for k, v in identity.items())
-                and (
-                    receipt.get("view") == view
-                    and receipt.get("rows") == p.rows
-                    and receipt.get("bytes") == sizes[p.name]
-                )
-            ):
-                got[p.name] = CachePart.model_validate(receipt)
-                continue
-            _check_unreceipted(url, identity, view, p.name, overwrite, ref.name, log)
-        done[view] = got
-        todo += [(p.name, view) for p in parts if p.name not in got]
+        done[view] = _receipted_parts(view_dir(store, view), parts, identity, view, overwrite, ref.name, log)
+        todo += [(p.name, view) for p in parts if p.name not in done[view]]
     needs_test = cfg.cache.eval_test and (previous is None or previous.test_accuracy is None)
     n_done = sum(len(v) for view, v in done.items() if view < spec.count)
     if (
@@ -159,6 +126,48 @@ def _plan_teacher(
         f"{spec.count} view(s), format {fmt.key} → {store}"
     )
     return TeacherPlan(ref, tdir, store, done, todo, previous, needs_test=needs_test)
+
+
+def _previous_manifest(
+    ref: checkpoints.TeacherRef, meta: DatasetMeta, spec: ViewSpec, tdir: str, store: str
+) -> Manifest | None:
+    """The store's manifest, checked against the dataset and its parts; None for a new store."""
+    if storage.exists(manifest_url(store)):
+        previous = load_manifest(store, ref.name)
+        check_manifest_dataset(previous, store, meta)
+        check_parts_present(previous, store, [r.view for r in previous.views if r.view < spec.count])
+        return previous
+    if storage.exists(manifest_url(tdir)):
+        raise CacheError(
+            f"the cache at {tdir} of teacher {ref.name!r} was written by an older camkd-ray (cache format 1); "
+            f"rebuild it: delete {tdir} and re-run precompute"
+        )
+    return None
+
+
+def _receipted_parts(
+    vdir: str, parts: list, identity: dict, view: int, overwrite: bool, name: str, log
+) -> dict[str, CachePart]:
+    """The parts of one view whose receipt matches this teacher, dataset, view spec and format, and their size;
+    half-written parts are dropped (never read), parts without a matching receipt are checked."""
+    sizes = storage.list_sizes(vdir)
+    for tmp in [n for n in sizes if storage.TMP_MARK in n]:
+        storage.remove(storage.join(vdir, tmp))
+    present = [p for p in parts if p.name in sizes]
+    receipts = _receipts([receipt_url(storage.join(vdir, p.name)) for p in present])
+    got: dict[str, CachePart] = {}
+    for p, receipt in zip(present, receipts):
+        if (
+            receipt is not None
+            and all(receipt.get(k) == v for k, v in identity.items())
+            and receipt.get("view") == view
+            and receipt.get("rows") == p.rows
+            and receipt.get("bytes") == sizes[p.name]
+        ):
+            got[p.name] = CachePart.model_validate(receipt)
+            continue
+        _check_unreceipted(storage.join(vdir, p.name), identity, view, p.name, overwrite, name, log)
+    return got
 
 
 def _check_unreceipted(
@@ -463,13 +472,23 @@ def precompute_teachers(
 ) -> list[dict[str, Any]]:
     """Bring the teachers' stores up to date in one Ray Data pipeline; one summary row per teacher (what was
     computed, what the cache costs), plus `renders`: images decoded and augmented, once per (image, view)."""
-    import ray
-    from tqdm.auto import tqdm
-
     spec = make_view_spec(cfg, meta.encoding)
     fmt = output_format(cfg, meta)
     started = time.time()
     plans = [_plan_teacher(cfg, ref, meta, spec, fmt, overwrite, log) for ref in refs]
+    items = _work_items(plans, meta)
+    tally = _Tally()
+    if items:
+        _run_pipeline(cfg, meta, plans, items, _precompute_spec(cfg, meta, spec, fmt, plans), tally, log)
+    seconds = time.time() - started
+    rows = [tp.complete or _finish_teacher(tp, meta, spec, fmt, seconds, log) for tp in plans]
+    for row in rows:
+        row |= tally.summary()
+    return rows
+
+
+def _work_items(plans: list[TeacherPlan], meta: DatasetMeta) -> list[dict[str, Any]]:
+    """One item per (part, view) that any teacher still lacks, with a bit mask of the teachers that lack it."""
     masks: dict[tuple[str, int], int] = {}
     for k, tp in enumerate(plans):
         for item in tp.todo:
@@ -477,84 +496,122 @@ def precompute_teachers(
         if tp.needs_test:
             for p in meta.split("test").parts:
                 masks[(p.name, TEST)] = masks.get((p.name, TEST), 0) | (1 << k)
-    items = [
+    return [
         {"part": p, "view": v, "mask": m}
         for (p, v), m in sorted(masks.items(), key=lambda x: (x[0][1], x[0][0]))
     ]
-    first_item_seconds, renders, payload, stored_rows = None, 0, 0, 0
-    use = dict.fromkeys(("render_cpu", "render_seconds", "write_cpu", "write_seconds"), 0.0)
-    if items:
-        import ray
 
-        alive = sum(1 for n in ray.nodes() if n["Alive"])
-        pool = pool_plan(cfg, len(items), ray.cluster_resources(), autoscaling_maximum(), alive)
-        use_gpu, low, high = pool.use_gpu, pool.low, pool.high
-        ps = PrecomputeSpec(
-            dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
-            dataset_fp=meta.fingerprint,
-            image_shape=tuple(meta.image_shape) if meta.image_shape else None,
-            spec=spec.to_dict(),
-            fmt=fmt,
-            teachers=tuple(tp.ref.to_dict() for tp in plans),
-            stores=tuple(tp.store for tp in plans),
-            group_rows=meta.row_group_rows,
-            batch_size=cfg.cache.batch_size,
-            threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
-            compression=cfg.cache.compression,
-            channels_last=cfg.cache.channels_last,
+
+def _precompute_spec(
+    cfg: Config, meta: DatasetMeta, spec: ViewSpec, fmt: OutputFormat, plans: list[TeacherPlan]
+) -> PrecomputeSpec:
+    """What every render task, teacher actor and write task needs, resolved on the driver."""
+    return PrecomputeSpec(
+        dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
+        dataset_fp=meta.fingerprint,
+        image_shape=tuple(meta.image_shape) if meta.image_shape else None,
+        spec=spec.to_dict(),
+        fmt=fmt,
+        teachers=tuple(tp.ref.to_dict() for tp in plans),
+        stores=tuple(tp.store for tp in plans),
+        group_rows=meta.row_group_rows,
+        batch_size=cfg.cache.batch_size,
+        threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),
+        compression=cfg.cache.compression,
+        channels_last=cfg.cache.channels_last,
+    )
+
+
+@dataclass
+class _Tally:
+    """What the pipeline's records add up to: renders, object-store bytes, stored rows and the stages' CPU use."""
+
+    first_item_seconds: float | None = None
+    renders: int = 0
+    payload: int = 0
+    stored_rows: int = 0
+    use: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("render_cpu", "render_seconds", "write_cpu", "write_seconds"), 0.0
         )
-        log(f"[precompute] {len(items)} (part, view) item(s); {pool.line(len(plans))}")
-        memory = _memory_requests(ps, meta)
-        ctx = ray.data.DataContext.get_current()
-        block_limit, ctx.target_max_block_size = ctx.target_max_block_size, None  # an item is one block
-        try:
-            ds = stages(items, ps, cfg, use_gpu, (low, high), memory)
-            bar = tqdm(total=len(items), desc="precompute", unit="item")
-            loop_start = time.time()
-            seen_items: set[tuple[str, int]] = set()
-            for row in _records(ds):
-                if first_item_seconds is None:
-                    first_item_seconds = time.time() - loop_start
-                k, part, view = int(row["teacher"]), str(row["part"]), int(row["view"])
-                renders += int(row["renders"])
-                payload += int(row["payload_bytes"])
-                for key in use:
-                    use[key] += float(row[key])
-                if view == TEST:
-                    plans[k].test[0] += int(row["rows"])
-                    plans[k].test[1] += int(row["correct"])
-                else:
-                    plans[k].done.setdefault(view, {})[part] = CachePart(
-                        name=part,
-                        rows=int(row["rows"]),
-                        bytes=int(row["bytes"]),
-                        digest=str(row["digest"]),
-                        correct=int(row["correct"]),
-                    )
-                    stored_rows += int(row["rows"])
-                if (part, view) not in seen_items:
-                    seen_items.add((part, view))
-                    bar.update(1)
-            bar.close()
-        finally:
-            ctx.target_max_block_size = block_limit
-    seconds = time.time() - started
-    rows = [tp.complete or _finish_teacher(tp, meta, spec, fmt, seconds, log) for tp in plans]
-    for row in rows:
-        row["first_item_seconds"] = first_item_seconds
-        row["renders"] = renders
-        # What crossed Ray's object store from the actors to the writers, per (image, view) of every teacher's part
-        # written: the actors send the stored encodings, so this equals the stored bytes less Parquet's framing.
-        row["object_store_bytes_per_sample"] = round(payload / stored_rows, 1) if stored_rows else None
-        # CPUs a render / write task kept busy while it ran (CPU-seconds of all its threads ÷ its seconds): what
-        # cache.render_cpus / cache.write_cpus should ask for
-        row["cpu_use"] = {
-            stage: round(use[f"{stage}_cpu"] / use[f"{stage}_seconds"], 2)
-            if use[f"{stage}_seconds"]
-            else None
-            for stage in ("render", "write")
+    )
+
+    def add(self, row: dict[str, Any], plans: list[TeacherPlan]) -> None:
+        """One written (teacher, part, view) record: into its teacher's plan and into the totals."""
+        k, part, view = int(row["teacher"]), str(row["part"]), int(row["view"])
+        self.renders += int(row["renders"])
+        self.payload += int(row["payload_bytes"])
+        for key in self.use:
+            self.use[key] += float(row[key])
+        if view == TEST:
+            plans[k].test[0] += int(row["rows"])
+            plans[k].test[1] += int(row["correct"])
+            return
+        plans[k].done.setdefault(view, {})[part] = CachePart(
+            name=part,
+            rows=int(row["rows"]),
+            bytes=int(row["bytes"]),
+            digest=str(row["digest"]),
+            correct=int(row["correct"]),
+        )
+        self.stored_rows += int(row["rows"])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "first_item_seconds": self.first_item_seconds,
+            "renders": self.renders,
+            # What crossed Ray's object store from the actors to the writers, per (image, view) of every teacher's
+            # part written: the actors send the stored encodings, so this equals the stored bytes less Parquet's
+            # framing.
+            "object_store_bytes_per_sample": round(self.payload / self.stored_rows, 1)
+            if self.stored_rows
+            else None,
+            # CPUs a render / write task kept busy while it ran (CPU-seconds of all its threads ÷ its seconds): what
+            # cache.render_cpus / cache.write_cpus should ask for
+            "cpu_use": {
+                stage: round(self.use[f"{stage}_cpu"] / self.use[f"{stage}_seconds"], 2)
+                if self.use[f"{stage}_seconds"]
+                else None
+                for stage in ("render", "write")
+            },
         }
-    return rows
+
+
+def _run_pipeline(
+    cfg: Config,
+    meta: DatasetMeta,
+    plans: list[TeacherPlan],
+    items: list[dict],
+    ps: PrecomputeSpec,
+    tally,
+    log,
+) -> None:
+    """Render → teachers → write over `items`, each record tallied as it arrives, with a progress bar."""
+    import ray
+    from tqdm.auto import tqdm
+
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    pool = pool_plan(cfg, len(items), ray.cluster_resources(), autoscaling_maximum(), alive)
+    log(f"[precompute] {len(items)} (part, view) item(s); {pool.line(len(plans))}")
+    memory = _memory_requests(ps, meta)
+    ctx = ray.data.DataContext.get_current()
+    block_limit, ctx.target_max_block_size = ctx.target_max_block_size, None  # an item is one block
+    try:
+        ds = stages(items, ps, cfg, pool.use_gpu, (pool.low, pool.high), memory)
+        bar = tqdm(total=len(items), desc="precompute", unit="item")
+        loop_start = time.time()
+        seen_items: set[tuple[str, int]] = set()
+        for row in _records(ds):
+            if tally.first_item_seconds is None:
+                tally.first_item_seconds = time.time() - loop_start
+            tally.add(row, plans)
+            key = (str(row["part"]), int(row["view"]))
+            if key not in seen_items:
+                seen_items.add(key)
+                bar.update(1)
+        bar.close()
+    finally:
+        ctx.target_max_block_size = block_limit
 
 
 def run_stage(cfg: Config, overwrite: bool = False, log=print) -> dict[str, Any]:

@@ -6,19 +6,20 @@ Loaded once at the edge (`pipeline/config/loading.py`: YAML file + `--set` overr
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from camkd.models import available as available_models
 from camkd.models import check_timm_name
-from camkd.strategies import STRATEGIES
+from camkd.strategies import STRATEGIES, StrategyParams
 from pipeline.data.preprocessing import check_own, square_size
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-StrategyName = Literal["ce", "kd", "aver", "ebkd", "dkd", "camkd", "camkd_logits"]
+StrategyName = Literal[tuple(STRATEGIES)]
 SourceKind = Literal[
     "fashion-mnist",
     "mnist",
@@ -360,27 +361,30 @@ class StudentConfig(Strict):
         return self
 
 
-class StrategyConfig(Strict):
+def _strategy_params_fields() -> dict[str, Any]:
+    """The pydantic fields of `camkd.StrategyParams`: its defaults, bounds and descriptions, defined there once."""
+    hints = get_type_hints(StrategyParams, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(StrategyParams):
+        meta = dict(f.metadata)
+        out[f.name] = (hints[f.name], Field(f.default, description=meta.pop("doc", None), **meta))
+    return out
+
+
+class StrategyChoice(Strict):
+    """Which strategy (a name in `camkd.STRATEGIES`) and where its teachers come from; `StrategyConfig` adds the
+    fields of `camkd.StrategyParams`, defined there once."""
+
     name: StrategyName = "camkd"
     mode: Literal["cached", "online"] = Field("cached", description="online: run the teachers in the loop")
     teachers: list[str] | None = Field(None, description="names of the teachers to distill from; default all")
-    temperature: float = Field(4.0, gt=0)
-    gamma: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
-    alpha: float = Field(1.0, ge=0, description="weight of the KD term")
-    beta: float = Field(50.0, ge=0, description="weight of the intermediate (feature) term")
-    normalize: Literal["official", "mean"] = "official"
-    feature_weights: Literal["official", "detached", "logit"] = Field(
-        "official",
-        description="weights of the feature term: official = each teacher's frozen head on the connected student "
-        "map (gradient flows through them, as upstream); detached = the same, without gradient; logit = the "
-        "logit confidence weights",
-    )
-    inter_warmup_epochs: int = Field(
-        1, ge=0, description="epochs without the intermediate term (official: 1)"
-    )
-    dkd_alpha: float = Field(1.0, ge=0)
-    dkd_beta: float = Field(8.0, ge=0)
-    dkd_warmup_epochs: int = Field(20, ge=1)
+
+    def params(self) -> StrategyParams:
+        """The loss hyper-parameters `camkd` takes."""
+        return StrategyParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StrategyParams)})
+
+
+StrategyConfig = create_model("StrategyConfig", __base__=StrategyChoice, **_strategy_params_fields())
 
 
 class TrainConfig(Strict):

@@ -11,6 +11,7 @@ swapped classes. A second run reuses everything that is already done.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,44 @@ def regenerate_report(cfg: Config, log=print) -> dict[str, Any] | None:
 
 def write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log=print) -> dict[str, Any]:
     out = storage.join(storage.runs_dir(cfg.root, cfg.experiment), "report")
-    classes = meta.classes
     storage.makedirs(out)
+    t_rows = teacher_table_rows(teacher_rows, cache)
+    s_rows, mean_weights, class_weights = student_table_rows(students)
+    costs = student_costs(cfg, s_rows, students, sweep.get("costs"))
+    plots = report_plots(cfg, meta.classes, students, class_weights, out)
+    plots["pareto"] = pareto_plot(s_rows, sweep["leaderboard"], storage.join(out, "pareto.png"))
+    wrong = wrong_teacher_table(class_weights, swapped_classes(cfg), meta.classes)
+    tables = report_tables(t_rows, s_rows, wrong, sweep["leaderboard"], students)
+    text = report_text(cfg, meta, t_rows, s_rows, tables, plots)
+    storage.write_bytes_atomic(storage.join(out, "report.md"), text.encode())
+    log(
+        "\nTeachers\n"
+        + tables["teachers"]
+        + "\n\nStudents\n"
+        + tables["students"]
+        + "\n\nThe confidently wrong teacher\n"
+        + tables["wrong"]
+        + "\n\nSweep leaderboard\n"
+        + tables["leaderboard"]
+    )
+    return {
+        "teachers": t_rows,
+        "students": s_rows,
+        "camkd_mean_weight": mean_weights.get("camkd", {}),
+        "camkd_class_weight": class_weights.get("camkd", {}),
+        "class_weight": class_weights,
+        "wrong_teacher": wrong,
+        "leaderboard": sweep["leaderboard"],
+        "costs": costs,
+        "plots": plots,
+        "report": storage.join(out, "report.md"),
+    }
+
+
+def teacher_table_rows(teacher_rows: list[dict], cache: dict) -> list[dict[str, Any]]:
+    """One row per teacher: its test top-1, its top-1 on the cached views, and its cache's size."""
     cached = {row["teacher"]: row for row in cache["teachers"]}
-    t_rows = [
+    return [
         {
             "teacher": r["name"],
             "arch": r["arch"],
@@ -127,6 +162,10 @@ def write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log
         }
         for r in teacher_rows
     ]
+
+
+def student_table_rows(students: list[dict]) -> tuple[list[dict], dict[str, dict], dict[str, dict]]:
+    """One row per student run, and each strategy's mean weight per teacher and per class (last epoch)."""
     s_rows = []
     mean_weights: dict[str, dict[str, float]] = {}
     class_weights: dict[str, dict[str, list[float]]] = {}
@@ -147,9 +186,11 @@ def write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log
         class_weights[s["strategy"]] = last.get("class_weight", {})
         row["mean_weights"] = ", ".join(f"{t}={w:.3f}" for t, w in weights.items()) or "-"
         s_rows.append(row)
-    costs = student_costs(cfg, s_rows, students, sweep.get("costs"))
-    camkd_weights, camkd_class = mean_weights.get("camkd", {}), class_weights.get("camkd", {})
-    swaps = swapped_classes(cfg)
+    return s_rows, mean_weights, class_weights
+
+
+def report_plots(cfg, classes, students: list[dict], class_weights: dict, out: str) -> dict[str, str]:
+    """Accuracy per strategy, CA-MKD's weights over epochs, and the per-class weights of CA-MKD and EBKD."""
     plots = {
         "accuracy_per_strategy": leaderboard.plot_curves(
             [(s["strategy"], s["history"]) for s in students],
@@ -164,109 +205,87 @@ def write_quickstart_report(cfg, meta, teacher_rows, cache, students, sweep, log
             storage.join(out, "confidence_weight_over_epochs.png"),
             "mean CA-MKD confidence weight per teacher",
         )
-    if camkd_class:
-        plots["per_class_weights"] = leaderboard.plot_class_weights(
-            camkd_class,
-            classes,
-            storage.join(out, "per_class_weight.png"),
-            "CA-MKD mean confidence weight per class (last epoch)",
-        )
-    if class_weights.get("ebkd"):
-        plots["per_class_weights_ebkd"] = leaderboard.plot_class_weights(
-            class_weights["ebkd"],
-            classes,
-            storage.join(out, "per_class_weight_ebkd.png"),
-            "EBKD (label-free, entropy) weight per class (last epoch)",
-        )
-    plots["pareto"] = pareto_plot(s_rows, sweep["leaderboard"], storage.join(out, "pareto.png"))
-    wrong = wrong_teacher_table(class_weights, swaps, classes)
-    t_md = leaderboard.markdown_table(
-        t_rows, ["teacher", "arch", "test_top1", "cached_view_top1", "cache_MiB"]
-    )
-    s_md = leaderboard.markdown_table(
-        s_rows,
-        [
-            "strategy",
-            "student",
-            "seed",
-            "epochs",
-            "val_top1",
-            "best_epoch",
-            "test_top1",
-            "samples_per_s",
-            "params",
-            "latency_ms_b1_p50",
-            "mean_weights",
-        ],
-    )
-    w_md = (
-        leaderboard.markdown_table(
-            wrong, ["strategy", "teacher", "swapped_classes", "other_classes", "ratio"]
-        )
-        if wrong
-        else "(no teacher was trained with label_swaps)"
-    )
-    lb = sweep["leaderboard"]
-    lb_md = leaderboard.markdown_table(
-        lb,
-        [
-            *["rank", "student", "teachers", "strategy", "best_top1", "epochs", "status"],
-            *["params", "latency_ms_b1_p50", "pareto", "wall_s"],
-        ],
-    )
+    titles = {
+        "camkd": ("per_class_weights", "per_class_weight.png", "CA-MKD mean confidence weight per class"),
+        "ebkd": (
+            "per_class_weights_ebkd",
+            "per_class_weight_ebkd.png",
+            "EBKD (label-free, entropy) weight per class",
+        ),
+    }
+    for strategy, (key, file, title) in titles.items():
+        if class_weights.get(strategy):
+            plots[key] = leaderboard.plot_class_weights(
+                class_weights[strategy], classes, storage.join(out, file), f"{title} (last epoch)"
+            )
+    return plots
+
+
+def report_tables(t_rows, s_rows, wrong, lb, students) -> dict[str, str]:
+    """The report's Markdown tables: teachers, students, the wrong teacher's weights and the sweep's leaderboard."""
+    student_columns = ["strategy", "student", "seed", "epochs", "val_top1", "best_epoch", "test_top1"]
+    student_columns += ["samples_per_s", "params", "latency_ms_b1_p50", "mean_weights"]
+    lb_columns = ["rank", "student", "teachers", "strategy", "best_top1", "epochs", "status"]
+    lb_columns += ["params", "latency_ms_b1_p50", "pareto", "wall_s"]
+    lb_md = leaderboard.markdown_table(lb, lb_columns)
+    camkd_runs = [s for s in students if s["strategy"] == "camkd"]
     all_names = "+".join(r["teacher"] for r in t_rows)
     if camkd_runs and lb and all(r["teachers"] != all_names for r in lb):
         lb_md += (
             f"\n\nAll three teachers ({all_names}) with CA-MKD is the `camkd` student above "
             f"(same config): best top-1 {camkd_runs[0]['best_val_top1']:.4f}."
         )
-    text = (
+    wrong_columns = ["strategy", "teacher", "swapped_classes", "other_classes", "ratio"]
+    return {
+        "teachers": leaderboard.markdown_table(
+            t_rows, ["teacher", "arch", "test_top1", "cached_view_top1", "cache_MiB"]
+        ),
+        "students": leaderboard.markdown_table(s_rows, student_columns),
+        "wrong": leaderboard.markdown_table(wrong, wrong_columns)
+        if wrong
+        else "(no teacher was trained with label_swaps)",
+        "leaderboard": lb_md,
+    }
+
+
+def report_text(cfg, meta, t_rows, s_rows, tables: dict[str, str], plots: dict[str, str]) -> str:
+    """report.md: the tables with what each column means, and the plots."""
+    return (
         "# camkd-ray quickstart report\n\n"
-        f"{data_note(cfg, meta, t_rows, s_rows)}\n\n## Teachers\n\n{t_md}\n\n"
+        f"{data_note(cfg, meta, t_rows, s_rows)}\n\n## Teachers\n\n{tables['teachers']}\n\n"
         f"## Students ({cfg.student.arch}, same seed and budget)\n\nval_top1: best top-1 on the validation hold-out "
         f"({cfg.data.val_fraction:g} of the training rows; it picks the epoch); test_top1: the test split, scored "
-        f"once with that epoch's weights. {defaults_note(cfg)}\n\n{s_md}\n\n"
+        f"once with that epoch's weights. {defaults_note(cfg)}\n\n{tables['students']}\n\n"
         f"## The confidently wrong teacher\n\nMean weight each strategy gives a teacher trained with swapped labels, "
         f"on the swapped classes and on the others (last epoch). EBKD's weights are label-free (they trust a "
-        f"confident teacher); CA-MKD's come from each teacher's cross-entropy against the true label.\n\n{w_md}\n\n"
+        f"confident teacher); CA-MKD's come from each teacher's cross-entropy against the true label.\n\n"
+        f"{tables['wrong']}\n\n"
         f"{rank_section(cfg)}"
         f"## Sweep ({', '.join(cfg.tune.strategies)}; "
         f"{'ASHA' if cfg.tune.asha.enabled else 'every trial trained to the end'})\n\n"
         "Each student's cost is measured in one quiet pass after training (`pipeline/report/deploy.py`): parameters, MACs "
         f"per image, student.pt's bytes, CPU latency at batch 1 (p50 / p90) and throughput. pareto: on the front of "
-        f"validation top-1 against latency (report/pareto.png, with the students above).\n\n{lb_md}\n\n"
+        f"validation top-1 against latency (report/pareto.png, with the students above).\n\n{tables['leaderboard']}\n\n"
         "## Plots\n\n" + "\n".join(f"![{k}]({Path(v).name})" for k, v in plots.items()) + "\n"
     )
-    storage.write_bytes_atomic(storage.join(out, "report.md"), text.encode())
-    log(
-        "\nTeachers\n"
-        + t_md
-        + "\n\nStudents\n"
-        + s_md
-        + "\n\nThe confidently wrong teacher\n"
-        + w_md
-        + "\n\nSweep leaderboard\n"
-        + lb_md
+
+
+STUDY = Path(__file__).resolve().parents[2] / "docs" / "study" / "strong-teachers.json"
+
+
+def study_row() -> str:
+    """The study row behind the quickstart's CA-MKD defaults, its figures read from the study's stored results."""
+    where = "docs/study/strong-teachers.md, regime ii, row `camkd β=0.5`"
+    try:
+        arms = {a["arm"]: a for a in json.loads(STUDY.read_text())["arms"] if a["group"] == "ii"}
+        row, authors = arms["camkd β=0.5"], arms["camkd β=50 (authors)"]
+    except (OSError, KeyError, ValueError):
+        return where
+    return (
+        f"{where}: {row['test_top1_mean']:.4f} ± {row['test_top1_std']:.4f} test top-1 over {row['seeds']} seeds, "
+        f"{row['delta_vs_aver']:+.4f} over AVER and within noise of the authors' β = 50 "
+        f"({authors['test_top1_mean']:.4f}); docs/study/study.md shows the same choice with weaker teachers"
     )
-    return {
-        "teachers": t_rows,
-        "students": s_rows,
-        "camkd_mean_weight": camkd_weights,
-        "camkd_class_weight": camkd_class,
-        "class_weight": class_weights,
-        "wrong_teacher": wrong,
-        "leaderboard": lb,
-        "costs": costs,
-        "plots": plots,
-        "report": storage.join(out, "report.md"),
-    }
-
-
-STUDY_ROW = (
-    "docs/study/strong-teachers.md, regime ii (5,000 rows, teachers 0.93 / 0.92 / 0.59), row `camkd β=0.5`: "
-    "0.8321 ± 0.0014 test top-1 over 3 seeds, +0.0038 over AVER and within noise of the authors' β = 50 (0.8335); "
-    "with teachers weaker than the student (docs/study/study.md, `camkd β=0.5`) β = 0.5 was +0.027 over β = 50"
-)
 
 
 def rank_section(cfg: Config) -> str:
@@ -313,10 +332,10 @@ def defaults_note(cfg: Config) -> str:
     """Where the CA-MKD settings come from: the study row behind the quickstart's defaults, or that they differ."""
     s = cfg.strategy
     if s.beta == 0.5 and s.feature_weights == "official":
-        return f"CA-MKD: β = 0.5 with the authors' feature weights, as in {STUDY_ROW}."
+        return f"CA-MKD: β = 0.5 with the authors' feature weights, as in {study_row()}."
     return (
         f"CA-MKD: β = {s.beta:g}, feature weights `{s.feature_weights}` (changed from the quickstart's defaults, "
-        f"β = 0.5 with the authors' weights, which {STUDY_ROW.split(',')[0]} supports)."
+        f"β = 0.5 with the authors' weights, which {study_row().split(':')[0]} supports)."
     )
 
 

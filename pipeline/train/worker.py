@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from camkd import Distiller, StrategyParams, create_strategy, models
+from camkd import Distiller, create_strategy, models
 from camkd.training import TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline.config import Config, validate
@@ -172,22 +172,6 @@ def _load_head(plan: TrainPlan, k: int) -> torch.nn.Module:
     return head
 
 
-def strategy_params(cfg: Config) -> StrategyParams:
-    s = cfg.strategy
-    return StrategyParams(
-        temperature=s.temperature,
-        gamma=s.gamma,
-        alpha=s.alpha,
-        beta=s.beta,
-        normalize=s.normalize,
-        feature_weights=s.feature_weights,
-        inter_warmup_epochs=s.inter_warmup_epochs,
-        dkd_alpha=s.dkd_alpha,
-        dkd_beta=s.dkd_beta,
-        dkd_warmup_epochs=s.dkd_warmup_epochs,
-    )
-
-
 def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None = None) -> Distiller:
     """Student + strategy (connectors, frozen teacher heads) for this plan, on CPU."""
     torch.manual_seed(cfg.train.seed)
@@ -210,7 +194,7 @@ def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None =
             "teacher_feature_shapes": shapes,
             "teacher_heads": heads,
         }
-    strategy = create_strategy(cfg.strategy.name, plan.teacher_names, strategy_params(cfg), **kwargs)
+    strategy = create_strategy(cfg.strategy.name, plan.teacher_names, cfg.strategy.params(), **kwargs)
     return Distiller(student, strategy)
 
 
