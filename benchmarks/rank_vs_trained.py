@@ -37,7 +37,7 @@ from pipeline.report.quickstart import quickstart_config
 from pipeline.store import storage
 from pipeline.sweep import rank, tune
 from pipeline.teachers import stage as teacher_stage
-from pipeline.train.driver import SUMMARY_FILE
+from pipeline.train.summary import SUMMARY_FILE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "rank"
 # What docs/rank was measured with (configs/quickstart.yaml of commit 55e7e0a), whatever the quickstart uses now.

@@ -39,6 +39,7 @@ from pipeline.report.quickstart import quickstart_config
 from pipeline.store import storage
 from pipeline.teachers import stage as teacher_stage
 from pipeline.train import driver
+from pipeline.train.summary import SUMMARY_FILE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "study"
 SWAPS = [[0, 6], [5, 7]]  # T-shirt↔Shirt, Sandal↔Sneaker
@@ -201,11 +202,13 @@ def run_arms(base, meta, todo, seeds: int, report_only: bool, per_group: dict[st
         for seed in range(seeds):
             cfg = with_updates(base, {**per_group.get(group, {}), **updates, "train.seed": seed})
             run = f"{group}-{slug(name)}-s{seed}" if per_group else f"{slug(name)}-s{seed}"
-            url = storage.join(runs_root, run, driver.SUMMARY_FILE)
+            url = storage.join(runs_root, run, SUMMARY_FILE)
             finished = storage.exists(url) and storage.read_json(url).get("status") == "finished"
             if report_only and not finished:
                 continue
-            summary = driver.fit(cfg, meta, runs_root, run, log=(lambda *_: None) if finished else print)
+            summary = driver.fit(
+                cfg, meta, runs_root, run, log=(lambda *_: None) if finished else print
+            ).model_dump()
             entry = results.setdefault((group, name), {"group": group, "arm": name, "runs": []})
             entry["runs"].append({"seed": seed} | run_record(summary))
             print(

@@ -221,7 +221,7 @@ def ray_path(
             str(root / "runs"),
             strategy.replace("+", "-"),
             log=lambda *_: None,
-        )
+        ).model_dump()
         backend = s["backend"]
         # Steady state: after the reader's start (epoch 1) and, with torch.compile, after its second compile
         # (epoch 2: the epoch number becomes dynamic and CA-MKD's warm-up branch flips).

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import Config, load_config
 from pipeline.data.ingest import DatasetMeta
+from pipeline.train.summary import RunSummary
 
 
 class Result(BaseModel):
@@ -40,22 +41,6 @@ class PrecomputeResult(Result):
     dataset: str
     teachers: list[dict[str, Any]]
     renders: int
-
-
-class RunSummary(Result):
-    name: str
-    run_dir: str
-    strategy: str
-    student: str
-    teachers: list[str]
-    epochs: int
-    best_val_top1: float
-    best_epoch: int
-    test_top1: float | None = None
-    params: int | None = None  # the exported student's cost: parameters, MACs per image, student.pt's bytes
-    macs: int | None = None
-    export_bytes: int | None = None
-    history: list[dict[str, Any]]
 
 
 class SweepResult(Result):
@@ -101,7 +86,7 @@ def precompute(cfg: Config, overwrite: bool = False) -> PrecomputeResult:
 def train(cfg: Config, name: str | None = None) -> RunSummary:
     from pipeline.train import driver as stage
 
-    return RunSummary.model_validate(stage.run_stage(cfg, name=name))
+    return stage.run_stage(cfg, name=name)
 
 
 def tune(cfg: Config) -> SweepResult:

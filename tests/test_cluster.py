@@ -174,7 +174,7 @@ SIMULATED = textwrap.dedent(
 
         cfg = validate(raw)
         meta = ingest(cfg, log=lambda *a: None)
-        summary = train.fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), "spread", log=print)
+        summary = train.fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), "spread", log=print).model_dump()
         alive = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
         print("RESULT " + json.dumps({"summary": summary, "nodes": alive}))
     finally:
@@ -530,7 +530,7 @@ LOSE_TRAINING = textwrap.dedent(
         done, res = threading.Event(), {}
         def work():
             try:
-                res["summary"] = train.fit(cfg, meta, runs, name, log=print)
+                res["summary"] = train.fit(cfg, meta, runs, name, log=print).model_dump()
             except BaseException as e:
                 res["error"] = repr(e)
             done.set()

@@ -29,6 +29,7 @@ from pipeline.store import storage, tables
 from pipeline.store.storage import StorageError
 from pipeline.teachers import checkpoints
 from pipeline.train import driver
+from pipeline.train.summary import RunSummary
 
 pytestmark = pytest.mark.fault
 
@@ -70,10 +71,10 @@ def _wait_for_registered(run_dir: Path, checkpoint: str, timeout: float = 180) -
     raise TimeoutError(f"{checkpoint} was not registered in {snapshot}")
 
 
-def _close(a: dict, b: dict) -> None:
-    assert [h["epoch"] for h in a["history"]] == [h["epoch"] for h in b["history"]]
-    assert a["final_val_top1"] == pytest.approx(b["final_val_top1"], abs=0.02)
-    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=0.02)
+def _close(a: RunSummary, b: RunSummary) -> None:
+    assert [h["epoch"] for h in a.history] == [h["epoch"] for h in b.history]
+    assert a.final_val_top1 == pytest.approx(b.final_val_top1, abs=0.02)
+    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=0.02)
 
 
 def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cached, tmp_path):
@@ -93,8 +94,8 @@ def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cach
     summary = driver.fit(cfg, cached[2], str(tmp_path), "killed")
     thread.join(timeout=5)
     assert killed, "no Train worker was killed"
-    assert summary["epochs"] == 3 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
-    assert summary["resumes"] == 1 and reference["resumes"] == 0
+    assert summary.epochs == 3 and [h["epoch"] for h in summary.history] == [1, 2, 3]
+    assert summary.resumes == 1 and reference.resumes == 0
     _close(summary, reference)
 
 
@@ -130,14 +131,14 @@ def test_driver_sigkill_then_same_command_resumes(undisturbed, cached, tmp_path,
     assert summary["resumes"] == 1, "the re-run must restore the checkpoint, not start over"
     assert "resuming with 2 worker(s); the checkpoint was written with 1" in done.stdout + done.stderr
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
-    first, ref = summary["history"][0], reference["history"][0]
+    first, ref = summary["history"][0], reference.history[0]
     assert (first["train_loss"], first["val_top1"]) == (ref["train_loss"], ref["val_top1"]), (
         "epoch 1 was kept"
     )
     assert summary["workers"] and len(summary["history"][1]["workers"]) == 2
     # Epochs 2-3 ran on 2 workers (16 samples per BatchNorm instead of 32): close to the 1-worker run, not equal.
     assert summary["history"][-1]["train_loss"] == pytest.approx(
-        reference["history"][-1]["train_loss"], rel=0.15
+        reference.history[-1]["train_loss"], rel=0.15
     )
 
 

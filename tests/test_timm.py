@@ -221,7 +221,7 @@ def test_a_timm_teacher_with_its_own_normalisation_through_ingest_teachers_preco
     assert np.abs(logits - dataset).max() > 50 * np.abs(logits - own).max(), "the dataset's normalisation"
 
     result = driver.fit(cfg, meta, str(tmp_path / "runs"), "timm")
-    assert result["status"] == "finished" and result["teachers"] == ["tm", "zoo"]
-    student_file = torch.load(result["exports"]["state_dict"], weights_only=True)
+    assert result.status == "finished" and result.teachers == ["tm", "zoo"]
+    student_file = torch.load(result.exports["state_dict"], weights_only=True)
     assert student_file["arch"] == "timm:test_efficientnet"
     assert student_file["normalization"] == {"mean": STUDENT_MEAN, "std": STUDENT_STD}

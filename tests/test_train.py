@@ -41,19 +41,15 @@ def one_worker(undisturbed):
 
 def test_one_worker_learns_and_reports_every_term(one_worker):
     _, _, summary = one_worker
-    h = summary["history"]
-    assert [e["epoch"] for e in h] == [1, 2, 3] and summary["status"] == "finished"
-    assert summary["backend"] == "gloo", (
-        "one worker still runs a process group: every collective is exercised"
-    )
+    h = summary.history
+    assert [e["epoch"] for e in h] == [1, 2, 3] and summary.status == "finished"
+    assert summary.backend == "gloo", "one worker still runs a process group: every collective is exercised"
     assert h[-1]["train_ce"] < h[0]["train_ce"], "loss must go down"
     assert h[-1]["train_top1"] > 0.5
     # the exported student's cost (tests/test_costs.py counts resnet8 by hand at 32 × 32)
-    assert (summary["params"], summary["macs"]) == (78_042, 12_501_632), summary
-    assert summary["export_bytes"] > 4 * 78_042, "student.pt holds every float32 parameter"
-    assert summary["best_val_top1"] > 0.3, (
-        "10 classes: chance is 0.1"
-    )  # 64 test images: 3σ above chance ≈ 0.21
+    assert (summary.params, summary.macs) == (78_042, 12_501_632), summary
+    assert summary.export_bytes > 4 * 78_042, "student.pt holds every float32 parameter"
+    assert summary.best_val_top1 > 0.3, "10 classes: chance is 0.1"  # 64 test images: 3σ above chance ≈ 0.21
     for key in (
         "train_kd",
         "train_inter",
@@ -68,13 +64,13 @@ def test_one_worker_learns_and_reports_every_term(one_worker):
     assert len(h[-1]["class_weight"]["t1"]) == 10
 
 
-def rescore_alone(summary: dict, cfg, meta, world: int) -> float:
+def rescore_alone(summary, cfg, meta, world: int) -> float:
     """Test top-1 of the run's student.pt, loaded and scored in this process (no Ray), over the same per-rank
     shares and batches the run scored."""
-    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(summary.exports["state_dict"])), weights_only=True)
     student = models.create(state["arch"], state["num_classes"], state["in_chans"])
     student.load_state_dict(state["state_dict"])
-    plan = driver.make_plan(cfg, meta, summary["run_dir"])
+    plan = driver.make_plan(cfg, meta, summary.run_dir)
     read = plan.read_plan("test", with_teachers=False)
     normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
     hits = count = 0.0
@@ -94,18 +90,18 @@ def test_two_worker_ddp_matches_one_worker_and_every_rank_scores_the_exported_st
     cfg, _, one = one_worker
     cfg2 = with_updates(cfg, {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1})
     two = driver.fit(cfg2, cached[2], str(tmp_path), "w2")
-    assert two["history"][-1]["train_ce"] < two["history"][0]["train_ce"]
-    assert two["best_val_top1"] > 0.3
+    assert two.history[-1]["train_ce"] < two.history[0]["train_ce"]
+    assert two.best_val_top1 > 0.3
     # Same data, same global batch (2 × 16 vs 1 × 32), gradients averaged by DDP: the runs agree on what the model
     # learned. Not exactly: BatchNorm normalises per worker (16 vs 32 samples), and 64 test images make val noisy.
-    assert abs(two["history"][-1]["train_top1"] - one["history"][-1]["train_top1"]) <= 0.15
-    assert abs(two["history"][-1]["train_ce"] - one["history"][-1]["train_ce"]) <= 0.35
-    assert two["best_val_top1"] > 0.3 and one["best_val_top1"] > 0.3
+    assert abs(two.history[-1]["train_top1"] - one.history[-1]["train_top1"]) <= 0.15
+    assert abs(two.history[-1]["train_ce"] - one.history[-1]["train_ce"]) <= 0.35
+    assert two.best_val_top1 > 0.3 and one.best_val_top1 > 0.3
     # Every rank scored one model (rank 0's BatchNorm statistics on both), the one student.pt holds.
-    digests = two["history"][-1]["student_digests"]
+    digests = two.history[-1]["student_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], digests
-    assert all(h["student_digest"] for h in two["history"])
-    assert rescore_alone(two, cfg2, cached[2], world=2) == two["test_top1"]
+    assert all(h["student_digest"] for h in two.history)
+    assert rescore_alone(two, cfg2, cached[2], world=2) == two.test_top1
 
 
 def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
@@ -114,8 +110,8 @@ def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
     cfg, _, reference = one_worker
     cfg_threads = with_updates(cfg, {"scaling.reader": "threads", "scaling.read_threads": 2})
     got = driver.fit(cfg_threads, cached[2], str(tmp_path), "threads")
-    assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
-    for a, b in zip(got["history"], reference["history"]):
+    assert [h["epoch"] for h in got.history] == [1, 2, 3]
+    for a, b in zip(got.history, reference.history):
         assert (a["train_loss"], a["train_top1"], a["val_top1"]) == (
             b["train_loss"],
             b["train_top1"],
@@ -128,21 +124,21 @@ def test_finished_run_is_not_trained_again_and_exports_load(one_worker, cached):
     logs = []
     again = driver.fit(cfg, cached[2], str(out), "w1", log=logs.append)
     assert again == summary and "already finished" in logs[-1]
-    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(summary.exports["state_dict"])), weights_only=True)
     student = models.create(state["arch"], state["num_classes"], state["in_chans"])
     student.load_state_dict(state["state_dict"])
-    exported = torch.export.load(summary["exports"]["torch_export"])
+    exported = torch.export.load(summary.exports["torch_export"])
     x = torch.randn(5, 3, 32, 32)
     torch.testing.assert_close(exported.module()(x), student.eval()(x), rtol=1e-4, atol=1e-5)
     # student.onnx (the [onnx] extra, in dev): onnxruntime's logits match the student's to 1e-4, at a batch size
     # the export never saw
     from camkd import export as onnx_export
 
-    onnx_bytes = storage.read_bytes(summary["exports"]["onnx"])
+    onnx_bytes = storage.read_bytes(summary.exports["onnx"])
     np.testing.assert_allclose(
         onnx_export.run_onnx(onnx_bytes, x), student(x).detach().numpy(), atol=1e-4, rtol=0
     )
-    assert summary["exports"]["onnx_max_abs_diff"] < 1e-4
+    assert summary.exports["onnx_max_abs_diff"] < 1e-4
 
 
 @pytest.mark.fault
@@ -191,7 +187,7 @@ def test_online_mode_trains(cached, tmp_path):
         camkd_config(cached), {"strategy.mode": "online", "train.epochs": 1, "train.export": False}
     )
     summary = driver.fit(cfg, cached[2], str(tmp_path), "online")
-    assert summary["epochs"] == 1 and summary["mode"] == "online" and "weight/t2" in summary["history"][0]
+    assert summary.epochs == 1 and summary.mode == "online" and "weight/t2" in summary.history[0]
 
 
 def test_teacher_trained_here_is_imported_by_precompute(ray_cluster, tmp_path):
@@ -232,11 +228,11 @@ def test_runs_write_tensorboard_events_and_an_mlflow_store(cached, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"val_top1", "train_kd", "weight/t1", "lr", "samples_per_s", "test_top1"} <= set(tags), tags
     val = [(e.step, e.value) for e in events.Scalars("val_top1")]
-    assert val == [(h["epoch"], pytest.approx(h["val_top1"], abs=1e-6)) for h in summary["history"]]
+    assert val == [(h["epoch"], pytest.approx(h["val_top1"], abs=1e-6)) for h in summary.history]
     mlflow.set_tracking_uri(store)
     run = mlflow.search_runs(experiment_names=["camkd-test"], output_format="list")[0]
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_top1")
-    assert [(m.step, m.value) for m in history] == [(h["epoch"], h["val_top1"]) for h in summary["history"]]
+    assert [(m.step, m.value) for m in history] == [(h["epoch"], h["val_top1"]) for h in summary.history]
     assert run.info.run_name == "tracked" and run.data.params["strategy.name"] == "aver"
 
 

@@ -603,27 +603,7 @@ def ingest(cfg: Config, log=print, verify: bool = False) -> DatasetMeta:
         log(f"[ingest] {data.dataset_name}-{fp} is already ingested at {out} (no-op)")
         return meta
     started = time.time()
-    limits = {"train": data.limit_train, "test": data.limit_test}
-    infos = {}
-    for split_name, split in splits.items():
-        if limits[split_name] is not None:
-            keep = balanced_subset(split.labels, limits[split_name], data.subset_seed)
-            images = (
-                split.images[keep]
-                if isinstance(split.images, np.ndarray)
-                else [split.images[i] for i in keep]
-            )
-            split = RawSplit(images, split.labels[keep])
-        infos[split_name] = _write_split(
-            storage.join(out, split_name),
-            split,
-            data.rows_per_part,
-            data.row_group_rows,
-            encoding,
-            data.order_seed,
-            data.compression,
-        )
-        log(f"[ingest] {split_name}: {infos[split_name].rows} rows in {len(infos[split_name].parts)} part(s)")
+    infos = _write_splits(data, splits, encoding, out, log)
     first = splits["train"].images
     image_shape = list(first.shape[1:]) if encoding == "raw" else None
     channels = image_shape[2] if image_shape else 3
@@ -654,6 +634,32 @@ def ingest(cfg: Config, log=print, verify: bool = False) -> DatasetMeta:
     storage.write_json(storage.join(out, "summary.json"), summary)
     log(f"[ingest] wrote {out} (summary.json)")
     return meta
+
+
+def _write_splits(data, splits: dict[str, RawSplit], encoding: str, out: str, log) -> dict[str, SplitInfo]:
+    """Each split (its class-balanced subset where `data.limit_*` asks for one) as Parquet parts under `out`."""
+    limits = {"train": data.limit_train, "test": data.limit_test}
+    infos = {}
+    for split_name, split in splits.items():
+        if limits[split_name] is not None:
+            keep = balanced_subset(split.labels, limits[split_name], data.subset_seed)
+            images = (
+                split.images[keep]
+                if isinstance(split.images, np.ndarray)
+                else [split.images[i] for i in keep]
+            )
+            split = RawSplit(images, split.labels[keep])
+        infos[split_name] = _write_split(
+            storage.join(out, split_name),
+            split,
+            data.rows_per_part,
+            data.row_group_rows,
+            encoding,
+            data.order_seed,
+            data.compression,
+        )
+        log(f"[ingest] {split_name}: {infos[split_name].rows} rows in {len(infos[split_name].parts)} part(s)")
+    return infos
 
 
 def require_dataset(cfg: Config, log=print) -> DatasetMeta:

@@ -74,7 +74,7 @@ def run_quickstart(cfg: Config, overwrite: bool = False, log=print) -> dict[str,
     students = []
     for s in STUDENT_STRATEGIES:
         scfg = with_updates(cfg, {"strategy.name": s, "strategy.teachers": None})
-        students.append(driver.fit(scfg, meta, runs_root, f"student-{s}", log=log))
+        students.append(driver.fit(scfg, meta, runs_root, f"student-{s}", log=log).model_dump())
     _step(
         5, n, "rank teacher subsets from the cache; Ray Tune sweep of the best (student architectures)", log
     )

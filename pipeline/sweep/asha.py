@@ -21,7 +21,7 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        from pipeline.train.driver import recorded_history
+        from pipeline.train.summary import recorded_history
 
         bracket = self._trial_info[trial.trial_id]
         run_dir = storage.join(self.train_root, trial.trial_id)

@@ -163,7 +163,8 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train.driver import checkpointed_epochs, fit
+    from pipeline.train.checkpoint import checkpointed_epochs
+    from pipeline.train.driver import fit
 
     cfg = trial_config(validate(base, "sweep base config"), trial)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -176,10 +177,10 @@ def run_trial(trial: dict[str, Any], base: dict[str, Any], meta: dict[str, Any],
         callbacks=[TuneReportCallback()],
         preflight=False,
     )
-    if summary["epochs"] <= done_before:
+    if summary.epochs <= done_before:
         # The run had trained every epoch before this attempt (the driver died between the last epoch and Tune
         # recording it): nothing was reported this time, so hand Tune the last epoch's metrics from the record.
-        last = {k: v for k, v in summary["history"][-1].items() if k not in NON_METRIC_KEYS}
+        last = {k: v for k, v in summary.history[-1].items() if k not in NON_METRIC_KEYS}
         ray.tune.report(last)
 
 
@@ -201,7 +202,6 @@ def run_stage(cfg: Config, log=print, verbose: int = 1) -> dict[str, Any]:
     from ray import tune
 
     from pipeline.ops.runtime import check_resources, check_root_shared, ensure_ray
-    from pipeline.sweep.asha import ResumableASHA
 
     meta = require_dataset(cfg, log=log)
     ensure_ray(cfg, log=log)
@@ -217,51 +217,16 @@ def run_stage(cfg: Config, log=print, verbose: int = 1) -> dict[str, Any]:
         run_trial, base=base, meta=meta.model_dump(), train_root=storage.join(out, "train")
     )
     trainable = tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
-    exp_path = storage.join(out, "tune", TRIAL_TRAINABLE)
-    t = cfg.tune
     started = time.time()
     if tune.Tuner.can_restore(path + "/" + TRIAL_TRAINABLE, storage_filesystem=fs):
-        log(f"[tune] resuming the sweep at {exp_path} (finished trials are kept)")
+        log(
+            f"[tune] resuming the sweep at {storage.join(out, 'tune', TRIAL_TRAINABLE)} (finished trials are kept)"
+        )
         tuner = tune.Tuner.restore(
             path + "/" + TRIAL_TRAINABLE, trainable, resume_errored=True, storage_filesystem=fs
         )
     else:
-        scheduler = (
-            ResumableASHA(
-                storage.join(out, "train"),
-                time_attr="epoch",
-                max_t=cfg.train.epochs,
-                grace_period=min(t.asha.grace_period, cfg.train.epochs),
-                reduction_factor=t.asha.reduction_factor,
-                stop_last_trials=False,  # a trial at its last epoch finishes itself: summary + export get written
-            )
-            if t.asha.enabled
-            else None
-        )
-        kept = None
-        if t.keep_best_subsets is not None:
-            ranking = rank.rank_stage(cfg, meta, sweep_subsets(cfg), out, log=log)
-            kept = log_kept(cfg, ranking, log, "sweeping")
-        space = param_space(cfg, kept)
-        n_arms = len(arms(cfg, kept))
-        log(
-            f"[tune] sweep of {n_arms} (strategy, teacher set) arm(s) × space {list(t.space)}; "
-            f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → {exp_path}"
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=t.metric,
-                mode="max",
-                scheduler=scheduler,
-                num_samples=t.num_samples,
-                max_concurrent_trials=t.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(
-                name=TRIAL_TRAINABLE, storage_path=path, storage_filesystem=fs, verbose=verbose
-            ),
-        )
+        tuner = new_tuner(cfg, meta, trainable, out, (fs, path), verbose, log)
     grid = tuner.fit()
     errors = [r for r in grid if r.error is not None]
     log(f"[tune] {len(grid)} trial(s) done in {time.time() - started:.0f} s ({len(errors)} errored)")
@@ -271,6 +236,52 @@ def run_stage(cfg: Config, log=print, verbose: int = 1) -> dict[str, Any]:
     if errors:
         raise SweepError(failure_message(out, len(grid), errors, report["leaderboard"]))
     return report
+
+
+def new_tuner(cfg: Config, meta: DatasetMeta, trainable, out: str, fs_path, verbose: int, log):
+    """A new sweep: its ASHA scheduler, the teacher subsets it keeps (ranked first, with `tune.keep_best_subsets`)
+    and its search space."""
+    from ray import tune
+
+    from pipeline.sweep.asha import ResumableASHA
+
+    t = cfg.tune
+    scheduler = (
+        ResumableASHA(
+            storage.join(out, "train"),
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=min(t.asha.grace_period, cfg.train.epochs),
+            reduction_factor=t.asha.reduction_factor,
+            stop_last_trials=False,  # a trial at its last epoch finishes itself: summary + export get written
+        )
+        if t.asha.enabled
+        else None
+    )
+    kept = None
+    if t.keep_best_subsets is not None:
+        ranking = rank.rank_stage(cfg, meta, sweep_subsets(cfg), out, log=log)
+        kept = log_kept(cfg, ranking, log, "sweeping")
+    log(
+        f"[tune] sweep of {len(arms(cfg, kept))} (strategy, teacher set) arm(s) × space {list(t.space)}; "
+        f"search {t.search}, ASHA {'on' if scheduler else 'off'}, {t.max_concurrent_trials} concurrent → "
+        f"{storage.join(out, 'tune', TRIAL_TRAINABLE)}"
+    )
+    fs, path = fs_path
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg, kept),
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=TRIAL_TRAINABLE, storage_path=path, storage_filesystem=fs, verbose=verbose
+        ),
+    )
 
 
 class SweepError(TrainingError):

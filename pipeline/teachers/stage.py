@@ -85,20 +85,20 @@ def train_teacher(cfg: Config, teacher: TeacherConfig, meta: DatasetMeta, log=pr
     tcfg = teacher_config(cfg, teacher)
     tdir = storage.teachers_dir(cfg.root, teacher.name)
     summary = fit(tcfg, meta, tdir, "run", log=log)
-    state = torch.load(io.BytesIO(storage.read_bytes(summary["exports"]["state_dict"])), weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(summary.exports["state_dict"])), weights_only=True)
     student = models.create(teacher.arch, meta.num_classes, meta.channels)
     student.load_state_dict(state["state_dict"])
     url = checkpoints.trained_checkpoint_url(cfg, teacher)
     sha = checkpoints.save_model_file(
-        url, student, {"trained_by": "camkd-ray", "test_top1": summary["test_top1"]}
+        url, student, {"trained_by": "camkd-ray", "test_top1": summary.test_top1}
     )
     info = {
         "name": teacher.name,
         "arch": teacher.arch,
         "sha256": sha,
-        "test_top1": summary["test_top1"],
-        "best_val_top1": summary["best_val_top1"],
-        "epochs": summary["epochs"],
+        "test_top1": summary.test_top1,
+        "best_val_top1": summary.best_val_top1,
+        "epochs": summary.epochs,
         "train": teacher.train.model_dump(),
         "checkpoint": url,
     }

@@ -9,7 +9,6 @@ teachers in the loop on the same views instead of reading the cache.
 from __future__ import annotations
 
 import io
-import os
 import re
 import time
 import uuid
@@ -28,16 +27,10 @@ from pipeline.data.views import make_view_spec, view_for_epoch
 from pipeline.ops import capacity
 from pipeline.store import storage
 from pipeline.teachers import checkpoints
+from pipeline.train.checkpoint import RunState
 from pipeline.train.reader import Slice, row_group_slices, split_ranges
-from pipeline.train.worker import (
-    CHECKPOINT_PREFIX,
-    FAILURE_FILE,
-    RUN_FILE,
-    STATE_FILE,
-    SUMMARY_FILE,
-    TrainPlan,
-    train_loop_per_worker,
-)
+from pipeline.train.summary import RunSummary
+from pipeline.train.worker import FAILURE_FILE, RUN_FILE, TrainPlan, train_loop_per_worker
 
 
 class TrainingError(RuntimeError):
@@ -193,32 +186,6 @@ def _check_same_run(run_dir: str, cfg: Config) -> None:
     )
 
 
-def checkpointed_epochs(run_dir: str) -> int:
-    """The last epoch that has a checkpoint under `run_dir` (0 when none): where a resumed run starts."""
-    epochs = [
-        int(d[len(CHECKPOINT_PREFIX) :])
-        for d in storage.listdir(run_dir)
-        if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return max(epochs, default=0)
-
-
-def recorded_history(run_dir: str) -> list[dict[str, Any]]:
-    """The epoch records a run has kept: all of them once finished (summary.json), else those of its last
-    checkpoint (where a resumed run starts); [] for a run that never finished an epoch."""
-    summary_url = storage.join(run_dir, SUMMARY_FILE)
-    if storage.exists(summary_url):
-        summary = storage.read_json(summary_url)
-        if summary.get("status") == "finished":
-            return summary["history"]
-    epoch = checkpointed_epochs(run_dir)
-    if epoch == 0:
-        return []
-    state_url = storage.join(run_dir, f"{CHECKPOINT_PREFIX}{epoch:04d}", STATE_FILE)
-    state = torch.load(io.BytesIO(storage.read_bytes(state_url)), map_location="cpu", weights_only=True)
-    return state["history"]
-
-
 def fit(
     cfg: Config,
     meta: DatasetMeta,
@@ -227,31 +194,55 @@ def fit(
     callbacks: list | None = None,
     log=print,
     preflight: bool = True,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train (or resume, or skip if finished) one run at `<storage_path>/<name>`; returns its summary.
 
     `preflight` checks the cluster first (resources, a root every node shares); a sweep's trials skip it, the
     sweep checked once for all of them."""
-    from ray.train import TrainingFailedError
+    check_run_name(name)
+    run_dir = storage.join(storage_path, name)
+    done = RunSummary.finished(run_dir)
+    if done is not None:
+        _check_same_run(run_dir, cfg)  # a finished run of another config is not this run's result
+        log(
+            f"[train] {name}: already finished (best val top-1 {done.best_val_top1:.4f}); summary at "
+            f"{storage.join(run_dir, 'summary.json')}. Delete {run_dir} to train it again"
+        )
+        return done
+    plan = _prepare(cfg, meta, run_dir, preflight, log)
+    log(
+        f"[train] {name}: {cfg.strategy.name} ({cfg.strategy.mode}) {cfg.student.arch} ← "
+        f"{plan.teacher_names or 'no teachers'}; {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
+        f"→ {run_dir}"
+    )
+    started = time.time()
+    checkpoint = _train(cfg, plan, storage_path, name, callbacks)
+    with checkpoint.as_directory() as d:
+        state = RunState.load(d)
+    summary = _summary(cfg, plan, name, run_dir, state, checkpoint.path, time.time() - started)
+    summary.exports = export_student(cfg, plan, state.best_student, run_dir, log=log)
+    cost = student_cost(cfg, plan, state.best_student, summary.exports, run_dir)
+    summary.params, summary.macs, summary.export_bytes = cost["params"], cost["macs"], cost["export_bytes"]
+    url = summary.write()
+    log(
+        f"[train] {name}: best val top-1 {summary.best_val_top1:.4f} after {summary.epochs} epochs "
+        f"({summary.wall_seconds:.0f} s); summary at {url}"
+    )
+    return summary
 
-    from pipeline.ops.runtime import check_resources, check_root_shared, ensure_ray
 
+def check_run_name(name: str) -> None:
     if not re.fullmatch(RUN_NAME_RE, name):
         raise ConfigError(
             f"run name {name!r}: use ASCII letters, digits and _ . - + : = (at most 128, not starting with a dot, no spaces or slashes); "
             "Ray Train tags its metrics with the name and takes ASCII only"
         )
-    run_dir = storage.join(storage_path, name)
-    summary_url = storage.join(run_dir, SUMMARY_FILE)
-    if storage.exists(summary_url):
-        summary = storage.read_json(summary_url)
-        if summary.get("status") == "finished":
-            _check_same_run(run_dir, cfg)  # a finished run of another config is not this run's result
-            log(
-                f"[train] {name}: already finished (best val top-1 {summary['best_val_top1']:.4f}); "
-                f"summary at {summary_url}. Delete {run_dir} to train it again"
-            )
-            return summary
+
+
+def _prepare(cfg: Config, meta: DatasetMeta, run_dir: str, preflight: bool, log) -> TrainPlan:
+    """Ray up, the cluster and the run folder checked, the folder bound to this config, and the plan resolved."""
+    from pipeline.ops.runtime import check_resources, check_root_shared, ensure_ray
+
     ensure_ray(cfg, log=log)
     if preflight:
         check_resources(cfg)
@@ -259,18 +250,17 @@ def fit(
     if preflight:
         check_root_shared(cfg.root)
     _check_same_run(run_dir, cfg)
-    plan = make_plan(cfg, meta, run_dir, log=log)
-    failure_url = storage.join(run_dir, FAILURE_FILE)
+    return make_plan(cfg, meta, run_dir, log=log)
+
+
+def _train(cfg: Config, plan: TrainPlan, storage_path: str, name: str, callbacks):
+    """Fit the TorchTrainer; its last checkpoint, or a `TrainingError` saying why there is none to use."""
+    from ray.train import TrainingFailedError
+
+    failure_url = storage.join(plan.run_dir, FAILURE_FILE)
     storage.remove(failure_url)
-    trainer = build_trainer(cfg, plan, storage_path, name, callbacks)
-    log(
-        f"[train] {name}: {cfg.strategy.name} ({cfg.strategy.mode}) {cfg.student.arch} ← "
-        f"{plan.teacher_names or 'no teachers'}; {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
-        f"→ {run_dir}"
-    )
-    started = time.time()
     try:
-        result = trainer.fit()
+        result = build_trainer(cfg, plan, storage_path, name, callbacks).fit()
     except TrainingFailedError as e:
         raise TrainingError(
             f"training {name} failed after {cfg.train.max_failures} restart(s): {e}"
@@ -281,48 +271,43 @@ def fit(
         raise TrainingError(f"training {name} stopped: {reason}. The last good checkpoint is kept: {last}")
     if result.checkpoint is None:
         raise TrainingError(f"training {name} ended without a checkpoint; see the Ray logs above")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    history = state["history"]
-    summary = {
-        "status": "finished",
-        "name": name,
-        "run_dir": run_dir,
-        "strategy": cfg.strategy.name,
-        "mode": cfg.strategy.mode,
-        "student": cfg.student.arch,
-        "teachers": plan.teacher_names,
-        "seed": cfg.train.seed,
-        "epochs": len(history),
-        "best_val_top1": max(h["val_top1"] for h in history),
-        "best_epoch": state.get("best_epoch", 0),
-        "final_val_top1": history[-1]["val_top1"],
-        "final_val_top5": history[-1]["val_top5"],
-        # Scored once, after the last epoch, with the weights of the best validation epoch (exported below).
-        "test_top1": history[-1].get("test_top1"),
-        "test_top5": history[-1].get("test_top5"),
-        "validation": {
+    return result.checkpoint
+
+
+def _summary(
+    cfg: Config, plan: TrainPlan, name: str, run_dir: str, state: RunState, checkpoint: str, seconds: float
+) -> RunSummary:
+    history = state.history
+    last = history[-1]
+    return RunSummary(
+        name=name,
+        run_dir=run_dir,
+        strategy=cfg.strategy.name,
+        mode=cfg.strategy.mode,
+        student=cfg.student.arch,
+        teachers=plan.teacher_names,
+        seed=cfg.train.seed,
+        epochs=len(history),
+        best_val_top1=max(h["val_top1"] for h in history),
+        best_epoch=state.best_epoch,
+        final_val_top1=last["val_top1"],
+        final_val_top5=last["val_top5"],
+        test_top1=last.get("test_top1"),
+        test_top5=last.get("test_top5"),
+        validation={
             "split": "test (data.val_fraction is 0: selection saw test data)"
             if plan.val_split == "test"
             else f"hold-out of the training split ({cfg.data.val_fraction:g})",
             "rows": sum(Slice(**s).size for s in plan.val_slices),
         },
-        "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
-        "wall_seconds": round(time.time() - started, 1),
-        "checkpoint": result.checkpoint.path,
-        "workers": next((h["workers"] for h in reversed(history) if "workers" in h), []),
-        "backend": next((h["backend"] for h in reversed(history) if "backend" in h), "none"),
-        "resumes": history[-1].get("resumes", 0),
-        "history": history,
-    }
-    summary["exports"] = export_student(cfg, plan, state["best_student"], run_dir, log=log)
-    summary |= student_cost(cfg, plan, state["best_student"], summary["exports"], run_dir)
-    storage.write_json(summary_url, summary)
-    log(
-        f"[train] {name}: best val top-1 {summary['best_val_top1']:.4f} after {summary['epochs']} epochs "
-        f"({summary['wall_seconds']:.0f} s); summary at {summary_url}"
+        mean_samples_per_s=float(np.mean([h["samples_per_s"] for h in history])),
+        wall_seconds=round(seconds, 1),
+        checkpoint=checkpoint,
+        workers=next((h["workers"] for h in reversed(history) if "workers" in h), []),
+        backend=next((h["backend"] for h in reversed(history) if "backend" in h), "none"),
+        resumes=last.get("resumes", 0),
+        history=history,
     )
-    return summary
 
 
 def export_student(
@@ -411,7 +396,7 @@ def student_cost(
     }
 
 
-def run_stage(cfg: Config, name: str | None = None, log=print) -> dict[str, Any]:
+def run_stage(cfg: Config, name: str | None = None, log=print) -> RunSummary:
     """The `train` stage: one student run under `<root>/runs/<experiment>/<name>`."""
     meta = require_dataset(cfg, log=log)
     return fit(cfg, meta, storage.runs_dir(cfg.root, cfg.experiment), name or run_name_for(cfg), log=log)

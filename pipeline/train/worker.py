@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ from pipeline.train.batches import (
     data_error,
     torch_batches,
 )
+from pipeline.train.checkpoint import RunState, checkpoint_dir_name
 from pipeline.train.collectives import Collectives
 from pipeline.train.reader import (
     ReadPlan,
@@ -65,10 +65,6 @@ from pipeline.train.step import (
     state_digest,
 )
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
 
@@ -398,19 +394,19 @@ class WorkerRun:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=self.device, weights_only=True)
-        self.distiller.load_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_fn.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"].cpu())
-        self.start_epoch, self.history = state["epoch"] + 1, state["history"]
-        self.best, self.best_epoch = state["best"], state.get("best_epoch", 0)
-        self.best_student = {k: v.cpu() for k, v in state["best_student"].items()}
-        self.resumes = state.get("resumes", 0) + 1
+            state = RunState.load(d, map_location=self.device)
+        self.distiller.load_state_dict(state.distiller)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step_fn.scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.rng.cpu())
+        self.start_epoch, self.history = state.epoch + 1, state.history
+        self.best, self.best_epoch = state.best, state.best_epoch
+        self.best_student = {k: v.cpu() for k, v in state.best_student.items()}
+        self.resumes = state.resumes + 1
         if self.rank == 0:
             say(f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})")
-            was = state.get("world", self.world)
+            was = state.world or self.world
             if was != self.world:
                 say(
                     f"[train] resuming with {self.world} worker(s); the checkpoint was written with {was}. The "
@@ -659,30 +655,26 @@ class WorkerRun:
             self.tracker = Tracker(self.cfg.tracking, self.plan.run_dir, name, self.plan.cfg)
         self.tracker.log(record, epoch + 1)
         say(epoch_line(record, self.cfg.train.epochs, self.best))
+        state = RunState(
+            epoch=epoch,
+            history=self.history,
+            best=self.best,
+            best_epoch=self.best_epoch,
+            best_student=self.best_student,
+            resumes=self.resumes,
+            world=self.world,
+            distiller=self.distiller.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.step_fn.scaler.state_dict(),
+            rng=torch.get_rng_state(),
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(
-                {
-                    "distiller": self.distiller.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.step_fn.scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "history": self.history,
-                    "best": self.best,
-                    "best_epoch": self.best_epoch,
-                    "best_student": self.best_student,
-                    "resumes": self.resumes,
-                    "world": self.world,
-                },
-                os.path.join(tmp, STATE_FILE),
-            )
-            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                json.dump(self.plan.cfg, f, indent=1)
+            state.save(tmp, self.plan.cfg)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch + 1:04d}",
+                checkpoint_dir_name=checkpoint_dir_name(epoch),
             )
 
 
