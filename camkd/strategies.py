@@ -21,7 +21,7 @@ from camkd.connectors import build_connectors
 
 @dataclass(frozen=True)
 class StrategyParams:
-    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (DESIGN.md, step 4)."""
+    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (docs/architecture.md, "The method", step 4)."""
 
     temperature: float = 4.0
     gamma: float = 1.0
