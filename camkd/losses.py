@@ -1,6 +1,6 @@
 """Distillation losses as pure functions: tensors in, scalar tensors out.
 
-Semantics follow the CA-MKD authors' official code (see DESIGN.md, "The method"). Shapes: B samples, C classes,
+Semantics follow the CA-MKD authors' official code (see docs/architecture.md, "The method"). Shapes: B samples, C classes,
 K teachers. Nothing here holds state, touches I/O or imports Ray.
 """
 

@@ -29,7 +29,7 @@ def _about(doc: str, **bounds: float) -> dict:
 
 @dataclass(frozen=True)
 class StrategyParams:
-    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (docs/architecture.md, the method, step 4)."""
+    """Loss hyper-parameters. L = gamma·CE + alpha·L_KD + beta·L_inter (docs/architecture.md, "The method", step 4)."""
 
     temperature: float = field(default=4.0, metadata=_about("softmax temperature τ of the KD terms", gt=0))
     gamma: float = field(default=1.0, metadata=_about("weight of the cross-entropy term", ge=0))

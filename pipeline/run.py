@@ -288,7 +288,7 @@ def dry_run(cfg: Config, stage: str, rate: float | None = None) -> None:
         from pipeline.cache.precompute import dry_run_pool
 
         print(dry_run_pool(cfg))
-    print("\n# capacity (model fed by benchmarks/input_pipeline.py; README 'Capacity')")
+    print("\n# capacity (model fed by benchmarks/input_pipeline.py; docs/performance.md 'Capacity model')")
     for line in capacity_lines(cfg, meta, rate):
         print(line)
 

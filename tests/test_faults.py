@@ -1,6 +1,6 @@
 """Fault injection and bad inputs (`pytest -m fault`): nothing is lost, every failure says what to do.
 
-The rows of the README's reliability table point at these tests.
+The rows of docs/reliability.md point at these tests.
 """
 
 import io

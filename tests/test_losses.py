@@ -1,4 +1,4 @@
-"""The functional losses against references written from the formulas in DESIGN.md (official-code semantics)."""
+"""The functional losses against references written from the formulas in docs/architecture.md (official-code semantics)."""
 
 import math
 import subprocess

@@ -168,14 +168,9 @@ class TeacherPool:
         main = torch.cuda.current_stream() if cuda else None
         for start in range(0, n, b):
             sl = slice(start, min(start + b, n))
-            if cuda:
-                with torch.cuda.stream(self.copies):
-                    x = pixels_t[sl].pin_memory().to(dev, non_blocking=True)
-                main.wait_stream(self.copies)
-                x.record_stream(main)
-            else:
-                x = pixels_t[sl]
-            x = norm(x)  # the teacher's own mean/std (and input_size), else the views'
+            x = norm(
+                self._to_device(pixels_t[sl], main)
+            )  # the teacher's own mean/std (and input_size), else the views'
             if self.channels_last[k]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), self._autocast():
@@ -191,15 +186,7 @@ class TeacherPool:
                     name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, pin_memory=cuda)
                     for name, t in cols.items()
                 }
-            if cuda:
-                self.copies.wait_stream(main)
-                with torch.cuda.stream(self.copies):
-                    for name, t in cols.items():
-                        t.record_stream(self.copies)
-                        out[name][sl].copy_(t, non_blocking=True)
-            else:
-                for name, t in cols.items():
-                    out[name][sl] = t
+            self._to_host(cols, out, sl, main)
         flags = torch.stack([correct, bad.to(torch.int64)]).to("cpu", non_blocking=cuda)
         if cuda:
             self.copies.synchronize()  # the item's one wait: its outputs and counts are on the host
@@ -210,6 +197,32 @@ class TeacherPool:
             "correct": correct_n,
             "bad": bool(bad_n),
         }
+
+    def _to_device(self, pixels, main):
+        """A batch of pixels on the teacher's device: on a GPU, from pinned memory on the copy stream."""
+        import torch
+
+        if main is None:
+            return pixels
+        with torch.cuda.stream(self.copies):
+            x = pixels.pin_memory().to(self.device, non_blocking=True)
+        main.wait_stream(self.copies)
+        x.record_stream(main)
+        return x
+
+    def _to_host(self, cols: dict, out: dict, sl: slice, main) -> None:
+        """A batch's encoded columns into their slice of the item's host buffers (on a GPU: on the copy stream)."""
+        import torch
+
+        if main is None:
+            for name, t in cols.items():
+                out[name][sl] = t
+            return
+        self.copies.wait_stream(main)
+        with torch.cuda.stream(self.copies):
+            for name, t in cols.items():
+                t.record_stream(self.copies)
+                out[name][sl].copy_(t, non_blocking=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One item (one row, see render_item) → the same row with each teacher's stored columns as tensor cells

@@ -75,17 +75,21 @@ class Strict(BaseModel):
 class SyntheticData(Strict):
     """Random images whose class is a fixed pattern plus noise: learnable, for tests and benchmarks."""
 
-    num_classes: int = Field(10, ge=2)
-    train: int = Field(512, ge=1)
-    test: int = Field(128, ge=1)
-    size: int = Field(32, ge=8)
-    channels: Literal[1, 3] = 3
-    noise: float = Field(0.5, ge=0)
-    seed: int = 0
+    num_classes: int = Field(10, ge=2, description="classes (one fixed pattern each)")
+    train: int = Field(512, ge=1, description="training images")
+    test: int = Field(128, ge=1, description="test images")
+    size: int = Field(32, ge=8, description="side of the square images")
+    channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB)")
+    noise: float = Field(0.5, ge=0, description="standard deviation of the noise added to the pattern")
+    seed: int = Field(0, description="seed of the patterns and the noise")
 
 
 class DataConfig(Strict):
-    source: SourceKind = "fashion-mnist"
+    """The image source and how ingest stores it: Parquet image parts in a seeded, class-stratified order."""
+
+    source: SourceKind = Field(
+        "fashion-mnist", description="where the images come from (the format of data.path)"
+    )
     path: str | None = Field(None, description="folder holding the source files; default per source")
     name: str | None = Field(
         None, pattern=NAME_RE, description="dataset name in storage; default: the source"
@@ -93,7 +97,9 @@ class DataConfig(Strict):
     download: bool = Field(
         False, description="fetch with torchvision when the files are absent (needs internet)"
     )
-    rows_per_part: int = Field(2048, ge=1, le=1_000_000)
+    rows_per_part: int = Field(
+        2048, ge=1, le=1_000_000, description="rows per stored image part (and per teacher cache part)"
+    )
     row_group_rows: int = Field(
         1024,
         ge=1,
@@ -104,8 +110,8 @@ class DataConfig(Strict):
     compression: Literal["none", "snappy", "zstd", "lz4"] = Field(
         "lz4",
         description="codec of the stored image parts; not part of the dataset's identity (a dataset already "
-        "ingested keeps its codec). lz4 decodes ~2.6× faster than zstd (Fashion-MNIST: 0.40 vs 1.06 ms per "
-        "1024 rows, 1.52× vs 1.76× smaller): the read task's cost for raw-pixel datasets",
+        "ingested keeps its codec). Default lz4: the cheapest of these to decode, which is what a read task of "
+        "raw-pixel images spends most on (docs/performance.md)",
     )
     order_seed: int = Field(0, description="seed of the stored, class-stratified random row order")
     val_fraction: float = Field(
@@ -116,16 +122,20 @@ class DataConfig(Strict):
         "split (then model selection sees test data)",
     )
     limit_train: int | None = Field(None, ge=1, description="keep a class-balanced subset of this many rows")
-    limit_test: int | None = Field(None, ge=1)
-    subset_seed: int = 0
+    limit_test: int | None = Field(
+        None, ge=1, description="keep a class-balanced subset of this many test rows"
+    )
+    subset_seed: int = Field(0, description="seed of the class-balanced subsets (limit_train, limit_test)")
     image_size: int = Field(
         224, ge=8, description="imagefolder: output side of the training crop / eval crop"
     )
     eval_resize: int = Field(256, ge=8, description="imagefolder: shorter side before the eval center crop")
     image_column: str = Field("image", description="huggingface: the column of encoded images")
     label_column: str = Field("label", description="huggingface: the column of class indices")
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = Field(
+        None, description="input normalisation, one value per channel (with std); default: the source's"
+    )
+    std: list[float] | None = Field(None, description="see mean")
     synthetic: SyntheticData = SyntheticData()
 
     @field_validator("path")
@@ -166,11 +176,15 @@ class ViewConfig(Strict):
     """Augmentation replay: V views per training image, each a pure function of (seed, idx, view)."""
 
     count: int = Field(4, ge=1, le=1024, description="V: views cached per training image")
-    seed: int = 0
+    seed: int = Field(0, description="seed of every view's crop and flip")
     pad: int = Field(4, ge=0, le=64, description="padded random crop (fixed-size sources); 0 disables")
-    flip: bool = True
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = Field(True, description="random horizontal flip")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="encoded images: RandomResizedCrop's range of the crop's area (fraction)"
+    )
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="encoded images: its range of aspect ratios"
+    )
     decode: Literal["full", "draft"] = Field(
         "full",
         description="encoded images: full-size decode, or JPEG draft mode (DCT-scaled to the size the crop needs; "
@@ -189,9 +203,9 @@ class ViewConfig(Strict):
 class TeacherTraining(Strict):
     """How the `teachers` stage trains a teacher that has no checkpoint (CE on the ingested training split)."""
 
-    epochs: int = Field(10, ge=1)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=1, description="training epochs")
+    lr: float | None = Field(None, gt=0, description="default: as train.lr's default for the teacher's arch")
+    batch_size: int = Field(64, ge=1, description="global batch size")
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of training labels replaced at random")
     limit_train: int | None = Field(
         None, ge=1, description="train on the first N rows only (a weaker teacher)"
@@ -200,12 +214,17 @@ class TeacherTraining(Strict):
         default_factory=list,
         description="class pairs whose labels are exchanged for training: a confidently wrong teacher",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the initialisation and the data order")
 
 
 class TeacherConfig(Strict):
-    name: str = Field(pattern=NAME_RE)
-    arch: str
+    """One teacher: a checkpoint to import, or `train` to train it here."""
+
+    name: str = Field(
+        pattern=NAME_RE,
+        description="unique; strategy.teachers, tune.teacher_sets and the logged weights use it",
+    )
+    arch: str = Field(description="a camkd.models name, torchvision:<name> or timm:<name>")
     checkpoint: str | None = Field(
         None,
         description="checkpoint to import (weights_only=True): this project's model files, RepDistiller / mdistiller "
@@ -222,7 +241,7 @@ class TeacherConfig(Strict):
         "actor; default: the dataset's. Part of the cache's identity when set (timm's pretrained_cfg or "
         "torchvision's weights meta say what pretrained weights expect)",
     )
-    std: list[float] | None = None
+    std: list[float] | None = Field(None, description="see mean")
     input_size: tuple[int, int] | None = Field(
         None, description="[H, W] (or one side) the teacher's inputs are resized to; default: the data's size"
     )
@@ -291,7 +310,11 @@ class TeacherConfig(Strict):
 
 
 class CacheConfig(Strict):
-    logits: Literal["fp16", "topk"] = "fp16"
+    """What precompute stores per teacher and view, and the Ray resources its stages ask for."""
+
+    logits: Literal["fp16", "topk"] = Field(
+        "fp16", description="fp16: every logit; topk: the topk largest plus one value for the tail's mass"
+    )
     topk: int = Field(10, ge=1, description="kept logits per view when logits: topk")
     features: Literal["auto", "fp16", "int8", "none"] = Field(
         "auto", description="auto: fp16 when a configured strategy needs features, else none"
@@ -315,32 +338,38 @@ class CacheConfig(Strict):
         "auto",
         description="teachers in channels_last on GPUs: auto = timed at actor start-up, the faster kept",
     )
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each teacher replica")
     render_cpus: float = Field(
         0.5,
         gt=0,
-        description="CPUs per view-rendering task (decode + augment); a task keeps 0.5-1 core busy while it runs "
-        "(precompute's summary reports cpu_use): 0.5 suits small machines, 1 nodes with cores to spare",
+        description="CPUs per view-rendering task (decode + augment); precompute's summary reports what the tasks "
+        "used (cpu_use). 0.5 suits small machines, 1 nodes with cores to spare",
     )
     write_cpus: float = Field(
         0.5, gt=0, description="CPUs per Parquet write task (encode, checksum, receipt); as render_cpus"
     )
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="teachers on GPUs; auto: when the cluster has GPUs or its autoscaler can add some"
+    )
     wait_for_gpus: bool = Field(
         False,
         description="with use_gpu true and no GPU in the cluster: wait for an autoscaler instead of failing",
     )
     eval_test: bool = Field(True, description="also measure each teacher's top-1 on the test split")
-    compression: Literal["none", "snappy", "zstd", "lz4"] = "none"
+    compression: Literal["none", "snappy", "zstd", "lz4"] = Field(
+        "none", description="codec of the cache parts (teacher outputs)"
+    )
 
 
 class StudentConfig(Strict):
-    arch: str = "resnet8x4"
+    """The student network and its input preprocessing."""
+
+    arch: str = Field("resnet8x4", description="a camkd.models name, torchvision:<name> or timm:<name>")
     mean: list[float] | None = Field(
         None,
         description="the student's input normalisation, one value per channel (with std); default: the dataset's",
     )
-    std: list[float] | None = None
+    std: list[float] | None = Field(None, description="see mean")
     input_size: tuple[int, int] | None = Field(
         None, description="[H, W] (or one side) the student's inputs are resized to; default: the data's size"
     )
@@ -390,26 +419,32 @@ StrategyConfig = create_model("StrategyConfig", __base__=StrategyChoice, **_stra
 class TrainConfig(Strict):
     """The paper recipe by default. `batch_size` is global: each of N workers gets batch_size / N."""
 
-    epochs: int = Field(240, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(240, ge=1, description="training epochs")
+    batch_size: int = Field(64, ge=1, description="global batch size: each of N workers gets batch_size / N")
     lr: float | None = Field(None, gt=0, description="default: 0.05, or 0.01 for MobileNetV2/ShuffleV1/V2")
     lr_scaling: Literal["none", "linear"] = Field(
         "none", description="linear: multiply lr by batch_size/64 (the recipe's reference batch)"
     )
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
-    lr_decay: float = Field(0.1, gt=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    milestones: list[int] = Field(
+        default_factory=lambda: [150, 180, 210], description="epochs at which lr is multiplied by lr_decay"
+    )
+    lr_decay: float = Field(0.1, gt=0, le=1, description="the factor applied at each milestone")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it"
     )
-    seed: int = 0
-    label_noise: float = Field(0.0, ge=0, le=1)
+    seed: int = Field(0, description="seed of the initialisation and the data order")
+    label_noise: float = Field(
+        0.0, ge=0, le=1, description="fraction of training labels replaced at random (teacher training)"
+    )
     label_swaps: list[tuple[int, int]] = Field(
         default_factory=list, description="class pairs whose training labels are exchanged (teacher training)"
     )
-    limit_train: int | None = Field(None, ge=1)
+    limit_train: int | None = Field(
+        None, ge=1, description="train on the first N training rows only (a class-stratified prefix)"
+    )
     shuffle_buffer: int = Field(4096, ge=0, description="rows in the local shuffle buffer (0: no shuffle)")
     deterministic: bool = Field(
         False,
@@ -435,7 +470,7 @@ class TrainConfig(Strict):
     max_failures: int = Field(
         3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
     )
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run (the newest)")
     export: bool = Field(
         True,
         description="also write student.pt2 (torch.export) and, with the [onnx] extra, student.onnx (its logits checked by "
@@ -455,10 +490,16 @@ class TrainConfig(Strict):
 
 
 class ScalingSettings(Strict):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)
+    """Ray Train workers and how each reads its share of the rows."""
+
+    num_workers: int = Field(
+        1, ge=1, description="Ray Train workers (DDP ranks); a run may resume with another"
+    )
+    use_gpu: bool = Field(False, description="train on GPUs, one per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="GPUs per worker: 1 with NCCL; a fraction only with backend: gloo"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads per worker; default: cpus_per_worker"
     )
@@ -521,11 +562,11 @@ class StorageSettings(Strict):
 class Domain(Strict):
     """A searchable value: exactly one of grid, choice, uniform, loguniform, randint."""
 
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    grid: list[Any] | None = Field(None, description="every value, in every combination")
+    choice: list[Any] | None = Field(None, description="one value drawn per sample")
+    uniform: tuple[float, float] | None = Field(None, description="[lo, hi): drawn uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[lo, hi): drawn uniformly in log space")
+    randint: tuple[int, int] | None = Field(None, description="[lo, hi): an integer drawn uniformly")
 
     @model_validator(mode="after")
     def _one(self) -> Domain:
@@ -548,25 +589,35 @@ class Domain(Strict):
 
 
 class AshaConfig(Strict):
-    enabled: bool = True
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA early stopping of sweep trials, by epoch."""
+
+    enabled: bool = Field(
+        True, description="stop trials early with ASHA; false: every trial trains to the end"
+    )
+    grace_period: int = Field(1, ge=1, description="epochs every trial trains before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="1 in this many trials goes on at each rung")
 
 
 class TuneSettings(Strict):
+    """The sweep: teacher subsets × strategies × `space`, one Ray Train run per trial."""
+
     teacher_sets: list[list[str]] | None = Field(None, description="explicit teacher subsets to try")
     teacher_set_sizes: list[int] | None = Field(
         None, description="all subsets of these sizes of the teachers"
     )
-    strategies: list[StrategyName] = Field(default_factory=lambda: ["camkd"])
+    strategies: list[StrategyName] = Field(default_factory=lambda: ["camkd"], description="strategies swept")
     space: dict[str, Domain | list[Any]] = Field(
         default_factory=dict, description="dotted config path → values (a list is a grid) or a domain"
     )
-    search: Literal["grid", "random"] = "grid"
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination; random: num_samples draws (lists become choices)"
+    )
     num_samples: int = Field(1, ge=1, description="random search: samples (grid: repeats of the grid)")
-    metric: Literal["val_top1", "val_top5"] = "val_top1"
+    metric: Literal["val_top1", "val_top5"] = Field(
+        "val_top1", description="what ASHA and the leaderboard rank trials by"
+    )
     asha: AshaConfig = AshaConfig()
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1, description="trials training at once")
     trial_cpus: float = Field(0.5, ge=0, description="CPUs held by each trial's driver")
     keep_best_subsets: int | None = Field(
         None,
@@ -597,20 +648,28 @@ class TuneSettings(Strict):
 
 
 class RaySettings(Strict):
+    """Which Ray to use: a cluster to attach to, or the resources of a local one."""
+
     address: str | None = Field(
         None, description="cluster to attach to; default: RAY_ADDRESS, else start locally"
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
-    num_gpus: int | None = Field(None, ge=0)
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs of a locally started Ray; default: those found"
+    )
 
 
 class MLflowSettings(Strict):
+    """Per-epoch metrics to MLflow."""
+
     uri: str = Field(description="tracking URI: sqlite:///path/mlflow.db, http://host:5000, ...")
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's experiment")
 
 
 class WandbSettings(Strict):
-    project: str = "camkd-ray"
+    """Per-epoch metrics to Weights & Biases."""
+
+    project: str = Field("camkd-ray", description="W&B project")
     mode: Literal["offline", "online"] = Field(
         "offline", description="offline: local files, `wandb sync` later"
     )
@@ -634,7 +693,9 @@ class Config(Strict):
     root: str = Field(
         "./camkd-runs", description="storage root: a local path or an fsspec URL (s3://, gs://)"
     )
-    experiment: str = Field("default", pattern=NAME_RE)
+    experiment: str = Field(
+        "default", pattern=NAME_RE, description="the folder under <root>/runs/ that holds its runs and sweeps"
+    )
     data: DataConfig = DataConfig()
     views: ViewConfig = ViewConfig()
     teachers: list[TeacherConfig] = Field(default_factory=list)

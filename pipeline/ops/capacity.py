@@ -1,12 +1,12 @@
 """The capacity model: what a config costs in cache storage, and in read CPUs and read tasks per training worker.
 
-Fed by `benchmarks/input_pipeline.py` (the reader alone, delivered samples/s ÷ cores, 2-core x86 VM, 2026-11): a
-read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`), and
-an encoded image adds its decode and resize (DECODE_US, 320-500 px JPEGs to a 224-px view). Storage latency adds
-a limit per read task: it waits about SERIAL_ROUND_TRIPS round trips per row group (the image part and every
-teacher's part are read concurrently, footers remembered), with `scaling.read_ahead` row groups in flight, so one
-task delivers at most (read_ahead + 1) × rows per group ÷ (round trips × latency). Faster server cores need fewer
-CPUs; the model is a first estimate to size a cluster, not a promise. `--dry-run` prints it for a config.
+A read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`),
+and an encoded image adds its decode and resize (DECODE_US). Storage latency adds a limit per read task: it waits
+about SERIAL_ROUND_TRIPS round trips per row group (the image part and every teacher's part are read concurrently,
+footers remembered), with `scaling.read_ahead` row groups in flight, so one task delivers at most
+(read_ahead + 1) × rows per group ÷ (round trips × latency). Faster server cores need fewer CPUs; the model is a
+first estimate to size a cluster, not a promise. `--dry-run` prints it for a config. Where each constant comes from
+(the measurement, its date, machine and command, or that it is assumed) is in docs/performance.md, "Capacity model".
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# Measured per core (see the module docstring). Ray Data: (a) 102 KB/sample 4.0k/s, (b) 54 KB 5.7k/s, (c) 3.7 KB
-# 12.4k/s, (d) 224-px JPEG + 2 × int8 maps 361 KB 377/s: a least-squares line through (a)-(c) and the JPEG remainder
-# of (d). Threads (a later run): (a) 8.0k/s, (b) 12.9k/s, (c) 46.2k/s: the line through them; (d) ran at the same
-# rate with both readers (decode-bound), so DECODE_US is shared.
+# Read CPU per sample per core: a line through the input benchmark's scenarios (a)-(c) for each reader; the JPEG
+# decode is what is left of scenario (d) and the same for both readers (docs/performance.md, "Capacity model").
 READ_US = {"ray_data": (74.0, 1.70), "threads": (18.0, 1.07)}  # (µs per sample, µs per KB)
 DECODE_US = 1960.0
-# Student rates the GPU side must be fed: CIFAR-sized (an H200, batch 256, fp32, in-memory loop, measured in an
-# earlier round; the H100 in the README's performance table gives 18.6-29.8k cached CA-MKD), and an assumption for
-# 224-px students (a ResNet-18 on one current GPU with AMP, not measured).
+# Student samples/s one GPU worker must be fed: CIFAR-sized CE and cached distillation (measured), and 224-px
+# students (an assumption); docs/performance.md, "Capacity model".
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
-CPU_RATE = 150.0  # a CPU worker (README: 2 threads, resnet8x4, cached CA-MKD ~120 samples/s)
+CPU_RATE = 150.0  # a CPU worker's student samples/s (docs/performance.md, "Capacity model")
 # Round trips a read task waits for in series per row group (`input_pipeline.py --latency-ms`), and the latency
 # assumed per request for an object store when nothing better is known (`doctor` measures it).
 SERIAL_ROUND_TRIPS = 1.2
@@ -173,8 +170,8 @@ class Estimate:
         out.append(
             f"read CPUs per worker at {self.rate:,.0f} samples/s: {need:.1f} "
             f"({self.read_us_per_sample:.0f} µs of read CPU per sample with the {self.reader} reader; measured on a "
-            "2-core VM, see README "
-            f"'Capacity'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
+            "2-core VM, see docs/performance.md "
+            f"'Capacity model'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
         if cfg.scaling.reader == "ray_data":
             tasks = cfg.scaling.read_tasks or self.read_tasks
