@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import CAMKD_RUN
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -99,3 +100,28 @@ def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
         evaluate(distiller.student, eval_batches, normalizer, None, device)
     assert recorder.found == [], f"host syncs while scoring: {sorted(set(recorder.found))}"
     assert stats.steps == 4 and float(stats.seen) == 128.0
+
+
+def test_the_epoch_totals_are_named_fields_of_one_reduction():
+    """`EpochTotals.reduce` sums one flat tensor and hands back each number under its name: the record an epoch
+    reports equals what the step accumulated, term by term, teacher by teacher and class by class."""
+    from pipeline.train.collectives import Collectives
+    from pipeline.train.epoch_totals import EpochTotals
+    from pipeline.train.step import EvalStats
+
+    dev = torch.device("cpu")
+    stats = EpochStats(dev, num_teachers=2, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 2])
+    logits = torch.eye(3)[torch.tensor([0, 1, 0, 2])] * 5  # 3 of 4 right
+    weights = torch.tensor([[0.25, 0.5, 1.0, 1.0], [0.75, 0.5, 0.0, 0.0]])
+    terms = {"loss": torch.tensor(2.0), "ce": torch.tensor(1.5), "weight/a": torch.tensor(0.6)}
+    stats.add(terms, torch.tensor(2.0), logits, labels, weights)
+    stats.input_wait = 3.0
+    val = EvalStats(dev)
+    val.add(logits[:2], labels[:2])
+    totals = EpochTotals.reduce(stats, val, Collectives(dev))
+    rec = totals.record(stats.names, ["a", "b"], world=2)
+    assert (totals.seen, totals.correct, totals.val_count) == (4, 3, 2)
+    assert rec["train_top1"] == 0.75 and rec["val_top1"] == 1.0 and rec["input_wait"] == 1.5
+    assert rec["terms"] == {"train_loss": 2.0, "train_ce": 1.5, "weight/a": pytest.approx(0.6)}
+    assert rec["class_weight"] == {"a": [0.25, 0.5, 1.0], "b": [0.75, 0.5, 0.0]}

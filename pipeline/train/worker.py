@@ -44,6 +44,7 @@ from pipeline.train.batches import (
 )
 from pipeline.train.checkpoint import RunState, checkpoint_dir_name
 from pipeline.train.collectives import Collectives
+from pipeline.train.epoch_totals import EpochTotals
 from pipeline.train.reader import (
     ReadPlan,
     Slice,
@@ -568,45 +569,8 @@ class WorkerRun:
 
     def _reduce(self, stats: EpochStats, val: EvalStats) -> dict[str, Any]:
         """Every rank's epoch numbers summed in one all-reduce, then copied to the host once."""
-        names = stats.names
-        n_terms = len(names)
-        flat = torch.cat(
-            [
-                torch.stack([stats.seen, stats.correct]),
-                stats.term_sums
-                if stats.term_sums is not None
-                else torch.zeros(0, dtype=torch.float64, device=self.device),
-                val.values,
-                stats.class_weight.flatten(),
-                stats.class_count,
-                torch.tensor([stats.input_wait], dtype=torch.float64, device=self.device),
-            ]
-        )
-        reduced = self.coll.sum(flat).cpu()  # the epoch's one device→host copy
-        seen, correct = reduced[0].item(), reduced[1].item()
-        term_sums = reduced[2 : 2 + n_terms].tolist()
-        top1, top5, loss_sum, count = reduced[2 + n_terms : 6 + n_terms].tolist()
-        rest = reduced[6 + n_terms :]
-        cw_n = stats.class_weight.numel()
-        class_weight = rest[:cw_n].view(stats.class_weight.shape)
-        class_count = rest[cw_n : cw_n + stats.class_count.numel()]
-        per_class = None
-        if self.k and class_count.sum() > 0:
-            values = (class_weight[: self.k] / class_count.clamp_min(1)).tolist()
-            per_class = {n: values[i] for i, n in enumerate(self.plan.teacher_names)}
-        return {
-            "seen": seen,
-            "train_top1": correct / max(seen, 1),
-            "val_top1": top1 / max(count, 1),
-            "val_top5": top5 / max(count, 1),
-            "val_loss": loss_sum / max(count, 1),
-            "input_wait": rest[-1].item() / self.world,
-            "terms": {
-                (name if "/" in name else f"train_{name}"): total / max(seen, 1)
-                for name, total in zip(names, term_sums)
-            },
-            "class_weight": per_class,
-        }
+        totals = EpochTotals.reduce(stats, val, self.coll)
+        return totals.record(stats.names, self.plan.teacher_names, self.world)
 
     def _score(self, student, data: EvalSet) -> tuple[EvalStats, str]:
         """An evaluation pass with rank 0's BatchNorm statistics on every rank (so every rank scores the same
