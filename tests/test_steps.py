@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from camkd.training import Normalizer, TrainStep
 from pipeline.config import with_updates
-from pipeline.train import driver, worker
+from pipeline.train import driver, model
 from pipeline.train.reader import EVAL_VIEW, Slice, items, local_batches
 from pipeline.train.step import CachedTeachers, EpochStats, StudentStep, evaluate
 
@@ -72,7 +72,7 @@ def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
     meta = cached[2]
     plan = driver.make_plan(cfg, meta, "/nonexistent")
     read = plan.read_plan("train", with_teachers=True)
-    distiller = worker.build_distiller(plan, cfg)
+    distiller = model.build_distiller(plan, cfg)
     optimizer = torch.optim.SGD(
         [p for p in distiller.parameters() if p.requires_grad], lr=0.05, momentum=0.9, nesterov=True
     )

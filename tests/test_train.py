@@ -16,7 +16,7 @@ from pipeline.data.ingest import ingest
 from pipeline.store import storage
 from pipeline.teachers import checkpoints
 from pipeline.teachers import stage as teacher_stage
-from pipeline.train import driver, worker
+from pipeline.train import driver, model, progress
 from pipeline.train.reader import (
     EVAL_VIEW,
     Slice,
@@ -174,7 +174,7 @@ def test_cached_and_online_first_step_agree(cached):
         )
     results = []
     for outputs in (cached_out, online_out):
-        distiller = worker.build_distiller(plan, cfg)
+        distiller = model.build_distiller(plan, cfg)
         distiller.train()
         _, _, terms, _ = distiller(images, batch["label"], outputs, epoch=1)
         results.append({k: v.item() for k, v in terms.items()})
@@ -253,12 +253,12 @@ def test_step_profiler_writes_a_table_of_the_second_epoch_only_when_asked(tmp_pa
         start_epoch=0, rank=0, device=torch.device("cpu"), plan=SimpleNamespace(run_dir="/r/runs/camkd-x")
     )
     steps = 30
-    monkeypatch.delenv(worker.PROFILE_ENV, raising=False)
-    assert worker.StepProfiler(run, 1, steps).prof is None
-    monkeypatch.setenv(worker.PROFILE_ENV, str(tmp_path))
-    assert worker.StepProfiler(run, 0, steps).prof is None, "epoch 1 holds the reader's start: not profiled"
-    assert worker.StepProfiler(run, 1, 10).prof is None, "too few steps for the schedule"
-    profiler = worker.StepProfiler(run, 1, steps)
+    monkeypatch.delenv(progress.PROFILE_ENV, raising=False)
+    assert progress.StepProfiler(run, 1, steps).prof is None
+    monkeypatch.setenv(progress.PROFILE_ENV, str(tmp_path))
+    assert progress.StepProfiler(run, 0, steps).prof is None, "epoch 1 holds the reader's start: not profiled"
+    assert progress.StepProfiler(run, 1, 10).prof is None, "too few steps for the schedule"
+    profiler = progress.StepProfiler(run, 1, steps)
     x = torch.randn(64, 64)
     for _ in range(steps):
         x = torch.tanh(x @ x)

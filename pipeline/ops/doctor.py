@@ -65,8 +65,8 @@ def _reader_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     from pipeline.data.views import view_for_epoch
     from pipeline.ops.runtime import quiet_ray_data
     from pipeline.train.batches import apply_reader_budget, torch_batches
+    from pipeline.train.plan import TrainPlan
     from pipeline.train.reader import Slice, epoch_shares, items
-    from pipeline.train.worker import TrainPlan
 
     plan = TrainPlan(**plan_dict)
     cfg = plan.config
@@ -113,8 +113,9 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
 
     from camkd.training import TrainStep
     from camkd.training import amp_dtype as amp_dtype_for
+    from pipeline.train.model import build_distiller
+    from pipeline.train.plan import TrainPlan
     from pipeline.train.step import CachedTeachers, DummyBatch, EpochStats, StudentStep
-    from pipeline.train.worker import TrainPlan, build_distiller
 
     plan = TrainPlan(**plan_dict)
     cfg = plan.config

@@ -19,7 +19,7 @@ from pipeline.report.leaderboard import error_summary, write_sweep_report
 from pipeline.store import storage
 from pipeline.sweep import rank
 from pipeline.train.driver import TrainingError
-from pipeline.train.worker import NON_METRIC_KEYS
+from pipeline.train.reporting import NON_METRIC_KEYS
 
 TRIAL_TRAINABLE = "camkd_trial"
 SWEEP_FILE = "sweep.json"

@@ -28,9 +28,10 @@ from pipeline.ops import capacity
 from pipeline.store import storage
 from pipeline.teachers import checkpoints
 from pipeline.train.checkpoint import RunState
+from pipeline.train.plan import TrainPlan
 from pipeline.train.reader import Slice, row_group_slices, split_ranges
 from pipeline.train.summary import RunSummary
-from pipeline.train.worker import FAILURE_FILE, RUN_FILE, TrainPlan, train_loop_per_worker
+from pipeline.train.worker import FAILURE_FILE, RUN_FILE, train_loop_per_worker
 
 
 class TrainingError(RuntimeError):

@@ -1,58 +1,38 @@
-"""The Ray Train worker side of student training: the epoch loop, evaluation and checkpoints.
+"""The Ray Train worker side of student training: set-up, the epoch loop, and the checks every rank makes together.
 
-Runs inside each Train worker (`train_loop_per_worker`) on a `TrainPlan` resolved on the driver
-(`pipeline/train/driver.py`); it never resolves configs, teachers or caches itself. The step (`pipeline/train/step.py`) makes
-no host sync: loss terms, hits and per-class weights accumulate in tensors on the training device, which are
-all-reduced once per epoch; the non-finite-loss check is one small all-reduce every `train.nan_check_every` steps.
-Every collective goes through `pipeline/train/collectives.py`. Each epoch reads its own share of the training rows in
-an order drawn from (seed, epoch) (`pipeline/train/reader.py`), through a Ray Data reader whose budget is this worker's
-share of its node, not the cluster; the validation rows are read once and kept in memory when they fit. Before
-every scoring all ranks take rank 0's BatchNorm statistics, so every rank scores, keeps and exports one model.
-After the last epoch the best-validation weights are scored once on the test split.
+Runs inside each Train worker (`train_loop_per_worker`) on a `TrainPlan` (`pipeline/train/plan.py`) resolved on the
+driver (`pipeline/train/driver.py`); it never resolves configs, teachers or caches itself. The step
+(`pipeline/train/step.py`) makes no host sync: loss terms, hits and per-class weights accumulate in tensors on the
+training device, which are all-reduced once per epoch (`pipeline/train/epoch_totals.py`); the non-finite-loss check is
+one small all-reduce every `train.nan_check_every` steps. Every collective goes through
+`pipeline/train/collectives.py`. Each epoch reads its own share of the training rows in an order drawn from (seed,
+epoch) (`pipeline/train/reader.py`), through a Ray Data reader whose budget is this worker's share of its node, not
+the cluster; the validation rows are read once and kept in memory when they fit. Scoring (`pipeline/train/scoring.py`)
+uses rank 0's BatchNorm statistics on every rank, so every rank scores, keeps and exports one model. After the last
+epoch the best-validation weights are scored once on the test split.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
-import os
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from camkd import Distiller, create_strategy, models
-from camkd.training import TrainStep
-from camkd.training import amp_dtype as amp_dtype_for
-from pipeline.config import Config, validate
-from pipeline.data import preprocessing
-from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.views import ViewSpec, view_for_epoch
+from pipeline.data.views import view_for_epoch
 from pipeline.store import storage
-from pipeline.teachers import checkpoints
-from pipeline.train.batches import (
-    EvalSet,
-    ReaderOptions,
-    apply_reader_budget,
-    budget_line,
-    data_error,
-    torch_batches,
-)
-from pipeline.train.checkpoint import RunState, checkpoint_dir_name
+from pipeline.train.batches import apply_reader_budget, budget_line, data_error, torch_batches
+from pipeline.train.checkpoint import RunState
 from pipeline.train.collectives import Collectives
 from pipeline.train.epoch_totals import EpochTotals
-from pipeline.train.reader import (
-    ReadPlan,
-    Slice,
-    TeacherSource,
-    contiguous_shares,
-    epoch_shares,
-    items,
-)
+from pipeline.train.model import StudentTraining
+from pipeline.train.plan import TrainPlan
+from pipeline.train.progress import Progress, StepProfiler, say
+from pipeline.train.reader import Slice, epoch_shares, items
+from pipeline.train.reporting import Reporter
+from pipeline.train.scoring import Scorer
 from pipeline.train.step import (
     NO_BAD_STEP,
     CachedTeachers,
@@ -61,223 +41,16 @@ from pipeline.train.step import (
     EvalStats,
     OnlineTeachers,
     StudentStep,
-    evaluate,
-    share_buffers,
-    state_digest,
 )
 
 FAILURE_FILE = "failure.json"
 RUN_FILE = "run.json"
 
 
-def say(line: str) -> None:
-    """One progress line to the driver's console. Ray Train (2.60) patches `print` in its workers to go through
-    logging, and the driver then shows every printed line twice; a write to stdout shows it once."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-@dataclass
-class TrainPlan:
-    """Everything a worker needs, resolved and validated on the driver (picklable)."""
-
-    cfg: dict[str, Any]
-    run_dir: str
-    dataset_dir: str
-    num_classes: int
-    channels: int
-    image_shape: list[int] | None
-    spec: dict[str, Any]
-    group_rows: int
-    train_units: list[dict[str, Any]]  # row-group Slices of the training rows
-    val_split: str  # "train" (the hold-out) or "test" (data.val_fraction 0)
-    val_slices: list[dict[str, Any]]
-    test_slices: list[dict[str, Any]]
-    teacher_names: list[str] = field(default_factory=list)
-    teacher_refs: list[dict[str, Any]] = field(default_factory=list)
-    teacher_dirs: list[str] = field(default_factory=list)  # where head.pt lives
-    teacher_stores: list[str] = field(default_factory=list)
-    manifests: list[dict[str, Any]] = field(default_factory=list)
-    needs_logits: bool = False
-    needs_features: bool = False
-    read_tasks: int = 1  # Ray Data read tasks per worker: scaling.read_tasks, else the capacity model's
-    read_scope: str = ""  # this run's reader scope: open files are remembered within it
-    preprocess: dict[str, Any] = field(default_factory=dict)  # the student's Preprocessing; {}: the views'
-
-    @property
-    def config(self) -> Config:
-        return validate(self.cfg, "train plan")
-
-    def student_preprocessing(self) -> Preprocessing:
-        if self.preprocess:
-            return Preprocessing.from_dict(self.preprocess)
-        return Preprocessing(tuple(self.spec["mean"]), tuple(self.spec["std"]))
-
-    def teacher_preprocessing(self, k: int) -> Preprocessing:
-        return preprocessing.of_teacher(
-            checkpoints.TeacherRef.from_dict(self.teacher_refs[k]), ViewSpec.from_dict(self.spec)
-        )
-
-    def read_plan(self, split: str, with_teachers: bool) -> ReadPlan:
-        cfg = self.config
-        cached = with_teachers and cfg.strategy.mode == "cached"
-        return ReadPlan(
-            dataset_dir=self.dataset_dir,
-            split=split,
-            image_shape=tuple(self.image_shape) if self.image_shape else None,
-            spec=self.spec,
-            group_rows=self.group_rows,
-            num_classes=self.num_classes,
-            teachers=tuple(
-                TeacherSource.from_manifest(n, s, m)
-                for n, s, m in zip(self.teacher_names, self.teacher_stores, self.manifests)
-            )
-            if cached
-            else (),
-            logits=cached and self.needs_logits,
-            features=cached and self.needs_features,
-            label_noise=cfg.train.label_noise if with_teachers else 0.0,
-            noise_seed=cfg.train.seed,
-            label_swaps=tuple(tuple(p) for p in cfg.train.label_swaps) if with_teachers else (),
-            shuffle_seed=cfg.train.seed,
-            read_ahead=cfg.scaling.read_ahead,
-            retry_seconds=cfg.storage.retry_seconds,
-            scope=self.read_scope or None,
-        )
-
-    def reader_options(self) -> ReaderOptions:
-        s = self.config.scaling
-        return ReaderOptions(s.reader, s.read_cpus, self.read_tasks, s.read_threads)
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        if self.image_shape:
-            return int(self.image_shape[0]), int(self.image_shape[1])
-        return int(self.spec["size"]), int(self.spec["size"])
-
-
-# ============================================================================================== model
-def _load_head(plan: TrainPlan, k: int) -> torch.nn.Module:
-    ref = plan.teacher_refs[k]
-    head = models.create(ref["arch"], ref["num_classes"], ref["in_chans"]).head
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(plan.teacher_dirs[k], "head.pt"))),
-        map_location="cpu",
-        weights_only=True,
-    )
-    head.load_state_dict(state)
-    return head
-
-
-def build_distiller(plan: TrainPlan, cfg: Config, online_teachers: list | None = None) -> Distiller:
-    """Student + strategy (connectors, frozen teacher heads) for this plan, on CPU."""
-    torch.manual_seed(cfg.train.seed)
-    student = models.create(cfg.student.arch, plan.num_classes, plan.channels)
-    kwargs: dict[str, Any] = {}
-    if plan.needs_features:
-        if online_teachers is not None:
-            sizes = [
-                plan.teacher_preprocessing(k).input_hw(plan.image_hw) for k in range(len(online_teachers))
-            ]
-            with torch.no_grad():  # each teacher at the size it sees
-                probes = [torch.zeros(1, plan.channels, *hw) for hw in sizes]
-                shapes = [list(t.forward_features(x).shape[1:]) for t, x in zip(online_teachers, probes)]
-            heads = [t.head for t in online_teachers]
-        else:
-            shapes = [m["output"]["feature_shape"] for m in plan.manifests]
-            heads = [_load_head(plan, k) for k in range(len(plan.teacher_names))]
-        kwargs = {
-            "student_channels": student.feature_channels,
-            "teacher_feature_shapes": shapes,
-            "teacher_heads": heads,
-        }
-    strategy = create_strategy(cfg.strategy.name, plan.teacher_names, cfg.strategy.params(), **kwargs)
-    return Distiller(student, strategy)
-
-
-# ============================================================================================== the loop
-PROFILE_ENV = "CAMKD_PROFILE_DIR"
-# Epoch-record entries that are not numbers: kept in the history, never reported to Ray Train / Tune as metrics.
-NON_METRIC_KEYS = (
-    "class_weight",
-    "workers",
-    "backend",
-    "reader_budget",
-    "student_digest",
-    "student_digests",
-)
-
-
-class StepProfiler:
-    """With $CAMKD_PROFILE_DIR set (a local folder on every worker's node), profiles steps 6–25 of the run's
-    second epoch (steps 4–5 warm the profiler up) with torch.profiler (CPU, and CUDA on GPUs) and writes each
-    rank's operator table and Chrome trace there: how a slow step spends its time (kernels, host syncs, copies,
-    the reader's threads). Off, it costs nothing."""
-
-    WAIT, WARMUP, ACTIVE = 3, 2, 20
-
-    def __init__(self, run: WorkerRun, epoch: int, steps: int) -> None:
-        folder = os.environ.get(PROFILE_ENV, "")
-        self.prof = None
-        if not folder or epoch != run.start_epoch + 1 or steps < self.WAIT + self.WARMUP + self.ACTIVE:
-            return
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        name = run.plan.run_dir.rstrip("/").rsplit("/", 1)[-1]
-        self.path = os.path.join(folder, f"{name}-rank{run.rank}-epoch{epoch + 1}")
-        os.makedirs(folder, exist_ok=True)
-        activities = [ProfilerActivity.CPU]
-        if run.device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
-        self.sort = "self_cuda_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
-        self.prof = profile(
-            activities=activities,
-            schedule=schedule(wait=self.WAIT, warmup=self.WARMUP, active=self.ACTIVE, repeat=1),
-            on_trace_ready=self._write,
-        )
-        self.prof.__enter__()
-
-    def _write(self, prof) -> None:
-        with open(self.path + ".txt", "w") as f:
-            f.write(f"{self.ACTIVE} steps\n")
-            f.write(prof.key_averages().table(sort_by=self.sort, row_limit=40))
-        prof.export_chrome_trace(self.path + ".trace.json.gz")
-
-    def step(self) -> None:
-        if self.prof is not None:
-            self.prof.step()
-
-    def close(self) -> None:
-        if self.prof is not None:
-            self.prof.__exit__(None, None, None)
-            self.prof = None
-
-
-class Progress:
-    """Rank 0's progress line inside an epoch, from host timers only (no device sync): step, samples/s, ETA."""
-
-    def __init__(self, run: WorkerRun, epoch: int, steps: int) -> None:
-        self.every = run.cfg.tracking.progress_seconds if run.rank == 0 else 0
-        self.run, self.epoch, self.steps = run, epoch, steps
-        self.start = self.last = time.perf_counter()
-
-    def tick(self, step: int, input_wait: float) -> None:
-        if not self.every or step == 0:
-            return
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = step * self.run.cfg.train.batch_size / (now - self.start)
-        eta = (self.steps - step) * (now - self.start) / step
-        say(
-            f"[train] epoch {self.epoch + 1}/{self.run.cfg.train.epochs}: step {step}/{self.steps} "
-            f"({100 * step / self.steps:.0f} %), {rate:.0f} samples/s, ETA {eta:.0f} s, input wait {input_wait:.1f} s"
-        )
-
-
 class WorkerRun:
-    """One worker's run: set up from the plan and the last checkpoint, then train epoch by epoch."""
+    """One worker's run: set up from the plan and the last checkpoint, then train epoch by epoch. Its pieces: the
+    model and its training (`StudentTraining`), scoring (`Scorer`), the epoch's reduction (`EpochTotals`) and
+    reports (`Reporter`); this class keeps the loop, the checks every rank makes together, and the best epoch."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         import ray
@@ -303,62 +76,50 @@ class WorkerRun:
         )
         # the student's inputs: student.mean/std/input_size, else the dataset's
         self.normalizer = plan.student_preprocessing().normalizer()
-        self._build_model()
+        self.model = StudentTraining.build(plan, cfg, device)
         self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
         self.best_student: dict[str, torch.Tensor] | None = None
         self._restore(ray.train.get_checkpoint())
-        model = ray.train.torch.prepare_model(self.distiller, move_to_device=False)
-        self.step_fn.model = torch.compile(model) if cfg.train.compile else model
-        placement = {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
-        self.placement = self.coll.gather_objects(placement)
+        prepared = ray.train.torch.prepare_model(self.model.distiller, move_to_device=False)
+        self.model.step_fn.model = torch.compile(prepared) if cfg.train.compile else prepared
+        self.placement = self.coll.gather_objects(
+            {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
+        )
         self.opts = plan.reader_options()
         self.reader_budget = self._set_reader_budget()
+        self.student_step = self._student_step()
+        self.stream = None
+        self.fatal: str | None = None
+        h, w = plan.image_hw
+        self.dummy = DummyBatch(plan.channels, h, w, self.train_read, self.per_worker_batch, device)
+        where = (self.rank, self.world, self.node_id)
+        self.scorer = Scorer(
+            plan,
+            cfg,
+            self.coll,
+            where,
+            self.opts,
+            self.normalizer,
+            self.model.amp_dtype,
+            self._record_data_error,
+        )
+        self.reporter = Reporter(plan, self.rank)
+        self.val = self.scorer.eval_set(plan.val_split, [Slice(**s) for s in plan.val_slices], keep=True)
+
+    def _student_step(self) -> StudentStep:
+        """The step over a batch: teacher outputs from the batch (cached) or from the teachers run here (online)."""
+        plan, online = self.plan, self.model.online_teachers
         teachers_in_batch = (
             CachedTeachers(self.train_read, plan.num_classes)
-            if self.online_teachers is None
+            if online is None
             else OnlineTeachers(
-                self.online_teachers,
+                online,
                 plan.needs_features,
                 [plan.teacher_preprocessing(k).normalizer() for k in range(self.k)],
             )
         )
-        channels_last = cfg.train.channels_last and device.type == "cuda"
-        self.student_step = StudentStep(self.step_fn, self.normalizer, teachers_in_batch, channels_last)
-        self.stream = None
-        self.tracker = None
-        self.fatal: str | None = None
-        h, w = plan.image_hw
-        self.dummy = DummyBatch(plan.channels, h, w, self.train_read, self.per_worker_batch, device)
-        self.val = self._eval_set(plan.val_split, [Slice(**s) for s in plan.val_slices], keep=True)
-
-    def _build_model(self) -> None:
-        plan, cfg, device = self.plan, self.cfg, self.device
-        self.online_teachers = None
-        if cfg.strategy.mode == "online" and plan.teacher_refs:
-            self.online_teachers = [
-                checkpoints.build_model(checkpoints.TeacherRef.from_dict(r)) for r in plan.teacher_refs
-            ]
-        distiller = build_distiller(plan, cfg, self.online_teachers)
-        if self.online_teachers is not None:
-            self.online_teachers = [t.to(device).eval() for t in self.online_teachers]
-        if cfg.train.sync_batchnorm:
-            distiller = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
-        distiller = distiller.to(device)
-        if cfg.train.channels_last and device.type == "cuda":
-            distiller = distiller.to(memory_format=torch.channels_last)
-        self.distiller = distiller
-        self.optimizer = torch.optim.SGD(
-            [p for p in distiller.parameters() if p.requires_grad],
-            lr=cfg.train.resolved_lr(cfg.student.arch),
-            momentum=cfg.train.momentum,
-            nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
-            weight_decay=cfg.train.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, cfg.train.milestones, gamma=cfg.train.lr_decay
-        )
-        self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
-        self.step_fn = TrainStep(distiller, distiller, self.optimizer, device, self.amp_dtype)
+        channels_last = self.cfg.train.channels_last and self.device.type == "cuda"
+        return StudentStep(self.model.step_fn, self.normalizer, teachers_in_batch, channels_last)
 
     def _set_reader_budget(self) -> dict[str, Any]:
         """This worker's share of its node for its Ray Data reader (`pipeline/train/batches.py: apply_reader_budget`);
@@ -375,31 +136,12 @@ class WorkerRun:
             say(budget_line(budget))
         return budget
 
-    def _eval_set(self, split: str, slices: list[Slice], keep: bool, batch: int | None = None) -> EvalSet:
-        """This worker's share of an evaluation split; a corrupt or missing file is recorded (the next check
-        stops every rank) and the share is left empty."""
-        mine = contiguous_shares(slices, self.world)[self.rank]
-        read = self.plan.read_plan(split, with_teachers=False)
-        size = batch or max(self.per_worker_batch, 256)
-        memory = self.cfg.train.eval_memory_mb * 2**20
-        try:
-            return EvalSet(read, mine, self.opts, self.device, size, self.node_id, memory, keep)
-        except Exception as e:
-            message = data_error(e)
-            if message is None:
-                raise
-            self._record_data_error(message)
-            return EvalSet(read, [], self.opts, self.device, size, self.node_id, memory, keep)
-
     def _restore(self, checkpoint) -> None:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
             state = RunState.load(d, map_location=self.device)
-        self.distiller.load_state_dict(state.distiller)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
-        self.step_fn.scaler.load_state_dict(state.scaler)
+        self.model.restore(state)
         torch.set_rng_state(state.rng.cpu())
         self.start_epoch, self.history = state.epoch + 1, state.history
         self.best, self.best_epoch = state.best, state.best_epoch
@@ -451,7 +193,7 @@ class WorkerRun:
             self.stream = self._training_stream()
         steps = self.steps[epoch]
         stats = EpochStats(self.device, self.k, self.plan.num_classes)
-        self.step_fn.model.train()
+        self.model.step_fn.model.train()
         progress = Progress(self, epoch, steps)
         profiler = StepProfiler(self, epoch, steps)
         try:
@@ -526,8 +268,8 @@ class WorkerRun:
     ) -> dict[str, Any] | None:
         """Validate, reduce everything once across workers, and return this epoch's record (None: a stored file
         could not be read, every rank stops)."""
-        student = self.distiller.student
-        val, digest = self._score(student, self.val)
+        student = self.model.distiller.student
+        val, digest = self.scorer.score(student, self.val)
         if self._check(None, epoch) is not None:
             return None
         reduced = self._reduce(stats, val)
@@ -535,8 +277,8 @@ class WorkerRun:
         if val_top1 > self.best:
             self.best, self.best_epoch = val_top1, epoch + 1
             self.best_student = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-        epoch_lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        epoch_lr = self.model.scheduler.get_last_lr()[0]
+        self.model.scheduler.step()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "view": view_for_epoch(epoch, self.cfg.views.count),
@@ -561,7 +303,7 @@ class WorkerRun:
         if reduced["class_weight"] is not None:
             record["class_weight"] = reduced["class_weight"]
         if epoch + 1 == self.cfg.train.epochs:
-            test = self.test_best()
+            test = self.scorer.test_best(student, self.best_student, self.best_epoch)
             if self._check(None, epoch) is not None:
                 return None
             record.update(test)
@@ -572,54 +314,13 @@ class WorkerRun:
         totals = EpochTotals.reduce(stats, val, self.coll)
         return totals.record(stats.names, self.plan.teacher_names, self.world)
 
-    def _score(self, student, data: EvalSet) -> tuple[EvalStats, str]:
-        """An evaluation pass with rank 0's BatchNorm statistics on every rank (so every rank scores the same
-        model, the one that is snapshotted and exported), and that model's digest. A corrupt or missing file is
-        recorded (the next check stops every rank)."""
-        share_buffers(student, self.coll)
-        digest = state_digest(student.state_dict())
-        try:
-            stats = evaluate(student, data.batches(), self.normalizer, self.amp_dtype, self.device)
-        except Exception as e:
-            message = data_error(e)
-            if message is None:
-                raise
-            self._record_data_error(message)
-            stats = EvalStats(self.device)
-        return stats, digest
-
-    def test_best(self) -> dict[str, Any]:
-        """The test split, scored once with the weights of the best validation epoch (the exported student)."""
-        student = copy.deepcopy(self.distiller.student)
-        if self.best_student is not None:
-            student.load_state_dict(self.best_student)
-        data = self._eval_set("test", [Slice(**s) for s in self.plan.test_slices], keep=False)
-        stats, digest = self._score(student, data)
-        top1, top5, loss_sum, count = self.coll.sum(stats.values).cpu().tolist()
-        return {
-            "test_top1": top1 / max(count, 1),
-            "test_top5": top5 / max(count, 1),
-            "test_loss": loss_sum / max(count, 1),
-            "test_epoch": self.best_epoch,
-            "student_digests": self.coll.gather_objects(digest),  # one per rank: all equal
-        }
-
     def report(self, epoch: int, record: dict[str, Any]) -> None:
-        import ray.train
-
+        """Keep the epoch's record and report it (rank 0: with the run's checkpoint)."""
         self.history.append(record)
-        metrics = {k: v for k, v in record.items() if k not in NON_METRIC_KEYS}  # numbers only
-        if self.rank != 0:
-            ray.train.report(metrics)
-            return
-        if self.tracker is None:
-            from pipeline.train.tracking import Tracker
+        self.reporter.report(epoch, record, self.best, lambda: self._state(epoch))
 
-            name = self.plan.run_dir.rstrip("/").rsplit("/", 1)[-1]
-            self.tracker = Tracker(self.cfg.tracking, self.plan.run_dir, name, self.plan.cfg)
-        self.tracker.log(record, epoch + 1)
-        say(epoch_line(record, self.cfg.train.epochs, self.best))
-        state = RunState(
+    def _state(self, epoch: int) -> RunState:
+        return RunState(
             epoch=epoch,
             history=self.history,
             best=self.best,
@@ -627,36 +328,9 @@ class WorkerRun:
             best_student=self.best_student,
             resumes=self.resumes,
             world=self.world,
-            distiller=self.distiller.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.step_fn.scaler.state_dict(),
             rng=torch.get_rng_state(),
+            **self.model.state(),
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            state.save(tmp, self.plan.cfg)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=checkpoint_dir_name(epoch),
-            )
-
-
-def epoch_line(record: dict[str, Any], epochs: int, best: float) -> str:
-    """The one console line of an epoch: loss terms, top-1, rate and time."""
-    terms = ", ".join(
-        f"{n} {v:.3f}" for n, v in record.items() if n.startswith("train_") and n != "train_top1"
-    )
-    test = (
-        f"; test top-1 {record['test_top1']:.4f} (epoch {record['test_epoch']})"
-        if "test_top1" in record
-        else ""
-    )
-    return (
-        f"[train] epoch {record['epoch']}/{epochs}: {terms}; top-1 train {record['train_top1']:.4f} "
-        f"val {record['val_top1']:.4f} (best {best:.4f}){test}; {record['samples_per_s']:.0f} samples/s, "
-        f"{record['epoch_seconds']:.1f} s"
-    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -677,5 +351,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"[train] rank {run.rank} stopping: a stored file could not be used")
             return
         run.report(epoch, record)
-    if run.tracker is not None:
-        run.tracker.close()
+    run.reporter.close()
