@@ -86,6 +86,34 @@ def test_bench_student_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert "is not a camkd model file" in capsys.readouterr().err
 
 
+def test_each_run_is_costed_at_its_own_students_input_size(tmp_path):
+    """A resnet8 trained at `student.input_size: 64` on 32-px data is costed at 64 px (the MACs its run summary
+    and `bench-student` give: its student.pt records that input), beside a resnet8 run at the data's size that is
+    costed at 32 px: one measurement per (architecture, input shape), not one per architecture."""
+    from conftest import tiny_config
+
+    from camkd.costs import macs_per_image
+    from pipeline.data.ingest import ingest
+    from pipeline.report import leaderboard
+
+    cfg = tiny_config(tmp_path / "root")
+    ingest(cfg, log=lambda *_: None)
+    run_dir = tmp_path / "runs" / "at-64"
+    run_dir.mkdir(parents=True)
+    model = models.create("resnet8", 10, 3)
+    checkpoints.save_model_file(str(run_dir / "student.pt"), model, {"input_shape": [3, 64, 64]})
+    rows = [
+        row(1, "resnet8", 0.9, None, None) | {"updates": {"student.input_size": 64}},
+        row(2, "resnet8", 0.8, None, None, status="stopped"),
+    ]
+    bench = deploy.Bench(repeats=2, batch=2)
+    info = leaderboard.add_deploy_costs(cfg, rows, [str(run_dir), None], bench, log=lambda *_: None)
+    at_64 = deploy.bench_file(str(run_dir / "student.pt"), bench)
+    assert rows[0]["macs"] == at_64["macs"] == macs_per_image(model, 3, 64, 64), rows[0]
+    assert rows[1]["macs"] == macs_per_image(model, 3, 32, 32) < rows[0]["macs"], rows[1]
+    assert sorted(m["input_shape"] for m in info["measurements"]) == [[3, 32, 32], [3, 64, 64]]
+
+
 @pytest.mark.parametrize("flag", ["--threads", "--repeats", "--batch"])
 def test_bench_settings_must_be_positive(tmp_path, capsys, flag):
     assert run.main(["bench-student", str(tmp_path / "x.pt"), flag, "0"]) == 2

@@ -37,11 +37,16 @@ class Bench:
 
 
 def input_shape(cfg, meta) -> tuple[int, int, int]:
-    """(C, H, W) a student of this dataset takes: the images' own size, or `data.image_size` for image folders."""
+    """(C, H, W) the student of this config takes: `student.input_size`, else the data's own size (the images'
+    size, or `data.image_size` for image folders): what `train` counts its MACs at and records in student.pt."""
     if meta.image_shape:
         h, w, c = meta.image_shape
-        return c, h, w
-    return meta.channels, cfg.data.image_size, cfg.data.image_size
+    else:
+        h = w = cfg.data.image_size
+        c = meta.channels
+    if cfg.student.input_size:
+        h, w = cfg.student.input_size
+    return c, int(h), int(w)
 
 
 def load_student(url: str) -> tuple[models.FeatureClassifier, dict[str, Any]]:
@@ -96,41 +101,45 @@ def bench_file(url: str, bench: Bench, shape: tuple[int, int, int] | None = None
 def add_costs(
     rows: list[dict[str, Any]],
     run_dirs: dict[int, str | None],
-    shape,
+    shapes: dict[int, tuple[int, int, int]],
     num_classes: int,
     bench: Bench,
     log=print,
-    measured: dict[str, dict[str, Any]] | None = None,
+    measured: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Fill every row's cost columns in place. `run_dirs[i]`: row i's run folder (None: never trained to the end).
-    `measured`: architectures already measured in this pass (arch → its costs, as this returns them), reused so
-    one report gives one figure per architecture.
+    """Fill every row's cost columns in place. `run_dirs[i]`: row i's run folder (None: never trained to the end);
+    `shapes[i]`: the (C, H, W) its student takes, as its run trained it. `measured`: measurements already made
+    this way (the `measurements` this returns), reused so one report gives one figure per architecture and input.
 
-    Parameters, MACs and latency depend on the architecture alone, so each architecture is measured once, on the
-    first finished run's student.pt when there is one (the exported file itself), else on a fresh model of it;
-    `export_bytes` is each run's own student.pt (blank where none was written)."""
-    by_arch: dict[str, dict[str, Any]] = dict(measured or {})
-    first_file: dict[str, str] = {}
+    Parameters, MACs and latency depend on the architecture and the input shape, so each (architecture, shape) is
+    measured once, on the first finished run's student.pt when there is one (the exported file itself), else on a
+    fresh model of it; `export_bytes` is each run's own student.pt (blank where none was written)."""
+    known = {(m["arch"], tuple(m["input_shape"])): m for m in measured or []}
+    first_file: dict[tuple[str, tuple[int, ...]], str] = {}
     files: dict[int, str] = {}
-    for i, row in enumerate(rows):
+    keys = {i: (row["student"], tuple(shapes[i])) for i, row in enumerate(rows)}
+    for i in range(len(rows)):
         run_dir = run_dirs.get(i)
         if run_dir and storage.exists(storage.join(run_dir, "student.pt")):
             files[i] = storage.join(run_dir, "student.pt")
-            first_file.setdefault(row["student"], files[i])
-    archs = sorted({r["student"] for r in rows} - set(by_arch))
-    if archs:
-        log(f"[report] measuring {len(archs)} student architecture(s) one at a time: {bench.describe()}")
-    for arch in archs:
-        if arch in first_file:
-            model, _ = load_student(first_file[arch])
+            first_file.setdefault(keys[i], files[i])
+    todo = sorted(set(keys.values()) - set(known))
+    if todo:
+        log(
+            f"[report] measuring {len(todo)} student(s) (architecture, input) one at a time: {bench.describe()}"
+        )
+    for arch, shape in todo:
+        if (arch, shape) in first_file:
+            model, _ = load_student(first_file[arch, shape])
         else:
             model = models.create(arch, num_classes, shape[0])
-        by_arch[arch] = measure(model, shape, bench) | {"measured_on": first_file.get(arch, "a fresh model")}
+        known[arch, shape] = {"arch": arch, "input_shape": list(shape)} | measure(model, shape, bench)
+        known[arch, shape]["measured_on"] = first_file.get((arch, shape), "a fresh model")
     for i, row in enumerate(rows):
-        cost = by_arch[row["student"]]
+        cost = known[keys[i]]
         row.update({k: v for k, v in cost.items() if k in COST_COLUMNS or k in GPU_COLUMNS})
         row["export_bytes"] = _file_size(files[i]) if i in files else ""
-    return {"bench": bench.describe(), "input_shape": list(shape), "architectures": by_arch}
+    return {"bench": bench.describe(), "measurements": [known[k] for k in sorted(set(keys.values()))]}
 
 
 def _file_size(url: str) -> int:

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, with_updates
 from pipeline.report import deploy
 from pipeline.store import storage
 
@@ -127,6 +127,7 @@ def leaderboard(cfg: Config, sweep: str) -> list[dict[str, Any]]:
                 "wall_s": round(res[-1].get("time_total_s", 0.0), 1) if res else 0.0,
                 "error": t["error"] or "",
                 "history": res,
+                "updates": others,  # the trial's sampled values: its config is the sweep's with these
             }
         )
     rows.sort(key=lambda r: (-(r["best_top1"] if r["best_top1"] == r["best_top1"] else -1), r["trial"]))
@@ -284,24 +285,25 @@ def add_deploy_costs(
     log=print,
     measured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Each row's student cost (`pipeline/report/deploy.py`, one quiet pass) and its place on the latency front.
-    `measured`: an earlier pass's costs (what this returns); its architectures are reused when it measured the
-    same way at the same input size."""
+    """Each row's student cost (`pipeline/report/deploy.py`, one quiet pass) at the input its run trained on (the
+    config with the row's `updates`: a trial's sampled values), and its place on the latency front. `measured`:
+    an earlier pass's costs (what this returns); its measurements are reused when it measured the same way."""
     from pipeline.data.ingest import require_dataset
 
     meta = require_dataset(cfg, log=lambda *_: None)
-    shape = deploy.input_shape(cfg, meta)
-    same = (
-        measured and measured.get("bench") == bench.describe() and measured.get("input_shape") == list(shape)
-    )
+    shapes = {
+        i: deploy.input_shape(with_updates(cfg, r["updates"]) if r.get("updates") else cfg, meta)
+        for i, r in enumerate(rows)
+    }
+    same = measured and measured.get("bench") == bench.describe()
     info = deploy.add_costs(
         rows,
         dict(enumerate(run_dirs)),
-        shape,
+        shapes,
         meta.num_classes,
         bench,
         log=log,
-        measured=measured["architectures"] if same else None,
+        measured=measured.get("measurements") if same else None,
     )
     front = set(deploy.pareto_front(rows, "latency_ms_b1_p50"))
     for i, (r, run_dir) in enumerate(zip(rows, run_dirs)):

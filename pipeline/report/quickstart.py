@@ -343,7 +343,8 @@ def student_costs(
     cfg: Config, s_rows: list[dict[str, Any]], students: list[dict[str, Any]], measured: dict | None = None
 ) -> dict[str, Any]:
     """Each student's cost (`pipeline/report/deploy.py`) on its row: params, MACs, latency, throughput, student.pt's size;
-    an architecture the sweep's report measured (`measured`) keeps that figure, so the report has one per arch."""
+    an architecture and input the sweep's report measured (`measured`) keep that figure, so the report has one per
+    architecture and input."""
     for r, s in zip(s_rows, students):
         r |= {
             "rank": f"student-{s['strategy']}",
