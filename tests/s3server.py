@@ -5,7 +5,9 @@ throttled S3 answers) or a connection closed without an answer (a dropped connec
 N requests all get SlowDown (throttling that outlasts the SDK's retries); it counts every request and what it
 injected, so a test can check that faults really happened and were survived. With `delay` each request waits that
 long before it is forwarded (an object store's per-request latency, without a server's CPU), and `busy_seconds`
-adds up the time during which at least one request was outstanding.
+adds up the time during which at least one request was outstanding. `denied` answers every request for a path
+ending in one of its keys with that key's (HTTP status, S3 error code), e.g. (403, "AccessDenied") or
+(400, "ExpiredToken"), as S3 answers a request its credentials may not make.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class FaultCounter:
         None  # (burst, method, path suffix): a burst at the first such request
     )
     delay: float = 0.0  # seconds each request waits before it is forwarded
+    denied: dict[str, tuple[int, str]] = field(default_factory=dict)  # path suffix → (status, S3 error code)
+    denials: int = 0
     requests: int = 0
     slow_down: int = 0
     dropped: int = 0
@@ -59,12 +63,16 @@ class FaultCounter:
             if self.outstanding == 0:
                 self.busy_seconds += time.perf_counter() - self.busy_since
 
-    def next_fault(self, method: str = "", path: str = "") -> str | None:
+    def next_fault(self, method: str = "", path: str = "") -> str | tuple[int, str] | None:
         with self.lock:
             self.requests += 1
             if self.armed is not None and method == self.armed[1] and path.endswith(self.armed[2]):
                 self.burst, self.armed = self.armed[0], None
                 self.bursts_started += 1
+            for suffix, answer in self.denied.items():
+                if path.split("?", 1)[0].endswith(suffix):
+                    self.denials += 1
+                    return answer
             if self.burst > 0:
                 self.burst -= 1
                 self.slow_down += 1
@@ -119,6 +127,9 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if isinstance(fault, tuple):
+                    self._refuse(*fault)
+                    return
                 if fault == "slow_down":
                     self.send_response(503, "Slow Down")
                     self.send_header("Content-Type", "application/xml")
@@ -147,6 +158,18 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _refuse(self, status: int, code: str) -> None:
+                body = (
+                    f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code}</Message>'
+                    "<RequestId>camkd-proxy</RequestId></Error>"
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

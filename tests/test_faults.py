@@ -229,6 +229,51 @@ def test_storage_not_writable_fails_before_training(cached):
     assert time.time() - started < 30
 
 
+# Runs where a file's permissions bind: as root, without the capabilities that let root read any file.
+DENIED_READ = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.data import ingest
+from pipeline.train.batches import data_error
+try:
+    ingest.open_image_part(sys.argv[2], "train", "part-00000.parquet")
+    print(json.dumps(None))
+except Exception as e:
+    print(json.dumps({"type": type(e).__name__, "message": str(e), "data_error": data_error(e)}))
+"""
+
+
+def test_a_part_the_filesystem_refuses_is_an_access_error_not_corruption(tmp_path):
+    """One image part made unreadable (chmod 000), opened by a process the permission binds (as root: without
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, through setpriv): an access error naming the file, the user and the
+    fix; not "corrupt", never "delete the dataset"; and the error that stops training with that message."""
+    dataset = tmp_path / "ds"
+    part = dataset / "train" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    table = pa.table({"idx": np.arange(64), "label": np.zeros(64, dtype=np.int32)})
+    tables.write_table(str(part), tables.encode_table(table, 16, {b"camkd": b"{}"}))
+    part.chmod(0)
+    drop = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to make a file permission bind")
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"]
+    done = subprocess.run(
+        [*drop, sys.executable, "-c", DENIED_READ, str(ROOT), str(dataset)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen is not None and seen["type"] == "StorageAccessDenied", seen
+    message = seen["message"]
+    assert f"access to {part} was denied" in message and "permission" in message.lower(), message
+    assert "user root (uid 0)" in message or f"uid {os.geteuid()}" in message, message
+    assert "corrupt" not in message and "delete" not in message.lower(), message
+    assert seen["data_error"] == message
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     mount = tmp_path / "disk"

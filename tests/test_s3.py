@@ -97,6 +97,40 @@ def test_an_unreachable_store_is_not_reported_as_corruption(monkeypatch):
     assert time.time() - started < 60
 
 
+def test_a_store_that_refuses_access_is_not_reported_as_corruption(s3_env):
+    """The store refuses one image part (403 AccessDenied, then 400 ExpiredToken): opening it, and reading a part
+    opened before the refusal, raise an access error naming the object, the credentials in use (key id and
+    endpoint, never the secret) and the fix, at once (no retries of ours); never "corrupt", never "delete". It is
+    the error that stops training (`data_error`) with that message, not a restart."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.data import ingest
+    from pipeline.train.batches import data_error
+
+    counter = s3_env.proxy.counter
+    url = "s3://camkd/refused/train/part-00000.parquet"
+    table = pa.table({"idx": np.arange(64), "label": np.zeros(64, dtype=np.int32)})
+    tables.write_table(url, tables.encode_table(table, 16, {ingest.META_KEY: b"{}"}))
+    opened = ingest.open_image_part("s3://camkd/refused", "train", "part-00000.parquet")
+    for status, code, hint in ((403, "AccessDenied", "allowed"), (400, "ExpiredToken", "expired")):
+        counter.denied, counter.denials = {"/refused/train/part-00000.parquet": (status, code)}, 0
+        for attempt in (
+            lambda: ingest.open_image_part("s3://camkd/refused", "train", "part-00000.parquet"),
+            lambda: ingest.read_image_rows(opened, [1], ["idx", "label"]),
+        ):
+            with pytest.raises(storage.StorageAccessDenied) as e:
+                attempt()
+            message = str(e.value)
+            assert f"access to {url} was denied" in message and hint in message, message
+            assert "key id testing" in message and s3_env.proxy.endpoint in message, message
+            assert "corrupt" not in message and "delete" not in message.lower(), message
+            assert data_error(e.value) == message
+        assert counter.denials == 2, "one request each: an access error is not retried"
+    counter.denied = {}
+    assert ingest.read_image_rows(opened, [1], ["idx"])["idx"][0].as_py() == 16, "the data was never at fault"
+
+
 @pytest.mark.slow
 def test_the_whole_pipeline_on_s3_through_faults_and_a_corrupt_object(s3, tmp_path):
     """ingest → teachers (a local checkpoint, copied into root) → precompute → train → tune with root=s3://...,

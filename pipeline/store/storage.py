@@ -5,7 +5,8 @@ Local paths, `s3://` and `gs://` use pyarrow's native filesystems (S3 takes the 
 reader never sees half a file: a local file is written to a temporary name and renamed; an object store makes an
 object visible only once its upload completes, so objects are written directly (no copy + delete). Errors that
 may pass (throttling, timeouts, dropped connections) are retried with backoff and, if they persist, raised as
-`StorageUnavailable`, never as corruption. Nothing here knows about teachers or training.
+`StorageUnavailable`; a refused request (permissions, credentials) is `StorageAccessDenied`; neither is ever
+called corruption. Nothing here knows about teachers or training.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class StorageError(RuntimeError):
 
 class StorageUnavailable(StorageError):
     """Storage that did not answer (unreachable, throttled, timing out) after retries: not a data problem."""
+
+
+class StorageAccessDenied(StorageError):
+    """Storage that refused a request (permissions; credentials denied, expired or invalid): not a data problem,
+    and not one a retry fixes."""
 
 
 # ------------------------------------------------------------------------------------------------- addresses
@@ -148,6 +154,77 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, OSError) and bool(_TRANSIENT.search(str(e)))
 
 
+# What S3 (through pyarrow's AWS SDK), GCS and HTTP stores answer when the credentials may not make a request or
+# are not valid any more: 403, 401, or 400 for an expired or malformed token.
+_ACCESS = re.compile(
+    r"ACCESS_DENIED|AccessDenied|Forbidden|HTTP status 40[013]\b|InvalidAccessKeyId|SignatureDoesNotMatch|"
+    r"ExpiredToken|TokenRefreshRequired|InvalidToken|InvalidClientTokenId|RequestExpired|PERMISSION_DENIED|"
+    r"Permission denied|UNAUTHENTICATED|Unauthorized",
+    re.IGNORECASE,
+)
+_EXPIRED = re.compile(r"Expired|TokenRefresh|InvalidToken|HTTP status 40[01]\b|Unauthorized", re.IGNORECASE)
+
+
+def is_access_denied(e: BaseException) -> bool:
+    """Did the store refuse this request for its credentials or permissions (not for the data, not for load)?"""
+    if isinstance(e, PermissionError):
+        return True
+    return isinstance(e, OSError) and not is_transient(e) and bool(_ACCESS.search(str(e)))
+
+
+def credentials_in_use(url: str) -> str:
+    """Who a store sees for `url`, without secrets: the local user, or the AWS key id's first characters / profile
+    and endpoint, or the Google credentials file."""
+    protocol = _protocol(url)
+    if _local_path(url) is not None:
+        import pwd
+
+        uid = os.geteuid()
+        with contextlib.suppress(KeyError):
+            return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return f"uid {uid}"
+    if protocol == "s3":
+        key, profile = _env("AWS_ACCESS_KEY_ID"), _env("AWS_PROFILE")
+        who = (
+            f"access key id {key[:8]}{'…' if len(key) > 8 else ''} (AWS_ACCESS_KEY_ID)"
+            if key
+            else (
+                f"AWS profile {profile!r}"
+                if profile
+                else "the AWS default credentials (~/.aws, instance role)"
+            )
+        )
+        token = " with a session token (AWS_SESSION_TOKEN)" if _env("AWS_SESSION_TOKEN") else ""
+        return f"{who}{token} at endpoint {_env('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL') or 'AWS S3'}"
+    if protocol in ("gs", "gcs"):
+        path = _env("GOOGLE_APPLICATION_CREDENTIALS")
+        return f"Google credentials {path}" if path else "Google application default credentials"
+    return f"the credentials of the {protocol}:// filesystem"
+
+
+def access_denied(url: str, e: OSError) -> StorageAccessDenied:
+    """The error for a refused request on `url`: what was refused, for whom, and the fix (never "delete")."""
+    detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    if _local_path(url) is not None:
+        fix = (
+            "give that user read and write permission on the file and its folders (chmod / chown, or the "
+            "volume's mount options)"
+        )
+    elif _EXPIRED.search(detail):
+        fix = "the credentials have expired or are not valid: renew them (a new session token, `aws sso login`, ...)"
+    else:
+        fix = (
+            "these credentials are not allowed to read or write it (or their session token expired): use "
+            "credentials allowed s3:GetObject, s3:PutObject and s3:ListBucket under root (without ListBucket S3 "
+            "answers 403, not 404, for an object that does not exist)"
+        )
+    return StorageAccessDenied(
+        f"access to {url} was denied ({detail}) for {credentials_in_use(url)}. This is a permission or credential "
+        f"problem, not damaged data: keep the files. Fix: {fix}; then re-run the same command (what was written "
+        "and the last checkpoint are kept)"
+    )
+
+
 _ATTEMPTS: contextvars.ContextVar[int | None] = contextvars.ContextVar("camkd_storage_attempts", default=None)
 
 
@@ -183,8 +260,8 @@ def retrying(
     fn: Callable[[], T], url: str, attempts: int | None = None, policy: RetryPolicy | None = None
 ) -> T:
     """Call `fn`, retrying transient storage errors with exponential backoff and jitter; a persistent one
-    becomes StorageUnavailable naming `url`. Other errors pass through at once. Inside `one_attempt()` there are
-    no retries of our own, whatever the policy."""
+    becomes StorageUnavailable naming `url`. A refused request becomes StorageAccessDenied at once; other errors
+    pass through at once. Inside `one_attempt()` there are no retries of our own, whatever the policy."""
     policy = policy or RetryPolicy(base=RETRY_BASE_SECONDS)
     single = _ATTEMPTS.get()
     attempts = single or attempts or policy.attempts
@@ -197,6 +274,8 @@ def retrying(
         try:
             return fn()
         except OSError as e:
+            if is_access_denied(e):
+                raise access_denied(url, e) from e
             if not is_transient(e):
                 raise
             elapsed = time.time() - started
@@ -231,6 +310,8 @@ def makedirs(url: str) -> None:
 
 
 def _write_error(url: str, e: OSError) -> StorageError:
+    if is_access_denied(e):
+        return access_denied(url, e)
     full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
     reason = "the disk is full" if full else (e.strerror or str(e))
     return StorageError(f"could not write {url!r}: {reason}; free space or choose another `root`")

@@ -5,7 +5,8 @@ write: Parquet page CRCs (for other tools) plus an xxh3-64 digest of every colum
 file's key-value metadata. On read: the digests are recomputed over the decoded columns and compared (xxh3 runs at
 ~9.5 GB/s per core here; pyarrow's page-CRC verification halved read throughput, 2.4 → 1.2 GB/s, so it is not
 the hot-path check). A mismatch, an undecodable page or footer raises `CorruptTable`; a storage error that may
-pass (throttling, a dropped connection) raises `storage.StorageUnavailable` after retries. Nothing here knows
+pass (throttling, a dropped connection) raises `storage.StorageUnavailable` after retries; a refused request
+(permissions, credentials) raises `storage.StorageAccessDenied` at once: neither is corruption. Nothing here knows
 about teachers or images.
 """
 
@@ -170,6 +171,8 @@ class OpenTable:
         except (pa.ArrowInvalid, pa.ArrowException) as e:
             raise CorruptTable(self.url, f"cannot be decoded ({e})") from None
         except OSError as e:
+            if storage.is_access_denied(e):
+                raise storage.access_denied(self.url, e) from None
             if storage.is_transient(e):
                 raise
             raise CorruptTable(self.url, f"cannot be decoded ({e})") from None
@@ -178,7 +181,7 @@ class OpenTable:
 
 def open_table(url: str, key: bytes | None = None, retry: storage.RetryPolicy | None = None) -> OpenTable:
     """Open a stored table for row-group reads (one open and one footer read). Raises FileNotFoundError,
-    CorruptTable, or StorageUnavailable."""
+    CorruptTable, StorageUnavailable or StorageAccessDenied."""
     fs, path = storage.pyarrow_fs(url)
 
     def opened():
@@ -200,6 +203,8 @@ def open_table(url: str, key: bytes | None = None, retry: storage.RetryPolicy | 
     except (pa.ArrowInvalid, pa.ArrowException, ValueError, UnicodeDecodeError) as e:
         raise CorruptTable(url, f"is not a readable Parquet file ({e})") from None
     except OSError as e:
+        if storage.is_access_denied(e):
+            raise storage.access_denied(url, e) from None
         if storage.is_transient(e) or isinstance(e, FileNotFoundError):
             raise
         raise CorruptTable(url, f"is not a readable Parquet file ({e})") from None

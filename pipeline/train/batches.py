@@ -2,8 +2,9 @@
 process), and the evaluation splits a worker keeps in memory.
 
 Runs inside Ray Train workers. Both readers give the same batches in the same order without a shuffle buffer. A
-corrupt, missing or misaligned stored file is recognised here (`data_error`) so that the worker stops every rank
-at once instead of restarting the group over a file that retrying cannot fix.
+corrupt, missing or misaligned stored file, or one the store refuses to this worker's credentials, is recognised
+here (`data_error`) so that the worker stops every rank at once instead of restarting the group over a file that
+retrying cannot fix.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from pipeline.cache.layout import CacheError
 from pipeline.data.ingest import IngestError
-from pipeline.store.storage import StorageUnavailable
+from pipeline.store.storage import StorageAccessDenied, StorageUnavailable
 from pipeline.train.reader import (
     EVAL_VIEW,
     READ_TASK_RETRIES,
@@ -174,12 +175,14 @@ class EvalSet:
 
 def data_error(e: BaseException) -> str | None:
     """The message of the corrupt, missing or misaligned stored file behind `e` (a CacheError or IngestError
-    raised in a read task, however Ray wrapped it), else None. Retrying cannot fix such a file."""
+    raised in a read task, however Ray wrapped it), or of a file the store refuses (StorageAccessDenied: its
+    message says whose credentials and the fix, never "delete"), else None. Retrying cannot fix such a file."""
     seen: set[int] = set()
     found = None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (CacheError, IngestError)) and not isinstance(e, StorageUnavailable):
+        data = isinstance(e, (CacheError, IngestError)) and not isinstance(e, StorageUnavailable)
+        if data or isinstance(e, StorageAccessDenied):
             found = e
         e = getattr(e, "cause", None) or e.__cause__
     if found is None:
