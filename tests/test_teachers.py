@@ -105,3 +105,21 @@ def test_an_imported_teacher_needs_neither_its_file_nor_a_rehash_once_copied(tmp
     again = checkpoints.resolve(cfg, cfg.teachers[0], 10, 3)
     assert again == first and again.checkpoint.endswith("/model.pt")
     checkpoints.build_model(again)
+
+
+def test_a_teacher_input_size_equal_to_the_datas_keeps_the_cache_identity(tmp_path):
+    """`input_size: 32` on 32-px data resizes nothing: the teacher keeps the id (and so the cache) it has without
+    it; another size is another store."""
+    path = tmp_path / "t.pt"
+    torch.save(_trained_state("resnet8", 0), path)
+
+    def teacher_id(**own) -> str:
+        cfg = tiny_config(
+            tmp_path / "root", teachers=[{"name": "t", "arch": "resnet8", "checkpoint": str(path), **own}]
+        )
+        ingest(cfg, log=lambda *_: None)
+        return teacher_stage.run_stage(cfg, log=lambda *_: None)[0]["id"]
+
+    plain = teacher_id()
+    assert teacher_id(input_size=32) == teacher_id(input_size=[32, 32]) == plain
+    assert teacher_id(input_size=48) != plain

@@ -46,6 +46,7 @@ from pipeline.cache.layout import (
 )
 from pipeline.cache.stages import TEST, PrecomputeSpec, TeacherPool, render_item, write_item
 from pipeline.config import Config
+from pipeline.data import preprocessing
 from pipeline.data.ingest import DatasetMeta, require_dataset
 from pipeline.data.views import ViewSpec, make_view_spec
 from pipeline.store import storage, tables
@@ -617,7 +618,9 @@ def _run_pipeline(
 def run_stage(cfg: Config, overwrite: bool = False, log=print) -> dict[str, Any]:
     """Precompute every configured teacher (a no-op for those already cached). Writes summary.json."""
     meta = require_dataset(cfg, log=log)
-    refs = checkpoints.resolve_all(cfg, meta.num_classes, meta.channels)
+    refs = checkpoints.resolve_all(
+        cfg, meta.num_classes, meta.channels, data_hw=preprocessing.data_hw(cfg, meta)
+    )
     if not refs:
         raise CacheError("no teachers are configured; add a `teachers:` list to the config")
     rows = precompute_teachers(cfg, refs, meta, overwrite=overwrite, log=log)
@@ -662,7 +665,9 @@ def plan_stage(cfg: Config) -> list[str]:
     lines = []
     for t in cfg.teachers:
         try:
-            ref = checkpoints.resolve(cfg, t, meta.num_classes, meta.channels, copy=False)
+            ref = checkpoints.resolve(
+                cfg, t, meta.num_classes, meta.channels, copy=False, data_hw=preprocessing.data_hw(cfg, meta)
+            )
         except checkpoints.TeacherError as e:
             lines.append(f"teacher {t.name}: {e}")
             continue

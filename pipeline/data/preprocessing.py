@@ -66,11 +66,26 @@ def check_own(who: str, mean, std, size) -> None:
         raise ValueError(f"{who}: input_size must be at least 8 pixels a side, got {list(size)}")
 
 
+def data_hw(cfg, meta) -> Size:
+    """[H, W] of the data's views, what a model sees without its own `input_size`: the images' own size, or
+    `data.image_size` for encoded images (image folders)."""
+    if meta.image_shape:
+        return int(meta.image_shape[0]), int(meta.image_shape[1])
+    return int(cfg.data.image_size), int(cfg.data.image_size)
+
+
 def own_values(
-    who: str, mean, std, size, channels: int, dataset: tuple[list[float], list[float]]
+    who: str,
+    mean,
+    std,
+    size,
+    channels: int,
+    dataset: tuple[list[float], list[float]],
+    data_size: Size | None = None,
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, Size | None]:
     """A model's own (mean, std, size) from its config, checked against the dataset's channels; mean/std equal to
-    the dataset's count as unset (the same inputs, the same cache). Raises ValueError naming the field and fix."""
+    the dataset's, and a size equal to the data's (`data_size`, when known), count as unset (the same inputs, the
+    same cache). Raises ValueError naming the field and fix."""
     if mean is not None and len(mean) != channels:
         raise ValueError(
             f"{who}.mean has {len(mean)} value(s) and {who}.std {len(std)}, the dataset has {channels} channel(s); "
@@ -80,6 +95,8 @@ def own_values(
         _per_channel(v, channels) for v in dataset
     ]:
         mean = std = None
+    if size is not None and data_size is not None and tuple(size) == tuple(data_size):
+        size = None
     return (
         None if mean is None else tuple(float(m) for m in mean),
         None if std is None else tuple(float(s) for s in std),

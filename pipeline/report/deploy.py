@@ -12,6 +12,7 @@ import torch
 
 from camkd import models
 from camkd.costs import latency, macs_per_image, parameter_count
+from pipeline.data import preprocessing
 from pipeline.store import storage
 from pipeline.teachers import checkpoints
 
@@ -39,14 +40,8 @@ class Bench:
 def input_shape(cfg, meta) -> tuple[int, int, int]:
     """(C, H, W) the student of this config takes: `student.input_size`, else the data's own size (the images'
     size, or `data.image_size` for image folders): what `train` counts its MACs at and records in student.pt."""
-    if meta.image_shape:
-        h, w, c = meta.image_shape
-    else:
-        h = w = cfg.data.image_size
-        c = meta.channels
-    if cfg.student.input_size:
-        h, w = cfg.student.input_size
-    return c, int(h), int(w)
+    h, w = cfg.student.input_size or preprocessing.data_hw(cfg, meta)
+    return meta.channels, int(h), int(w)
 
 
 def load_student(url: str) -> tuple[models.FeatureClassifier, dict[str, Any]]:

@@ -29,6 +29,7 @@ from pipeline.cache.layout import (
     topk_decode,
     view_dir,
 )
+from pipeline.data import preprocessing
 from pipeline.data.ingest import DatasetMeta, find_dataset, open_image_part, read_image_rows
 from pipeline.data.views import ViewSpec, make_view_spec
 from pipeline.store import storage
@@ -247,7 +248,9 @@ def read_validation_logits(cfg, meta: DatasetMeta, names: Sequence[str]) -> Vali
     dataset_dir = storage.dataset_dir(cfg.root, meta.name, meta.fingerprint)
     sources, views_cached = {}, []
     for name in names:
-        ref = checkpoints.resolve(cfg, by_name[name], meta.num_classes, meta.channels)
+        ref = checkpoints.resolve(
+            cfg, by_name[name], meta.num_classes, meta.channels, data_hw=preprocessing.data_hw(cfg, meta)
+        )
         tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
         store, sref, n_views = _store_of(cfg, meta, ref, tdir, spec)
         sources[name] = (store, sref)

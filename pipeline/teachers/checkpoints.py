@@ -261,16 +261,23 @@ def _import(cfg: Config, teacher: TeacherConfig, url: str, copy: bool) -> tuple[
 
 
 def resolve(
-    cfg: Config, teacher: TeacherConfig, num_classes: int, in_chans: int, copy: bool = True
+    cfg: Config,
+    teacher: TeacherConfig,
+    num_classes: int,
+    in_chans: int,
+    copy: bool = True,
+    data_hw: tuple[int, int] | None = None,
 ) -> TeacherRef:
     """The TeacherRef of a configured teacher (imported file, or the checkpoint the `teachers` stage trained).
+    `data_hw`: the data's [H, W] (`preprocessing.data_hw`); an `input_size` equal to it resizes nothing, so it is
+    not part of the id (every stage passes it; without it such a size counts as the teacher's own).
 
     A checkpoint given by a path outside `root` is copied once into root (see `_import`): every actor, worker and
     trial then reads it from root, so no other node needs the original path. `copy=False` (dry runs) writes
     nothing.
     """
     root = storage.normalize_url(cfg.root).rstrip("/") + "/"
-    own = own_preprocessing(cfg, teacher, in_chans)
+    own = own_preprocessing(cfg, teacher, in_chans, data_hw)
     data = None
     if teacher.checkpoint is not None and not storage.normalize_url(teacher.checkpoint).startswith(root):
         url, data, sha = _import(cfg, teacher, storage.normalize_url(teacher.checkpoint), copy)
@@ -299,7 +306,9 @@ def resolve(
     )
 
 
-def own_preprocessing(cfg: Config, teacher: TeacherConfig, in_chans: int) -> tuple:
+def own_preprocessing(
+    cfg: Config, teacher: TeacherConfig, in_chans: int, data_hw: tuple[int, int] | None = None
+) -> tuple:
     """The teacher's own (mean, std, input_size) for TeacherRef (None where it uses the dataset's)."""
     try:
         return preprocessing.own_values(
@@ -309,16 +318,21 @@ def own_preprocessing(cfg: Config, teacher: TeacherConfig, in_chans: int) -> tup
             teacher.input_size,
             in_chans,
             cfg.data.normalization,
+            data_hw,
         )
     except ValueError as e:
         raise TeacherError(str(e)) from None
 
 
 def resolve_all(
-    cfg: Config, num_classes: int, in_chans: int, names: list[str] | None = None
+    cfg: Config,
+    num_classes: int,
+    in_chans: int,
+    names: list[str] | None = None,
+    data_hw: tuple[int, int] | None = None,
 ) -> list[TeacherRef]:
     chosen = cfg.teachers if names is None else [t for t in cfg.teachers if t.name in names]
-    return [resolve(cfg, t, num_classes, in_chans) for t in chosen]
+    return [resolve(cfg, t, num_classes, in_chans, data_hw=data_hw) for t in chosen]
 
 
 def teacher_info(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:

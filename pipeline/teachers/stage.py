@@ -34,7 +34,9 @@ def run_stage(cfg: Config, log=print) -> list[dict[str, Any]]:
         if teacher.train is not None and not storage.exists(checkpoints.trained_checkpoint_url(cfg, teacher)):
             log(f"[teachers] training {teacher.name} ({teacher.arch}, {teacher.train.epochs} epochs)")
             train_teacher(cfg, teacher, meta, log=log)
-        ref = checkpoints.resolve(cfg, teacher, meta.num_classes, meta.channels)
+        ref = checkpoints.resolve(
+            cfg, teacher, meta.num_classes, meta.channels, data_hw=preprocessing.data_hw(cfg, meta)
+        )
         checkpoints.build_model(
             ref
         )  # fails here, not in precompute, if the file does not fit the architecture

@@ -23,6 +23,7 @@ from pipeline.cache.layout import check_manifest_dataset, check_parts_present, f
 from pipeline.config import Config, ConfigError, bind_config
 from pipeline.data import preprocessing
 from pipeline.data.ingest import DatasetMeta, require_dataset
+from pipeline.data.preprocessing import data_hw
 from pipeline.data.views import make_view_spec, view_for_epoch
 from pipeline.ops import capacity
 from pipeline.store import storage
@@ -86,10 +87,10 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
     if cls.max_teachers == 0:
         _size_reader(cfg, plan, meta)
         return plan
-    chosen = cfg.chosen_teachers()
-    if not chosen:
+    names = [t.name for t in cfg.chosen_teachers()]
+    if not names:
         raise TrainingError(f"strategy {cls.name!r} needs teachers but none are configured (teachers: [...])")
-    refs = checkpoints.resolve_all(cfg, meta.num_classes, meta.channels, [t.name for t in chosen])
+    refs = checkpoints.resolve_all(cfg, meta.num_classes, meta.channels, names, data_hw(cfg, meta))
     plan.teacher_names = [r.name for r in refs]
     plan.teacher_refs = [r.to_dict() for r in refs]
     plan.teacher_dirs = [storage.teacher_dir(cfg.root, meta.fingerprint, r.id) for r in refs]
