@@ -225,3 +225,30 @@ def test_a_timm_teacher_with_its_own_normalisation_through_ingest_teachers_preco
     student_file = torch.load(result.exports["state_dict"], weights_only=True)
     assert student_file["arch"] == "timm:test_efficientnet"
     assert student_file["normalization"] == {"mean": STUDENT_MEAN, "std": STUDENT_STD}
+
+
+def test_after_the_torchscript_fallback_the_log_names_what_was_written(tmp_path) -> None:
+    """timm's test_convnext cannot be traced by torch.export (its head's children are shared with the model), so
+    export falls back to TorchScript; the ONNX export, which needs torch.export too, then fails. The log and the
+    summary's exports say what is on disk: student.pt and student.torchscript.pt, never student.pt2."""
+    cfg = tiny_config(
+        tmp_path / "root",
+        student={"arch": "timm:test_convnext"},
+        strategy={"name": "ce"},
+        train={"epochs": 1, "batch_size": 32, "milestones": [], "shuffle_buffer": 0, "export": True},
+    )
+    meta = ingest(cfg, log=lambda *_: None)
+    run_dir = str(tmp_path / "run")
+    plan = driver.make_plan(cfg, meta, run_dir, log=lambda *_: None)
+    state = M.create("timm:test_convnext", 10, 3).state_dict()
+    logs: list[str] = []
+    exports = driver.export_student(cfg, plan, state, run_dir, log=logs.append)
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "torch_export" not in exports and exports["torchscript"].endswith("student.torchscript.pt"), (
+        exports
+    )
+    assert "student.pt2" not in written and "student.torchscript.pt" in written, written
+    assert not any("student.pt2 are written" in line or "student.pt2 is written" in line for line in logs), (
+        logs
+    )
+    assert any("student.pt and student.torchscript.pt are written" in line for line in logs), logs

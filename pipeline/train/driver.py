@@ -345,19 +345,26 @@ def export_student(
         storage.write_bytes_atomic(url, buf.getvalue())
         out["torch_export"] = url
     except Exception as e:  # an architecture torch.export cannot trace: fall back to TorchScript
-        log(f"[train] torch.export failed ({type(e).__name__}: {e}); writing TorchScript instead")
+        log(
+            f"[train] torch.export failed ({type(e).__name__}: {e}): no student.pt2; writing "
+            "student.torchscript.pt (TorchScript) instead"
+        )
         buf = io.BytesIO()
         torch.jit.save(torch.jit.trace(student, example), buf)
         url = storage.join(run_dir, "student.torchscript.pt")
         storage.write_bytes_atomic(url, buf.getvalue())
         out["torchscript"] = url
-    out |= export_onnx(student, example, program, run_dir, log)
+    written = " and ".join(url.rsplit("/", 1)[-1] for url in out.values())
+    out |= export_onnx(student, example, program, run_dir, written, log)
     return out
 
 
-def export_onnx(student, example: torch.Tensor, program, run_dir: str, log=print) -> dict[str, Any]:
+def export_onnx(
+    student, example: torch.Tensor, program, run_dir: str, written: str, log=print
+) -> dict[str, Any]:
     """student.onnx and its parity (max |onnxruntime − torch| over 8 random images), or {} with one line saying
-    what is missing. An export that fails is logged, never fatal: student.pt and student.pt2 are written."""
+    what is missing. An export that fails is logged, never fatal: `written` (the files already exported, e.g.
+    "student.pt and student.pt2") are kept, and the line names them."""
     from camkd import export as onnx_export
 
     absent = onnx_export.missing()
@@ -367,9 +374,7 @@ def export_onnx(student, example: torch.Tensor, program, run_dir: str, log=print
     try:
         data = onnx_export.to_onnx(student, example, program)
     except Exception as e:
-        log(
-            f"[train] ONNX export failed ({type(e).__name__}: {str(e)[:300]}); student.pt and student.pt2 are written"
-        )
+        log(f"[train] ONNX export failed ({type(e).__name__}: {str(e)[:300]}); {written} are written")
         return {}
     url = storage.join(run_dir, "student.onnx")
     storage.write_bytes_atomic(url, data)
