@@ -104,6 +104,30 @@ def test_two_worker_ddp_matches_one_worker_and_every_rank_scores_the_exported_st
     assert rescore_alone(two, cfg2, cached[2], world=2) == two.test_top1
 
 
+def test_doctor_probes_every_reader_training_would_place_on_a_node(cached):
+    """scaling.num_workers 2 on this one-node cluster: training places both workers here, so the doctor runs two
+    readers at once, each under one worker's budget of the node (half its object store ÷ 2, what
+    `apply_reader_budget` gives each of training's workers), not one reader with the node to itself."""
+    import ray
+
+    from pipeline.ops import doctor
+    from pipeline.train.batches import READER_STORE_FRACTION
+
+    cfg = with_updates(
+        cached[0], {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "scaling.read_tasks": 1}
+    )
+    reader = doctor.run_stage(cfg, seconds=2, log=lambda *_: None)["reader"]
+    node = next(n for n in ray.nodes() if n["Alive"])
+    share = int(READER_STORE_FRACTION * node["Resources"]["object_store_memory"] // 2)
+    assert reader["workers_on_node"] == 2 and len(reader["workers"]) == 2, reader
+    for probe in reader["workers"]:
+        assert probe["budget"]["object_store_bytes"] == share, probe
+        assert probe["budget"]["workers_on_node"] == 2 and probe["node"] == node["NodeID"], probe
+    first, second = reader["workers"]
+    assert max(first["started"], second["started"]) < min(first["ended"], second["ended"]), "concurrent"
+    assert reader["samples_per_s"] == min(p["samples_per_s"] for p in reader["workers"]) > 0
+
+
 def test_the_threads_reader_trains_the_same_run(one_worker, cached, tmp_path):
     """scaling.reader threads: the deterministic reference run (Ray Data reader), read by two threads inside the
     worker instead, is the same run: the same batches in the same order, so the same losses epoch for epoch."""

@@ -1,8 +1,9 @@
 """The `doctor` stage: what limits training on this cluster, measured where it runs, and what to change.
 
-From every node: storage latency and read throughput from `root`. On a node with a worker's resources: the
-configured reader's delivered rate on the configured cache (the worker's share, its budget, its reader), and the
-student's step rate on the configured device. Then one verdict: the slower side is the bottleneck, and the
+From every node: storage latency and read throughput from `root`. Where training would place its workers (a
+placement group like Ray Train's): on the node that holds the most of them, one reader per worker there, all at once,
+each with its rank's share and its worker's budget of that node; and the student's step rate on the configured
+device. Then one verdict: the slower side is the bottleneck, and the
 measurements say why (storage latency, read CPU, or the step itself) and which setting moves it. Writes
 `<root>/doctor/summary.json`. Reads and writes nothing else; trains nothing that is kept.
 """
@@ -17,6 +18,7 @@ from pipeline.config import Config
 from pipeline.store import storage
 
 LATENCY_PROBES = 8
+PLACEMENT_TIMEOUT_S = 120  # for the resources of training's workers, before the doctor says they do not fit
 PROBE_ROWS = 200_000  # rows the reader probe may read (it stops after its seconds)
 SLOW_REQUEST_S = 0.010  # above this per request, storage latency is worth naming
 
@@ -56,9 +58,11 @@ def _storage_probe(small: str, big: str) -> dict[str, Any]:
     }
 
 
-def _reader_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
-    """Runs like one worker: its share of an epoch through the configured reader, under its budget, for
-    `seconds` after the first batch; delivered samples/s."""
+def _reader_probe(plan_dict: dict, seconds: float, rank: int, workers_on_node: int) -> dict[str, Any]:
+    """Runs like worker `rank`, one of `workers_on_node` on its node: its share of an epoch through the configured
+    reader, under its budget, for `seconds` after the first batch; delivered samples/s and the budget it had."""
+    from dataclasses import replace
+
     import ray
     import torch
 
@@ -68,14 +72,13 @@ def _reader_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     from pipeline.train.plan import TrainPlan
     from pipeline.train.reader import Slice, epoch_shares, items
 
+    began = time.time()
     plan = TrainPlan(**plan_dict)
     cfg = plan.config
     quiet_ray_data()
     node = ray.get_runtime_context().get_node_id()
-    from dataclasses import replace
-
     opts = plan.reader_options()
-    budget = apply_reader_budget(cfg.scaling, opts, node, 1)
+    budget = apply_reader_budget(cfg.scaling, opts, node, workers_on_node)
     if cfg.scaling.read_budget == "worker":
         opts = replace(opts, budget_bytes=budget["object_store_bytes"])
     world = cfg.scaling.num_workers
@@ -85,7 +88,7 @@ def _reader_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     while (
         rows < PROBE_ROWS or epoch == 0
     ):  # epochs after epochs (a small dataset is read again) until enough rows
-        share = epoch_shares(units, cfg.train.seed, epoch, world, b)[0]
+        share = epoch_shares(units, cfg.train.seed, epoch, world, b)[rank]
         read_items += items(share, view_for_epoch(epoch, cfg.views.count), epoch)
         rows += sum(x.size for x in share)
         epoch += 1
@@ -100,9 +103,84 @@ def _reader_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
             break
     elapsed = time.perf_counter() - start if start else 0.0
     return {
+        "rank": rank,
+        "node": node,
         "samples_per_s": round(n / elapsed) if elapsed else 0,
         "seconds": round(elapsed, 1),
+        "budget": budget,
+        "started": began,
+        "ended": time.time(),
+    }
+
+
+def worker_placement(cfg: Config):
+    """Where training would put its workers: a placement group of `scaling.num_workers` bundles of one worker's
+    resources under `scaling.placement_strategy` (the group Ray Train reserves), and each bundle's node. The
+    caller removes the group."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from pipeline.ops.runtime import ClusterError
+
+    s = cfg.scaling
+    bundle = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    group = placement_group([bundle] * s.num_workers, strategy=s.placement_strategy)
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except GetTimeoutError:
+        remove_placement_group(group)
+        raise ClusterError(
+            f"the cluster has no room now for training's {s.num_workers} worker(s) of {bundle} "
+            f"({s.placement_strategy}) after {PLACEMENT_TIMEOUT_S} s: free it, or lower scaling.num_workers / "
+            "cpus_per_worker, then run doctor again"
+        ) from None
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    return group, [nodes[i] for i in range(s.num_workers)]
+
+
+def _probe_readers(cfg: Config, plan_dict: dict, seconds: float, log=print) -> dict[str, Any]:
+    """On the node where training would place the most workers: one reader per worker there, at once, each in its
+    worker's reserved resources; the slowest sets the pace (every rank steps together)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    log(
+        f"[doctor] the {cfg.scaling.reader} reader of each worker training places on one node, at once, {seconds:g} s"
+    )
+    group, nodes = worker_placement(cfg)
+    try:
+        busiest = max(nodes, key=nodes.count)
+        ranks = [r for r, n in enumerate(nodes) if n == busiest]
+        s = cfg.scaling
+        probe = ray.remote(
+            max_retries=0, num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0
+        )
+        refs = [
+            probe(_reader_probe)
+            .options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=r, placement_group_capture_child_tasks=False
+                )
+            )
+            .remote(plan_dict, seconds, r, len(ranks))
+            for r in ranks
+        ]
+        probes = ray.get(refs)
+    finally:
+        remove_placement_group(group)
+    each = ", ".join(f"{p['samples_per_s']:,}" for p in probes)
+    log(
+        f"[doctor]   {min(p['samples_per_s'] for p in probes):,} samples/s delivered to the slowest of the "
+        f"{len(ranks)} worker(s) on node {busiest[:8]} (each: {each})"
+    )
+    return {
+        "samples_per_s": min(p["samples_per_s"] for p in probes),
         "reader": cfg.scaling.reader,
+        "node": busiest,
+        "workers_on_node": len(ranks),
+        "workers": probes,
     }
 
 
@@ -226,9 +304,7 @@ def run_stage(cfg: Config, seconds: float = 20.0, log=print) -> dict[str, Any]:
     plan_dict = asdict(make_plan(cfg, meta, run_dir))
     s = cfg.scaling
     worker_resources = {"num_cpus": s.cpus_per_worker, "num_gpus": s.gpus_per_worker if s.use_gpu else 0}
-    log(f"[doctor] the {s.reader} reader for one worker's share, {seconds:g} s ...")
-    reader = ray.get(ray.remote(max_retries=0, **worker_resources)(_reader_probe).remote(plan_dict, seconds))
-    log(f"[doctor]   {reader['samples_per_s']:,} samples/s delivered")
+    reader = _probe_readers(cfg, plan_dict, seconds, log)
     log(f"[doctor] the {cfg.strategy.name} step of {cfg.student.arch}, {seconds / 2:g} s ...")
     step = ray.get(ray.remote(max_retries=0, **worker_resources)(_step_probe).remote(plan_dict, seconds / 2))
     log(
