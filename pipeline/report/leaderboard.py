@@ -332,37 +332,8 @@ def write_sweep_report(
     storage.write_bytes_atomic(storage.join(out, "leaderboard.csv"), _csv(rows, columns).encode())
     md = markdown_table(rows, columns)
     storage.write_bytes_atomic(storage.join(out, "leaderboard.md"), (md + "\n").encode())
-    plots = {}
-    if rows:
-        plots["best_per_arm"] = plot_best_per_arm(
-            rows, storage.join(out, "best_per_teacher_set.png"), "best accuracy per teacher set and strategy"
-        )
-        top = [r for r in rows if r["history"]][:5]
-        plots["curves"] = plot_curves(
-            [(f"#{r['rank']} {r['strategy']} {r['teachers']}", r["history"]) for r in top],
-            storage.join(out, "top_trials_curves.png"),
-            "top trials",
-        )
-        plots["pareto"] = deploy.plot_pareto(
-            rows, storage.join(out, "pareto.png"), "students: accuracy against cost", _plt()
-        )
-        ca = [r for r in rows if r["strategy"].startswith("camkd") and r["history"]][:4]
-        if ca:
-            plots["weights"] = plot_weights_over_epochs(
-                [(f"#{r['rank']} {r['teachers']}", r["history"]) for r in ca],
-                storage.join(out, "camkd_weights.png"),
-                "CA-MKD mean confidence weight per teacher",
-            )
-    choice = None
-    if budget_ms is not None or budget_params is not None:
-        choice = {
-            "budget_ms": budget_ms,
-            "budget_params": budget_params,
-            "best": deploy.best_within(rows, budget_ms, budget_params),
-            "line": deploy.budget_line(rows, budget_ms, budget_params),
-        }
-        if choice["best"] is not None:
-            choice["best"] = {k: choice["best"][k] for k in [*columns, "student_file"]}
+    plots = sweep_plots(rows, out)
+    choice = budget_choice(rows, columns, budget_ms, budget_params)
     console = markdown_table(rows, [c for c in columns if c not in CONSOLE_HIDDEN])
     log(f"[report] leaderboard ({len(rows)} trials; cost: {costs['bench']}):\n{console}")
     if choice:
@@ -375,3 +346,48 @@ def write_sweep_report(
         "report_dir": out,
         "plots": plots,
     }
+
+
+def sweep_plots(rows: list[dict[str, Any]], out: str) -> dict[str, str]:
+    """Best accuracy per arm, the top trials' curves, the Pareto plot and CA-MKD's weights over epochs."""
+    if not rows:
+        return {}
+    plots = {
+        "best_per_arm": plot_best_per_arm(
+            rows, storage.join(out, "best_per_teacher_set.png"), "best accuracy per teacher set and strategy"
+        )
+    }
+    top = [r for r in rows if r["history"]][:5]
+    plots["curves"] = plot_curves(
+        [(f"#{r['rank']} {r['strategy']} {r['teachers']}", r["history"]) for r in top],
+        storage.join(out, "top_trials_curves.png"),
+        "top trials",
+    )
+    plots["pareto"] = deploy.plot_pareto(
+        rows, storage.join(out, "pareto.png"), "students: accuracy against cost", _plt()
+    )
+    ca = [r for r in rows if r["strategy"].startswith("camkd") and r["history"]][:4]
+    if ca:
+        plots["weights"] = plot_weights_over_epochs(
+            [(f"#{r['rank']} {r['teachers']}", r["history"]) for r in ca],
+            storage.join(out, "camkd_weights.png"),
+            "CA-MKD mean confidence weight per teacher",
+        )
+    return plots
+
+
+def budget_choice(
+    rows: list[dict[str, Any]], columns: list[str], budget_ms: float | None, budget_params: int | None
+) -> dict[str, Any] | None:
+    """The best finished student within the budget (`--budget-ms`, `--budget-params`), when one is given."""
+    if budget_ms is None and budget_params is None:
+        return None
+    choice = {
+        "budget_ms": budget_ms,
+        "budget_params": budget_params,
+        "best": deploy.best_within(rows, budget_ms, budget_params),
+        "line": deploy.budget_line(rows, budget_ms, budget_params),
+    }
+    if choice["best"] is not None:
+        choice["best"] = {k: choice["best"][k] for k in [*columns, "student_file"]}
+    return choice
