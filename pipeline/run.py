@@ -176,8 +176,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         metavar="SAMPLES_PER_S",
-        help="--dry-run: student samples/s per worker the read CPUs must sustain (default on GPU: 26k for "
-        "CIFAR-sized data, the H200 cached CA-MKD rate, 3k for 224-px images; 150 on CPU)",
+        help="--dry-run: student samples/s per worker the read CPUs must sustain (default: the capacity model's "
+        "rate for the config's device and data, docs/performance.md 'Capacity model')",
     )
     p.add_argument(
         "--address", help="Ray cluster address to attach to (default: RAY_ADDRESS, else start locally)"

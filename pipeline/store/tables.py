@@ -2,9 +2,9 @@
 
 Every table the pipeline stores (image parts, cache parts) goes through `encode_table` / `read_row_groups`. On
 write: Parquet page CRCs (for other tools) plus an xxh3-64 digest of every column of every row group, kept in the
-file's key-value metadata. On read: the digests are recomputed over the decoded columns and compared (xxh3 runs at
-~9.5 GB/s per core here; pyarrow's page-CRC verification halved read throughput, 2.4 → 1.2 GB/s, so it is not
-the hot-path check). A mismatch, an undecodable page or footer raises `CorruptTable`; a storage error that may
+file's key-value metadata. On read: the digests are recomputed over the decoded columns and compared (xxh3 is
+several times faster than pyarrow's page-CRC verification, so it is the hot-path check; docs/performance.md has
+the figures). A mismatch, an undecodable page or footer raises `CorruptTable`; a storage error that may
 pass (throttling, a dropped connection) raises `storage.StorageUnavailable` after retries; a refused request
 (permissions, credentials) raises `storage.StorageAccessDenied` at once: neither is corruption. Nothing here knows
 about teachers or images.
