@@ -233,3 +233,10 @@ def test_the_strategy_section_is_defined_once_by_camkd():
     params = {f.name for f in dataclasses.fields(StrategyParams)}
     assert set(type(cfg.strategy).model_fields) == {"name", "mode", "teachers"} | params
     assert typing.get_args(StrategyName) == tuple(STRATEGIES)
+
+
+def test_the_quickstart_finds_its_own_config_without_one(capsys, tmp_path):
+    """`python pipeline/run.py quickstart` as the README has it: no --config; the shipped configs/quickstart.yaml
+    is found from the installed package, wherever the quickstart's module lives."""
+    assert run.main(["quickstart", "--dry-run", "--root", str(tmp_path)]) == 0
+    assert "experiment: quickstart" in capsys.readouterr().out

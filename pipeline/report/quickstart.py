@@ -25,7 +25,7 @@ from pipeline.sweep import tune
 from pipeline.teachers import stage as teacher_stage
 from pipeline.train import driver
 
-QUICKSTART_YAML = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+QUICKSTART_YAML = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 STUDENT_STRATEGIES = ["ce", "aver", "ebkd", "camkd"]
 FULL_UPDATES = {
     "data.limit_train": None,
