@@ -75,12 +75,36 @@ def train_teachers(cfg: Config) -> list[TeacherResult]:
     return [TeacherResult.model_validate(r) for r in teacher_stage.run_stage(cfg)]
 
 
-def precompute(cfg: Config, overwrite: bool = False) -> PrecomputeResult:
+def precompute(cfg: Config, overwrite: bool = False, verify: int | None = None) -> PrecomputeResult:
+    """Bring every teacher's cache up to date; with `verify` = N, then check it on N sampled (image, view) pairs per
+    teacher (`verify_cache`)."""
     from pipeline.cache import precompute as stage
     from pipeline.ops.runtime import ensure_ray
 
     ensure_ray(cfg)
-    return PrecomputeResult.model_validate(stage.run_stage(cfg, overwrite=overwrite))
+    summary = stage.run_stage(cfg, overwrite=overwrite)
+    if verify is not None:
+        summary["verify"] = verify_cache(cfg, verify)
+    return PrecomputeResult.model_validate(summary)
+
+
+def verify_cache(cfg: Config, samples: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Check the cache against its teachers: `samples` (image, view) pairs per teacher (default 256, seeded) rendered
+    as training renders them, run through the teachers as precompute runs them, compared within each stored
+    format's bound. Raises `CacheMismatch` (a CacheError) naming the teacher, part, view and rows."""
+    from pipeline.cache.verify import DEFAULT_SAMPLES
+    from pipeline.cache.verify import verify_cache as run
+    from pipeline.config import ConfigError
+    from pipeline.ops.runtime import ensure_ray
+
+    samples = DEFAULT_SAMPLES if samples is None else samples
+    if samples < 1:
+        raise ConfigError(
+            f"--verify {samples}: give the number of (image, view) pairs to check per teacher, at least 1 "
+            f"(default {DEFAULT_SAMPLES})"
+        )
+    ensure_ray(cfg)
+    return run(cfg, samples, seed)
 
 
 def train(cfg: Config, name: str | None = None) -> RunSummary:
@@ -133,11 +157,16 @@ def report(cfg: Config, bench=None, budget_ms: float | None = None, budget_param
     return done
 
 
-def doctor(cfg: Config, seconds: float = 40.0) -> dict[str, Any]:
-    """Measure storage, the reader and the step where training runs; name the bottleneck."""
+def doctor(cfg: Config, seconds: float = 40.0, verify: int | None = None) -> dict[str, Any]:
+    """Measure storage, the reader and the step where training runs; name the bottleneck. With `verify` = N, first
+    check the cache against its teachers on N sampled (image, view) pairs per teacher (`verify_cache`)."""
     from pipeline.ops.doctor import run_stage
 
-    return run_stage(cfg, seconds=seconds)
+    checked = verify_cache(cfg, verify) if verify is not None else None
+    summary = run_stage(cfg, seconds=seconds)
+    if checked is not None:
+        summary["verify"] = checked
+    return summary
 
 
 def quickstart(cfg: Config, overwrite: bool = False) -> dict[str, Any]:

@@ -58,6 +58,26 @@ def _verify(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _verify_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        nargs="?",
+        type=int,
+        const=True,  # a bare --verify: the default N
+        metavar="N",
+        help="check the cache against its teachers: N sampled (image, view) pairs per teacher (default 256) "
+        "rendered as training renders them, run through the teachers as precompute runs them and compared within "
+        "each stored format's bound; exits 2 naming the teacher, part, view and rows that differ",
+    )
+
+
+def _samples(a: argparse.Namespace) -> int | None:
+    """--verify's N: None without the flag, the default for a bare --verify."""
+    from pipeline.cache.verify import DEFAULT_SAMPLES
+
+    return DEFAULT_SAMPLES if a.verify is True else a.verify
+
+
 def _budgets(p: argparse.ArgumentParser) -> None:
     add_bench_arguments(p)
     p.add_argument(
@@ -108,8 +128,8 @@ STAGES: dict[str, Stage] = {
     ),
     "precompute": Stage(
         "run each teacher once over all training views into the Parquet cache (resumable)",
-        lambda cfg, a: api.precompute(cfg, overwrite=a.overwrite),
-        (_overwrite,),
+        lambda cfg, a: api.precompute(cfg, overwrite=a.overwrite, verify=_samples(a)),
+        (_overwrite, _verify_cache),
     ),
     "train": Stage(
         "train one student with strategy.name from the cache (Ray Train; resumes; skips finished runs)",
@@ -135,8 +155,8 @@ STAGES: dict[str, Stage] = {
     "doctor": Stage(
         "measure storage from every node, the reader and the student step like one worker; name the "
         "bottleneck and what to change (~2 minutes; run it first on a new cluster)",
-        lambda cfg, a: api.doctor(cfg, seconds=a.seconds),
-        (_seconds,),
+        lambda cfg, a: api.doctor(cfg, seconds=a.seconds, verify=_samples(a)),
+        (_seconds, _verify_cache),
     ),
     "quickstart": Stage(
         "the whole pipeline on Fashion-MNIST in minutes: 3 teachers, 4 students, a sweep, a report",

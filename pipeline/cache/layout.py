@@ -149,6 +149,10 @@ class Manifest(BaseModel):
     head: dict[str, Any]  # {"file": "../head.pt", "sha256": ...}
     seconds: float = 0.0
     created: float = 0.0
+    # The camkd-ray that wrote this manifest, and `render_probe.render_digest` of the rendering every stored view
+    # came from; None in manifests written before these were recorded (unknown, not an error).
+    package_version: str | None = None
+    render_probe: str | None = None
 
     @property
     def teacher_id(self) -> str:
@@ -470,6 +474,20 @@ def check_manifest_dataset(manifest: Manifest, store: str, meta: DatasetMeta) ->
             f"stale cache of teacher {manifest.teacher['name']!r} at {store}: {' | '.join(problems)}. Delete it "
             "and re-run precompute"
         )
+
+
+def check_rendering(manifest: Manifest, store: str, digest: str) -> None:
+    """The store's views were rendered by the rendering this process runs (its probe digest, `digest`); a manifest
+    that does not record one (older camkd-ray) passes: `precompute --verify` says it is unknown."""
+    made = manifest.render_probe
+    if made is None or made == digest:
+        return
+    raise CacheError(
+        f"the cache of teacher {manifest.teacher['name']!r} at {store} was made by a view rendering that has since "
+        f"changed (the probe image renders to {made} in its manifest, written by camkd-ray "
+        f"{manifest.package_version or '?'}, and to {digest} now): the student would train on other pixels than "
+        f"the teacher saw. Delete {store} and re-run precompute (or go back to the code that made it)"
+    )
 
 
 def check_parts_present(manifest: Manifest, store: str, views: list[int]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from camkd import __version__
 from pipeline.cache.layout import (
     CACHE_FORMAT,
     META_KEY,
@@ -36,6 +37,7 @@ from pipeline.cache.layout import (
     ViewRecord,
     check_manifest_dataset,
     check_parts_present,
+    check_rendering,
     head_url,
     load_manifest,
     manifest_url,
@@ -48,6 +50,7 @@ from pipeline.cache.stages import TEST, PrecomputeSpec, TeacherPool, render_item
 from pipeline.config import Config
 from pipeline.data import preprocessing
 from pipeline.data.ingest import DatasetMeta, require_dataset
+from pipeline.data.render_probe import render_digest
 from pipeline.data.views import ViewSpec, make_view_spec
 from pipeline.store import storage, tables
 from pipeline.teachers import checkpoints
@@ -67,6 +70,7 @@ class TeacherPlan:
     needs_test: bool = False
     test: list[int] = field(default_factory=lambda: [0, 0])  # rows, correct
     complete: dict[str, Any] | None = None  # the summary row when the store is already up to date
+    render_probe: str | None = None  # the rendering its views come from (None: unknown, from an older store)
 
 
 def _receipts(urls: list[str]) -> list[dict[str, Any] | None]:
@@ -90,12 +94,14 @@ def _plan_teacher(
     fmt: OutputFormat,
     overwrite: bool,
     log,
+    probe: str = "",
 ) -> TeacherPlan:
-    """What one teacher's store already holds (parts with a matching receipt) and what it still lacks."""
+    """What one teacher's store already holds (parts with a matching receipt) and what it still lacks. `probe`:
+    the digest of the rendering this process runs (`render_probe.render_digest`)."""
     tdir = storage.teacher_dir(cfg.root, meta.fingerprint, ref.id)
     store = store_dir(tdir, spec, fmt)
     parts = meta.split("train").parts
-    previous = _previous_manifest(ref, meta, spec, tdir, store)
+    previous = _previous_manifest(ref, meta, spec, tdir, store, probe)
     done = {r.view: {p.name: p for p in r.parts} for r in previous.views} if previous else {}
     identity = {
         "teacher_id": ref.id,
@@ -126,16 +132,21 @@ def _plan_teacher(
         f"[precompute] {ref.name} ({ref.id}): {len(todo)} (part, view) item(s) to compute, {n_done} reused; "
         f"{spec.count} view(s), format {fmt.key} → {store}"
     )
-    return TeacherPlan(ref, tdir, store, done, todo, previous, needs_test=needs_test)
+    known = previous is None or previous.render_probe is not None
+    return TeacherPlan(
+        ref, tdir, store, done, todo, previous, needs_test=needs_test, render_probe=probe if known else None
+    )
 
 
 def _previous_manifest(
-    ref: checkpoints.TeacherRef, meta: DatasetMeta, spec: ViewSpec, tdir: str, store: str
+    ref: checkpoints.TeacherRef, meta: DatasetMeta, spec: ViewSpec, tdir: str, store: str, probe: str
 ) -> Manifest | None:
-    """The store's manifest, checked against the dataset and its parts; None for a new store."""
+    """The store's manifest, checked against the dataset, the rendering and its parts; None for a new store."""
     if storage.exists(manifest_url(store)):
         previous = load_manifest(store, ref.name)
         check_manifest_dataset(previous, store, meta)
+        if probe:
+            check_rendering(previous, store, probe)
         check_parts_present(previous, store, [r.view for r in previous.views if r.view < spec.count])
         return previous
     if storage.exists(manifest_url(tdir)):
@@ -292,6 +303,8 @@ def _finish_teacher(
         head=_write_head(ref, tp.teacher_dir),
         seconds=round(seconds + (tp.previous.seconds if tp.previous else 0.0), 2),
         created=time.time(),
+        package_version=__version__,
+        render_probe=tp.render_probe,
     )
     storage.write_json(manifest_url(tp.store), manifest.model_dump())
     log(
@@ -476,11 +489,13 @@ def precompute_teachers(
     spec = make_view_spec(cfg, meta.encoding)
     fmt = output_format(cfg, meta)
     started = time.time()
-    plans = [_plan_teacher(cfg, ref, meta, spec, fmt, overwrite, log) for ref in refs]
+    probe = render_digest(spec, meta.image_shape)
+    plans = [_plan_teacher(cfg, ref, meta, spec, fmt, overwrite, log, probe) for ref in refs]
     items = _work_items(plans, meta)
     tally = _Tally()
     if items:
-        _run_pipeline(cfg, meta, plans, items, _precompute_spec(cfg, meta, spec, fmt, plans), tally, log)
+        ps = precompute_spec(cfg, meta, spec, fmt, [tp.ref for tp in plans], [tp.store for tp in plans])
+        _run_pipeline(cfg, meta, plans, items, ps, tally, log)
     seconds = time.time() - started
     rows = [tp.complete or _finish_teacher(tp, meta, spec, fmt, seconds, log) for tp in plans]
     for row in rows:
@@ -503,18 +518,24 @@ def _work_items(plans: list[TeacherPlan], meta: DatasetMeta) -> list[dict[str, A
     ]
 
 
-def _precompute_spec(
-    cfg: Config, meta: DatasetMeta, spec: ViewSpec, fmt: OutputFormat, plans: list[TeacherPlan]
+def precompute_spec(
+    cfg: Config,
+    meta: DatasetMeta,
+    spec: ViewSpec,
+    fmt: OutputFormat,
+    refs: list[checkpoints.TeacherRef],
+    stores: list[str],
 ) -> PrecomputeSpec:
-    """What every render task, teacher actor and write task needs, resolved on the driver."""
+    """What every render task, teacher actor and write task needs, resolved on the driver (also what
+    `precompute --verify` runs the teachers with)."""
     return PrecomputeSpec(
         dataset_dir=storage.dataset_dir(cfg.root, meta.name, meta.fingerprint),
         dataset_fp=meta.fingerprint,
         image_shape=tuple(meta.image_shape) if meta.image_shape else None,
         spec=spec.to_dict(),
         fmt=fmt,
-        teachers=tuple(tp.ref.to_dict() for tp in plans),
-        stores=tuple(tp.store for tp in plans),
+        teachers=tuple(ref.to_dict() for ref in refs),
+        stores=tuple(stores),
         group_rows=meta.row_group_rows,
         batch_size=cfg.cache.batch_size,
         threads=max(1, math.ceil(cfg.cache.cpus_per_actor)),

@@ -155,7 +155,7 @@ class TeacherPool:
 
         from pipeline.cache import encode
 
-        model, norm, dev = self.models[k], self.normalizers[k], self.device
+        dev = self.device
         fmt, n, b = self.ps.fmt, len(pixels), self.ps.batch_size
         cuda = dev.type == "cuda"
         with warnings.catch_warnings():  # Ray hands read-only arrays; nothing writes to these
@@ -168,14 +168,7 @@ class TeacherPool:
         main = torch.cuda.current_stream() if cuda else None
         for start in range(0, n, b):
             sl = slice(start, min(start + b, n))
-            x = norm(
-                self._to_device(pixels_t[sl], main)
-            )  # the teacher's own mean/std (and input_size), else the views'
-            if self.channels_last[k]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), self._autocast():
-                fmap = model.forward_features(x)
-                logits = model.forward_head(fmap).float()
+            fmap, logits = self._forward(k, self._to_device(pixels_t[sl], main))
             cols = encode.encode_logits(logits, fmt)
             if features:
                 cols |= encode.encode_features(fmap, fmt)
@@ -197,6 +190,35 @@ class TeacherPool:
             "correct": correct_n,
             "bad": bool(bad_n),
         }
+
+    def _forward(self, k: int, pixels):
+        """Teacher k on a batch of uint8 pixels on its device → (feature map, float32 logits): normalised with the
+        teacher's own mean/std (and input_size), else the views', in its memory format and precision."""
+        import torch
+
+        model = self.models[k]
+        x = self.normalizers[k](pixels)
+        if self.channels_last[k]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self._autocast():
+            fmap = model.forward_features(x)
+            logits = model.forward_head(fmap).float()
+        return fmap, logits
+
+    def outputs(self, k: int, pixels: np.ndarray, features: bool) -> dict[str, np.ndarray]:
+        """Teacher k over `pixels` as `infer` runs it (the same batches of `batch_size`, the same `_forward`), but
+        before encoding: `logits` float32 [N,C] and, with `features`, `feat` float32 [N,C',H,W], the values the
+        stored ones must match within their format's bound (`pipeline/cache/verify.py`). Waits for the device."""
+        import torch
+
+        out: dict[str, list] = {"logits": [], "feat": []}
+        for start in range(0, len(pixels), self.ps.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + self.ps.batch_size]))
+            fmap, logits = self._forward(k, x.to(self.device))
+            out["logits"].append(logits.cpu().numpy())
+            if features:
+                out["feat"].append(fmap.float().cpu().numpy())
+        return {name: np.concatenate(v) for name, v in out.items() if v}
 
     def _to_device(self, pixels, main):
         """A batch of pixels on the teacher's device: on a GPU, from pinned memory on the copy stream."""
@@ -276,13 +298,12 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
     receipt."""
     part, view, mask = str(batch["part"][0]), int(batch["view"][0]), int(batch["mask"][0])
     idx = batch["idx"][0]
-    spec = ViewSpec.from_dict(ps.spec)
     out: dict[str, list] = {key: [] for key in RECORD_KEYS}
     cpu0, wall0 = time.process_time(), time.perf_counter()
     renders = int(batch["renders"][0])
     payload = int(batch["payload_bytes"][0])
     render_cpu, render_seconds = (float(v) for v in batch["render_use"][0])
-    for k, teacher in enumerate(ps.teachers):
+    for k in range(len(ps.teachers)):
         if not mask >> k & 1:
             continue
         correct = int(batch[f"t{k}_correct"][0])
@@ -290,18 +311,8 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
         if view != TEST:
             prefix = f"t{k}__"
             columns = {key[len(prefix) :]: v[0] for key, v in batch.items() if key.startswith(prefix)}
-            table = stored_table(idx, columns, ps.fmt)
-            meta = part_metadata(teacher["id"], ps.dataset_fp, spec, ps.fmt, view, part, len(idx))
-            encoded = tables.encode_table(table, ps.group_rows, meta, ps.compression)
-            url = storage.join(view_dir(ps.stores[k], view), part)
-            tables.write_table(url, encoded)
-            receipt = CachePart(
-                name=part, rows=len(idx), bytes=encoded.size, digest=encoded.digest, correct=correct
-            )
-            storage.write_json(
-                receipt_url(url), receipt.model_dump() | _identity(teacher["id"], ps, spec, view)
-            )
-            size, digest = encoded.size, encoded.digest
+            receipt = write_part(ps, k, part, view, idx, columns, correct)
+            size, digest = receipt.bytes, receipt.digest
         values = (
             k,
             part,
@@ -323,6 +334,29 @@ def write_item(batch: dict[str, np.ndarray], ps: PrecomputeSpec) -> dict[str, np
     out["write_cpu"] = [time.process_time() - cpu0] + [0.0] * (len(out["teacher"]) - 1)
     out["write_seconds"] = [time.perf_counter() - wall0] + [0.0] * (len(out["teacher"]) - 1)
     return {key: np.asarray(v) for key, v in out.items()}
+
+
+def write_part(
+    ps: PrecomputeSpec,
+    k: int,
+    part: str,
+    view: int,
+    idx: np.ndarray,
+    columns: dict[str, np.ndarray],
+    correct: int,
+) -> CachePart:
+    """Teacher k's stored columns of one (part, view) → its Parquet part (checksummed row groups, self-identifying
+    metadata), then its receipt; the receipt's record."""
+    teacher_id = ps.teachers[k]["id"]
+    spec = ViewSpec.from_dict(ps.spec)
+    table = stored_table(idx, columns, ps.fmt)
+    meta = part_metadata(teacher_id, ps.dataset_fp, spec, ps.fmt, view, part, len(idx))
+    encoded = tables.encode_table(table, ps.group_rows, meta, ps.compression)
+    url = storage.join(view_dir(ps.stores[k], view), part)
+    tables.write_table(url, encoded)
+    receipt = CachePart(name=part, rows=len(idx), bytes=encoded.size, digest=encoded.digest, correct=correct)
+    storage.write_json(receipt_url(url), receipt.model_dump() | _identity(teacher_id, ps, spec, view))
+    return receipt
 
 
 def _identity(teacher_id: str, ps: PrecomputeSpec, spec: ViewSpec, view: int) -> dict[str, Any]:

@@ -19,11 +19,18 @@ import numpy as np
 import torch
 
 from camkd import models, strategy_class
-from pipeline.cache.layout import check_manifest_dataset, check_parts_present, find_store, output_format
+from pipeline.cache.layout import (
+    check_manifest_dataset,
+    check_parts_present,
+    check_rendering,
+    find_store,
+    output_format,
+)
 from pipeline.config import Config, ConfigError, bind_config
 from pipeline.data import preprocessing
 from pipeline.data.ingest import DatasetMeta, require_dataset
 from pipeline.data.preprocessing import data_hw
+from pipeline.data.render_probe import render_digest
 from pipeline.data.views import make_view_spec, view_for_epoch
 from pipeline.ops import capacity
 from pipeline.store import storage
@@ -99,16 +106,24 @@ def make_plan(cfg: Config, meta: DatasetMeta, run_dir: str, log=print) -> TrainP
     except ValueError as e:
         raise TrainingError(f"{e} (strategy.teachers selects them)") from None
     if cfg.strategy.mode == "cached":
-        fmt = output_format(cfg, meta, needs_features=cls.needs_features)
-        views = sorted({view_for_epoch(e, cfg.views.count) for e in range(cfg.train.epochs)})
-        for ref, tdir in zip(refs, plan.teacher_dirs):
-            store, manifest = find_store(tdir, ref.to_dict(), spec, fmt, views)
-            check_manifest_dataset(manifest, store, meta)
-            check_parts_present(manifest, store, views)
-            plan.teacher_stores.append(store)
-            plan.manifests.append(manifest.model_dump())
+        _add_stores(cfg, meta, plan, refs, output_format(cfg, meta, needs_features=cls.needs_features))
     _size_reader(cfg, plan, meta)
     return plan
+
+
+def _add_stores(cfg: Config, meta: DatasetMeta, plan: TrainPlan, refs: list, fmt) -> None:
+    """Each teacher's cache store for the views this run reads, checked (this dataset, the rendering this run's
+    students see, every part present), into the plan."""
+    spec = make_view_spec(cfg, meta.encoding)
+    views = sorted({view_for_epoch(e, cfg.views.count) for e in range(cfg.train.epochs)})
+    probe = render_digest(spec, meta.image_shape)
+    for ref, tdir in zip(refs, plan.teacher_dirs):
+        store, manifest = find_store(tdir, ref.to_dict(), spec, fmt, views)
+        check_manifest_dataset(manifest, store, meta)
+        check_rendering(manifest, store, probe)
+        check_parts_present(manifest, store, views)
+        plan.teacher_stores.append(store)
+        plan.manifests.append(manifest.model_dump())
 
 
 def _size_reader(cfg: Config, plan: TrainPlan, meta: DatasetMeta) -> None:
