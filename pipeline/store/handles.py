@@ -3,7 +3,8 @@
 Arrow holds a lock around every read of a file implemented in Python (a `PyFileSystem`: `delay://`, fsspec
 stores), so two reads of one such handle wait for each other, where S3's or a local file's native handle serves
 them at once. Reads of a Python-implemented file therefore each take a handle of their own, opened when all are
-busy and kept for the next read; a native handle is shared. Never holds data: a handle and its position only.
+busy and kept for the next read (up to KEPT idle ones per file); a native handle is shared. Never holds data:
+a handle and its position only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.store import delay
+
+KEPT = 4  # idle handles kept per file (each a file descriptor on a local or delayed store)
 
 
 def _open_again(fs: pafs.FileSystem, path: str) -> Any:
@@ -53,4 +56,8 @@ class Handles:
             yield handle
         finally:
             with self.lock:
-                self.free.append(handle)
+                keep = handle is self.first or len(self.free) < KEPT
+                if keep:
+                    self.free.append(handle)
+            if not keep:
+                handle.close()
