@@ -490,18 +490,22 @@ DEPTHS = {
 }
 
 
-def _with_depth(plan: ReadPlan, depth: str) -> ReadPlan:
+def _with_depth(plan: ReadPlan, depth: str, rep: int) -> ReadPlan:
+    """The plan read with reads-in-flight policy `depth`, in a scope of its own (every repetition starts as a
+    run starts: no part open, nothing learned)."""
     from dataclasses import replace
 
+    scope = f"{plan.scope}-{depth}-{rep}"
     if depth == "fixed":
-        return replace(plan, read_ahead_bytes=0, scope=f"{plan.scope}-fixed")
-    return plan
+        return replace(plan, read_ahead_bytes=0, scope=scope)
+    return replace(plan, scope=scope)
 
 
-def _measure(p, units, delay: float, counter, at, args, cores: int) -> dict[str, object]:
-    """One setting's numbers: a read task in this process (rate, requests, serial round trips, most reads in
-    flight), then what each reader delivers (for threads, with the most reads in flight in this process)."""
-    out = counted_task(p, units, delay, counter, at)
+def _measure(p, units, delay: float, counter, at, args, cores: int, serial: bool) -> dict[str, float]:
+    """One setting's numbers: a read task in this process (rate, requests, most reads in flight, and with
+    `serial` the serial round trips), then what each reader delivers (for threads, with the most reads in flight
+    in this process)."""
+    out = counted_task(p, units, delay if serial else 0.0, counter, at)
     out["ray_data_samples_per_s"] = round(delivered(p, units, args.epochs, args.batch, from_first_batch=True))
     if hasattr(counter, "reset"):
         counter.reset()
@@ -513,38 +517,65 @@ def _measure(p, units, delay: float, counter, at, args, cores: int) -> dict[str,
     return out
 
 
-def _latency_scenario(name, args, work, s3, cores: int) -> dict[str, object]:
-    """Scenario `name` at 0 ms and at --latency-ms, for each reads-in-flight policy of --depth in turn."""
+def _median(runs: list[dict]) -> dict:
+    """Key by key, the median over repetitions of numbers (nested dicts likewise)."""
+    out = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = _median([r[k] for r in runs])
+        elif isinstance(v, (int, float)):
+            values = [r[k] for r in runs if k in r]
+            m = float(np.median(values))
+            out[k] = round(m) if all(isinstance(x, int) for x in values) else round(m, 3)
+    return out
+
+
+def _setting(plan, units, local_root, s3, args, cores: int, serial: bool) -> dict[str, object]:
+    """`plan` at 0 ms and at --latency-ms: each setting's numbers and the two readers' ratios."""
     from pipeline.store import delay as delay_layer
 
     ms = args.latency_ms
+    got: dict[str, object] = {}
+    for label, delay in (("0ms", 0.0), (f"{ms:g}ms", ms / 1000.0)):
+        if s3:
+            s3.set_latency(delay)
+            p, counter, at = plan, s3.counter, None
+        else:
+
+            def at(seconds, plan=plan):
+                return _at(plan, local_root, f"{delay_layer.SCHEME}{seconds * 1000:g}{local_root}")
+
+            p, counter = at(delay), LayerCounter()
+        got[label] = _measure(p, units, delay, counter, at, args, cores, serial)
+    slow, fast = got[f"{ms:g}ms"], got["0ms"]
+    for reader_key in ("ray_data", "threads"):
+        got[f"{reader_key}_latency_ratio"] = round(
+            slow[f"{reader_key}_samples_per_s"] / max(fast[f"{reader_key}_samples_per_s"], 1), 3
+        )
+    return got
+
+
+def _latency_scenario(name, args, work, s3, cores: int) -> dict[str, object]:
+    """Scenario `name` at 0 ms and at --latency-ms, for each reads-in-flight policy of --depth, the policies
+    interleaved, --repeats times; medians (serial round trips from the first repetition)."""
     base = "s3://camkd/bench" if s3 else (args.root or str(work))
     cfg, meta, plan, units = setup(
         name, args.rows, work, group_rows=args.row_group_rows, root=base, part_rows=args.part_rows
     )
     local_root = storage.normalize_url(base)
     r: dict[str, object] = {"what": SCENARIOS[name]["what"], "rows": meta.split("train").rows}
-    for depth in args.depth.split(","):
-        planned = _with_depth(plan, depth)
-        got: dict[str, object] = {}
-        for label, delay in (("0ms", 0.0), (f"{ms:g}ms", ms / 1000.0)):
-            if s3:
-                s3.set_latency(delay)
-                p, counter, at = planned, s3.counter, None
-            else:
-
-                def at(seconds, plan=planned, local_root=local_root):
-                    return _at(plan, local_root, f"{delay_layer.SCHEME}{seconds * 1000:g}{local_root}")
-
-                p, counter = at(delay), LayerCounter()
-            got[label] = _measure(p, units, delay, counter, at, args, cores)
-        slow, fast = got[f"{ms:g}ms"], got["0ms"]
-        for reader_key in ("ray_data", "threads"):
-            got[f"{reader_key}_latency_ratio"] = round(
-                slow[f"{reader_key}_samples_per_s"] / max(fast[f"{reader_key}_samples_per_s"], 1), 3
-            )
-        got["requests_per_1000_samples"] = slow["requests_per_1000_samples"]
-        got["serial_round_trips_per_row_group"] = slow.get("serial_round_trips_per_row_group")
+    depths = args.depth.split(",")
+    runs: dict[str, list] = {d: [] for d in depths}
+    for rep in range(args.repeats):
+        for depth in depths:
+            planned = _with_depth(plan, depth, rep)
+            runs[depth].append(_setting(planned, units, local_root, s3, args, cores, serial=rep == 0))
+    ms = args.latency_ms
+    for depth in depths:
+        got = _median(runs[depth])
+        got["runs"] = [{k: v for k, v in run.items() if k.endswith("ratio")} for run in runs[depth]]
+        got["requests_per_1000_samples"] = got[f"{ms:g}ms"]["requests_per_1000_samples"]
+        got["serial_round_trips_per_row_group"] = got[f"{ms:g}ms"].get("serial_round_trips_per_row_group")
         r[depth] = got
     return r
 
@@ -577,7 +608,8 @@ def latency_main(args, cores: int) -> None:
     where = "moto S3 behind a delaying proxy" if s3 else "a local folder behind the delaying layer"
     print(
         f"\nmachine: {cores} cores; storage: {where}; {args.rows} rows in {args.part_rows}-row parts of "
-        f"{args.row_group_rows}-row groups; {args.epochs} epochs, rates from the first batch"
+        f"{args.row_group_rows}-row groups; {args.epochs} epochs, rates from the first batch; medians of "
+        f"{args.repeats} repetition(s), the policies interleaved"
     )
     _print_latency(results, args.latency_ms, args.depth.split(","))
     print(json.dumps({"cores": cores, "latency_ms": args.latency_ms, "storage": where, **results}))
@@ -630,6 +662,9 @@ def main() -> None:
         default="adaptive",
         help="latency mode: reads-in-flight policies to compare, comma-separated: "
         + "; ".join(f"{k}: {v}" for k, v in DEPTHS.items()),
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="latency mode: repetitions (policies interleaved); medians"
     )
     ap.add_argument(
         "--root",

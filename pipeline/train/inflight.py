@@ -2,8 +2,12 @@
 rate its consumer takes items (Little's law: in flight = read time × items per second), never fewer than
 `scaling.read_ahead` asks for, never more than the reader's memory bound (`scaling.read_ahead_mb`).
 
-Bookkeeping on timestamps only: it reads nothing and never waits. What a reader learned is kept per process and
-reader run (`scope`), so the next read task of the same run in this process starts at the depth the last one found.
+The read time planned for is the shortest of the last WINDOW reads, HEADROOM times over: a read's time includes
+its decoding, which slows down as more reads share the cores, so an average would grow with the depth it sets
+and push it to the bound on a busy machine for no gain; the shortest is the store's latency plus an unhurried
+decode, and the headroom leaves room for the store's slower answers. Bookkeeping on timestamps only: it reads
+nothing and never waits. What a reader learned is kept per process and reader run (`scope`), so the next read
+task of the same run in this process starts at the depth the last one found.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-MOST_READS = (
-    256  # reads one process keeps in flight at most (its I/O threads; they wait, they do not compute)
-)
-SMOOTHING = 0.2  # weight of the newest measurement in the running averages
+# reads one process keeps in flight at most (its I/O threads; they wait, they do not compute)
+MOST_READS = 256
+WINDOW = 32  # the reads whose shortest time is taken
+HEADROOM = 2.0  # the read time planned for, × the shortest
+SMOOTHING = 0.2  # weight of the newest item in the consumer's running average
 FASTEST_ITEM_S = 1e-4  # a consumer faster than this per item is taken as this fast (the depth stays finite)
 
 
@@ -60,15 +65,21 @@ class InFlight:
 
     def __init__(self, least: int, most: int) -> None:
         self.least, self.most = max(1, least), max(1, least, most)
-        self.read_s: float | None = None  # running average of an item's read time
+        self.reads: deque[float] = deque(maxlen=WINDOW)  # the last items' read times
         self.item_s: float | None = (
-            None  # running average of the consumer's time per item, waits for reads left out
+            None  # the consumer's time per item (running average), read waits left out
         )
 
+    @property
+    def read_s(self) -> float | None:
+        """The read time planned for (module docstring); None before the first read."""
+        return HEADROOM * min(self.reads) if self.reads else None
+
     def depth(self) -> int:
-        if self.read_s is None or self.item_s is None:
+        read_s = self.read_s
+        if read_s is None or self.item_s is None:
             return self.least
-        need = math.ceil(self.read_s / max(self.item_s, FASTEST_ITEM_S)) + 1
+        need = math.ceil(read_s / max(self.item_s, FASTEST_ITEM_S)) + 1
         return min(self.most, max(self.least, need))
 
     def taken(self, spans: Spans, since: float, waited_from: float, now: float) -> None:
@@ -76,12 +87,9 @@ class InFlight:
         `waited_from`, and its turn ended at `now`. The part of the wait spent on reads does not count as the
         consumer's time."""
         stalled = max(0.0, min(spans.ready_at, now) - waited_from)
-        self.read_s = _average(self.read_s, spans.seconds)
-        self.item_s = _average(self.item_s, max(0.0, now - since - stalled))
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
+        self.reads.append(spans.seconds)
+        item_s = max(0.0, now - since - stalled)
+        self.item_s = item_s if self.item_s is None else (1 - SMOOTHING) * self.item_s + SMOOTHING * item_s
 
 
 RUNS_KEPT = 8
