@@ -23,7 +23,14 @@ read task waits for in series per row group (time with at least one request outs
 `--root s3-proxy` runs the same over a real S3 protocol: moto's server behind the test proxy, which delays every
 request by N ms and counts them (`tests/s3server.py`).
 
+`--depth fixed,adaptive` measures both policies for the reads in flight, one after the other at each setting:
+fixed (`scaling.read_ahead_mb` 0: `read_ahead` + 1 row groups per read task, 2 × threads + `read_ahead` in the
+threads reader, as before) and adaptive (the default: grown to the measured latency × the rate rows are taken,
+up to `read_ahead_mb`); the table adds the most reads in flight at once, of one read task and of the threads
+reader (counted by the layer in this process).
+
     python benchmarks/input_pipeline.py --latency-ms 25 [--scenarios ac] [--rows 12288] [--root s3-proxy]
+        [--depth fixed,adaptive]
 """
 
 from __future__ import annotations
@@ -403,7 +410,7 @@ def counted_task(plan, units, latency_s: float, counter, at=None) -> dict[str, f
             probe = SERIAL_PROBE_S if at is not None else latency_s
             slow = at(probe) if at is not None else plan
             scope = f"{slow.scope}-serial" if slow.scope else None
-            serial = _task_rate(replace(slow, read_ahead=0, scope=scope), units, counter)
+            serial = _task_rate(replace(slow, read_ahead=0, read_ahead_bytes=0, scope=scope), units, counter)
         if "busy_seconds" in serial:
             out["serial_round_trips_per_row_group"] = round(
                 serial["busy_seconds"] / probe / (2 * len(units)), 2
@@ -415,6 +422,8 @@ def counted_task(plan, units, latency_s: float, counter, at=None) -> dict[str, f
 def _task_rate(plan, units, counter) -> dict[str, float]:
     from pipeline.train.reader import items_per_task
 
+    if hasattr(counter, "reset"):
+        counter.reset()  # the most reads in flight is counted from here
     start_counts = counter()
     rows, start = 0, time.perf_counter()
     per_task = items_per_task(plan)
@@ -435,7 +444,23 @@ def _task_rate(plan, units, counter) -> dict[str, float]:
     }
     if "busy_seconds" in d:
         out["busy_seconds"] = d["busy_seconds"]
+    if "peak_reads" in end:
+        out["one_task_peak_reads_in_flight"] = end["peak_reads"]
     return out
+
+
+class LayerCounter:
+    """The delaying layer's counters of this process, as `counted_task` reads them."""
+
+    def __call__(self) -> dict[str, float]:
+        from pipeline.store import delay
+
+        return delay.counters().snapshot()
+
+    def reset(self) -> None:
+        from pipeline.store import delay
+
+        delay.counters().reset()
 
 
 class S3Proxy:
@@ -459,12 +484,107 @@ class S3Proxy:
         self.server.stop()
 
 
+DEPTHS = {
+    "fixed": "reads in flight fixed by scaling.read_ahead (read_ahead_mb 0: as before issue 35 item 7)",
+    "adaptive": "reads in flight grown to the measured latency × rate, up to read_ahead_mb (the default)",
+}
+
+
+def _with_depth(plan: ReadPlan, depth: str, rep: int) -> ReadPlan:
+    """The plan read with reads-in-flight policy `depth`, in a scope of its own (every repetition starts as a
+    run starts: no part open, nothing learned)."""
+    from dataclasses import replace
+
+    scope = f"{plan.scope}-{depth}-{rep}"
+    if depth == "fixed":
+        return replace(plan, read_ahead_bytes=0, scope=scope)
+    return replace(plan, scope=scope)
+
+
+def _measure(p, units, delay: float, counter, at, args, cores: int, serial: bool) -> dict[str, float]:
+    """One setting's numbers: a read task in this process (rate, requests, most reads in flight, and with
+    `serial` the serial round trips), then what each reader delivers (for threads, with the most reads in flight
+    in this process)."""
+    out = counted_task(p, units, delay if serial else 0.0, counter, at)
+    out["ray_data_samples_per_s"] = round(delivered(p, units, args.epochs, args.batch, from_first_batch=True))
+    if hasattr(counter, "reset"):
+        counter.reset()
+    out["threads_samples_per_s"] = round(
+        delivered_threads(p, units, args.epochs, args.batch, cores, from_first_batch=True)
+    )
+    if hasattr(counter, "reset"):
+        out["threads_peak_reads_in_flight"] = counter()["peak_reads"]
+    return out
+
+
+def _median(runs: list[dict]) -> dict:
+    """Key by key, the median over repetitions of numbers (nested dicts likewise)."""
+    out = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = _median([r[k] for r in runs])
+        elif isinstance(v, (int, float)):
+            values = [r[k] for r in runs if k in r]
+            m = float(np.median(values))
+            out[k] = round(m) if all(isinstance(x, int) for x in values) else round(m, 3)
+    return out
+
+
+def _setting(plan, units, local_root, s3, args, cores: int, serial: bool) -> dict[str, object]:
+    """`plan` at 0 ms and at --latency-ms: each setting's numbers and the two readers' ratios."""
+    from pipeline.store import delay as delay_layer
+
+    ms = args.latency_ms
+    got: dict[str, object] = {}
+    for label, delay in (("0ms", 0.0), (f"{ms:g}ms", ms / 1000.0)):
+        if s3:
+            s3.set_latency(delay)
+            p, counter, at = plan, s3.counter, None
+        else:
+
+            def at(seconds, plan=plan):
+                return _at(plan, local_root, f"{delay_layer.SCHEME}{seconds * 1000:g}{local_root}")
+
+            p, counter = at(delay), LayerCounter()
+        got[label] = _measure(p, units, delay, counter, at, args, cores, serial)
+    slow, fast = got[f"{ms:g}ms"], got["0ms"]
+    for reader_key in ("ray_data", "threads"):
+        got[f"{reader_key}_latency_ratio"] = round(
+            slow[f"{reader_key}_samples_per_s"] / max(fast[f"{reader_key}_samples_per_s"], 1), 3
+        )
+    return got
+
+
+def _latency_scenario(name, args, work, s3, cores: int) -> dict[str, object]:
+    """Scenario `name` at 0 ms and at --latency-ms, for each reads-in-flight policy of --depth, the policies
+    interleaved, --repeats times; medians (serial round trips from the first repetition)."""
+    base = "s3://camkd/bench" if s3 else (args.root or str(work))
+    cfg, meta, plan, units = setup(
+        name, args.rows, work, group_rows=args.row_group_rows, root=base, part_rows=args.part_rows
+    )
+    local_root = storage.normalize_url(base)
+    r: dict[str, object] = {"what": SCENARIOS[name]["what"], "rows": meta.split("train").rows}
+    depths = args.depth.split(",")
+    runs: dict[str, list] = {d: [] for d in depths}
+    for rep in range(args.repeats):
+        for depth in depths:
+            planned = _with_depth(plan, depth, rep)
+            runs[depth].append(_setting(planned, units, local_root, s3, args, cores, serial=rep == 0))
+    ms = args.latency_ms
+    for depth in depths:
+        got = _median(runs[depth])
+        got["runs"] = [{k: v for k, v in run.items() if k.endswith("ratio")} for run in runs[depth]]
+        got["requests_per_1000_samples"] = got[f"{ms:g}ms"]["requests_per_1000_samples"]
+        got["serial_round_trips_per_row_group"] = got[f"{ms:g}ms"].get("serial_round_trips_per_row_group")
+        r[depth] = got
+    return r
+
+
 def latency_main(args, cores: int) -> None:
     """--latency-ms: each scenario's reader at N ms and at 0 ms of storage latency, side by side (module doc)."""
     import ray
 
     from pipeline.ops.runtime import local_ray_options, quiet_ray_data
-    from pipeline.store import delay as delay_layer
 
     work = Path(tempfile.mkdtemp(prefix="camkd-latency-bench-"))
     s3 = S3Proxy() if args.root == "s3-proxy" else None
@@ -476,42 +596,10 @@ def latency_main(args, cores: int) -> None:
         runtime_env={"env_vars": env} if env else None,
     )
     quiet_ray_data()
-    ms = args.latency_ms
     results = {}
     try:
         for name in args.scenarios:
-            base = "s3://camkd/bench" if s3 else (args.root or str(work))
-            cfg, meta, plan, units = setup(
-                name, args.rows, work, group_rows=args.row_group_rows, root=base, part_rows=args.part_rows
-            )
-            local_root = storage.normalize_url(base)
-            r: dict[str, object] = {"what": SCENARIOS[name]["what"], "rows": meta.split("train").rows}
-            for label, delay in (("0ms", 0.0), (f"{ms:g}ms", ms / 1000.0)):
-                if s3:
-                    s3.set_latency(delay)
-                    p, counter, at = plan, s3.counter, None
-                else:
-
-                    def at(seconds, plan=plan, local_root=local_root):
-                        return _at(plan, local_root, f"{delay_layer.SCHEME}{seconds * 1000:g}{local_root}")
-
-                    p, counter = at(delay), delay_layer.counters().snapshot
-                r[label] = counted_task(p, units, delay, counter, at)
-                r[label]["ray_data_samples_per_s"] = round(
-                    delivered(p, units, args.epochs, args.batch, from_first_batch=True)
-                )
-                r[label]["threads_samples_per_s"] = round(
-                    delivered_threads(p, units, args.epochs, args.batch, cores, from_first_batch=True)
-                )
-            slow, fast = r[f"{ms:g}ms"], r["0ms"]
-            for reader_key in ("ray_data", "threads"):
-                r[f"{reader_key}_latency_ratio"] = round(
-                    slow[f"{reader_key}_samples_per_s"] / max(fast[f"{reader_key}_samples_per_s"], 1), 3
-                )
-            r["s3_latency_ratio"] = r["ray_data_latency_ratio"]
-            r["requests_per_1000_samples"] = slow["requests_per_1000_samples"]
-            r["serial_round_trips_per_row_group"] = slow.get("serial_round_trips_per_row_group")
-            results[name] = r
+            results[name] = _latency_scenario(name, args, work, s3, cores)
     finally:
         ray.shutdown()
         if s3:
@@ -520,26 +608,37 @@ def latency_main(args, cores: int) -> None:
     where = "moto S3 behind a delaying proxy" if s3 else "a local folder behind the delaying layer"
     print(
         f"\nmachine: {cores} cores; storage: {where}; {args.rows} rows in {args.part_rows}-row parts of "
-        f"{args.row_group_rows}-row groups; {args.epochs} epochs, rates from the first batch"
+        f"{args.row_group_rows}-row groups; {args.epochs} epochs, rates from the first batch; medians of "
+        f"{args.repeats} repetition(s), the policies interleaved"
     )
+    _print_latency(results, args.latency_ms, args.depth.split(","))
+    print(json.dumps({"cores": cores, "latency_ms": args.latency_ms, "storage": where, **results}))
+
+
+def _print_latency(results, ms: float, depths: list[str]) -> None:
     print(
-        f"{'':3}{'scenario':<40}{'latency':>8}{'1 task':>9}{'Ray Data':>10}{'threads':>10}"
-        f"{'req/1k':>9}{'req/rg':>8}{'serial RT/rg':>14}"
+        f"{'':3}{'scenario':<30}{'depth':>9}{'latency':>8}{'1 task':>9}{'Ray Data':>10}{'threads':>10}"
+        f"{'req/1k':>8}{'req/rg':>8}{'serial RT/rg':>13}{'in flight: task':>16}{'threads':>8}"
     )
     for name, r in results.items():
-        for label in ("0ms", f"{ms:g}ms"):
-            x = r[label]
+        for depth in depths:
+            got = r[depth]
+            for label in ("0ms", f"{ms:g}ms"):
+                x = got[label]
+                print(
+                    f"{name:<3}{r['what'][:29]:<30}{depth:>9}{label:>8}{x['one_task_samples_per_s']:>9}"
+                    f"{x['ray_data_samples_per_s']:>10}{x['threads_samples_per_s']:>10}"
+                    f"{x['requests_per_1000_samples']:>8}{x['requests_per_row_group']:>8}"
+                    f"{x.get('serial_round_trips_per_row_group', '–')!s:>13}"
+                    f"{x.get('one_task_peak_reads_in_flight', '–')!s:>16}"
+                    f"{x.get('threads_peak_reads_in_flight', '–')!s:>8}"
+                )
+            ok = min(got["ray_data_latency_ratio"], got["threads_latency_ratio"]) >= 0.8
             print(
-                f"{name:<3}{r['what']:<40}{label:>8}{x['one_task_samples_per_s']:>9}{x['ray_data_samples_per_s']:>10}"
-                f"{x['threads_samples_per_s']:>10}{x['requests_per_1000_samples']:>9}{x['requests_per_row_group']:>8}"
-                f"{x.get('serial_round_trips_per_row_group', '–')!s:>14}"
+                f"{name:<3}{'ratio ' + f'{ms:g} ms ÷ 0 ms':<30}{depth:>9}{'':>8}{'':>9}"
+                f"{got['ray_data_latency_ratio']:>9.3f}×{got['threads_latency_ratio']:>9.3f}×   goal ≥ 0.8: "
+                + ("met" if ok else "MISSED")
             )
-        print(
-            f"{name:<3}{'ratio ' + f'{ms:g} ms ÷ 0 ms':<40}{'':>8}{'':>9}{r['ray_data_latency_ratio']:>9.3f}×"
-            f"{r['threads_latency_ratio']:>9.3f}×   goal ≥ 0.8: "
-            + ("met" if min(r["ray_data_latency_ratio"], r["threads_latency_ratio"]) >= 0.8 else "MISSED")
-        )
-    print(json.dumps({"cores": cores, "latency_ms": ms, "storage": where, **results}))
 
 
 def main() -> None:
@@ -557,6 +656,15 @@ def main() -> None:
     )
     ap.add_argument(
         "--part-rows", type=int, default=2048, help="latency mode: rows per image part (data.rows_per_part)"
+    )
+    ap.add_argument(
+        "--depth",
+        default="adaptive",
+        help="latency mode: reads-in-flight policies to compare, comma-separated: "
+        + "; ".join(f"{k}: {v}" for k, v in DEPTHS.items()),
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="latency mode: repetitions (policies interleaved); medians"
     )
     ap.add_argument(
         "--root",

@@ -520,8 +520,15 @@ class ScalingSettings(Strict):
         2,
         ge=0,
         le=64,
-        description="row groups each read task (or reader thread pool) fetches while it decodes one: hides "
-        "object-store latency; each costs one row group of memory",
+        description="row groups each read task (or reader thread pool) fetches at least while it decodes one; "
+        "more as the storage latency it measures needs, up to read_ahead_mb",
+    )
+    read_ahead_mb: int = Field(
+        256,
+        ge=0,
+        description="memory the row groups in flight of one reader (a read task, or a worker's reader threads) "
+        "may take: the reads in flight grow with the latency the reader measures × the rate its rows are taken, "
+        "up to this (0: read_ahead only); a read task asks Ray for it",
     )
     read_object_store_mb: int | None = Field(
         None,

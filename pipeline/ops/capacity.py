@@ -3,9 +3,10 @@
 A read costs about a fixed part per sample plus a part per KB it carries (READ_US[reader], for `scaling.reader`),
 and an encoded image adds its decode and resize (DECODE_US). Storage latency adds a limit per read task: it waits
 about SERIAL_ROUND_TRIPS round trips per row group (the image part and every teacher's part are read concurrently,
-footers remembered), with `scaling.read_ahead` row groups in flight, so one task delivers at most
-(read_ahead + 1) × rows per group ÷ (round trips × latency). Faster server cores need fewer CPUs; the model is a
-first estimate to size a cluster, not a promise. `--dry-run` prints it for a config. Where each constant comes from
+footers remembered), with up to `scaling.read_ahead_mb` of row groups in flight (the reader grows its reads in
+flight to what the latency it measures needs, `train/inflight.py`), so one task delivers at most (row groups in
+flight) × rows per group ÷ (round trips × latency). Faster server cores need fewer CPUs; the model is a first
+estimate to size a cluster, not a promise. `--dry-run` prints it for a config. Where each constant comes from
 (the measurement, its date, machine and command, or that it is assumed) is in docs/performance.md, "Capacity model".
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.train import inflight
 
 # Read CPU per sample per core: a line through the input benchmark's scenarios (a)-(c) for each reader; the JPEG
 # decode is what is left of scenario (d) and the same for both readers (docs/performance.md, "Capacity model").
@@ -62,14 +65,19 @@ def storage_latency(root: str) -> float:
     return OBJECT_STORE_LATENCY_S
 
 
+def in_flight_per_task(read_ahead: int, read_ahead_mb: int, group_bytes: int, teachers: int) -> int:
+    """The most row groups one read task keeps in flight (as `ReadPlan.most_in_flight` reckons it)."""
+    return inflight.most_items(read_ahead + 1, read_ahead_mb * 2**20, group_bytes, 1 + teachers)
+
+
 def read_tasks_for(
-    rate: float, read_us: float, read_cpus: float, latency_s: float, group_rows: int, read_ahead: int
+    rate: float, read_us: float, read_cpus: float, latency_s: float, group_rows: int, in_flight: int
 ) -> tuple[int, dict[str, float]]:
     """Ray Data read tasks one worker needs to deliver `rate` samples/s: enough CPUs for the reading itself
-    (`read_us` µs per sample, `read_cpus` per task), and enough tasks that the storage latency is covered. Returns
-    (tasks, the two demands)."""
+    (`read_us` µs per sample, `read_cpus` per task), and enough tasks that the storage latency is covered with
+    `in_flight` row groups in flight per task. Returns (tasks, the two demands)."""
     cpu_tasks = rate * read_us / 1e6 / read_cpus
-    per_task = (read_ahead + 1) * group_rows / (SERIAL_ROUND_TRIPS * latency_s) if latency_s > 0 else math.inf
+    per_task = in_flight * group_rows / (SERIAL_ROUND_TRIPS * latency_s) if latency_s > 0 else math.inf
     latency_tasks = rate / per_task
     return max(1, math.ceil(max(cpu_tasks, latency_tasks) - 1e-9)), {
         "cpu_tasks": cpu_tasks,
@@ -79,17 +87,14 @@ def read_tasks_for(
 
 def plan_read_tasks(cfg, row_bytes: int, encoded: bool, group_rows: int) -> int:
     """scaling.read_tasks, else what a worker reading rows of `row_bytes` needs at its default rate."""
-    if cfg.scaling.read_tasks:
-        return cfg.scaling.read_tasks
-    fixed, per_kb = READ_US[cfg.scaling.reader]
+    s = cfg.scaling
+    if s.read_tasks:
+        return s.read_tasks
+    fixed, per_kb = READ_US[s.reader]
     read_us = fixed + per_kb * row_bytes / 1024 + (DECODE_US if encoded else 0.0)
+    in_flight = in_flight_per_task(s.read_ahead, s.read_ahead_mb, row_bytes * group_rows, len(cfg.teachers))
     return read_tasks_for(
-        default_rate(cfg, encoded),
-        read_us,
-        cfg.scaling.read_cpus,
-        storage_latency(cfg.root),
-        group_rows,
-        cfg.scaling.read_ahead,
+        default_rate(cfg, encoded), read_us, s.read_cpus, storage_latency(cfg.root), group_rows, in_flight
     )[0]
 
 
@@ -116,6 +121,7 @@ class Estimate:
     group_rows: int = 1024
     read_ahead: int = 2
     read_cpus: float = 0.5
+    read_ahead_mb: int = 256
 
     @property
     def reader_bytes(self) -> int:
@@ -138,6 +144,13 @@ class Estimate:
         return self.rate * self.read_us_per_sample / 1e6
 
     @property
+    def in_flight(self) -> int:
+        """The most row groups a read task keeps in flight."""
+        return in_flight_per_task(
+            self.read_ahead, self.read_ahead_mb, self.reader_bytes * self.group_rows, len(self.teachers)
+        )
+
+    @property
     def read_tasks(self) -> int:
         """Ray Data read tasks per worker for `rate` (the default of scaling.read_tasks)."""
         return read_tasks_for(
@@ -146,7 +159,7 @@ class Estimate:
             self.read_cpus,
             self.latency_s,
             self.group_rows,
-            self.read_ahead,
+            self.in_flight,
         )[0]
 
     def lines(self, cfg) -> list[str]:
@@ -181,14 +194,14 @@ class Estimate:
                 self.read_cpus,
                 self.latency_s,
                 self.group_rows,
-                self.read_ahead,
+                self.in_flight,
             )
             out.append(
                 f"read tasks per worker: {tasks}"
                 + (" (scaling.read_tasks)" if cfg.scaling.read_tasks else "")
                 + f"; the model asks {why['cpu_tasks']:.1f} for CPU and {why['latency_tasks']:.1f} for "
-                f"{self.latency_s * 1000:g} ms storage latency ({self.read_ahead} row group(s) read ahead of "
-                f"{self.group_rows} rows)"
+                f"{self.latency_s * 1000:g} ms storage latency (up to {self.in_flight} row group(s) of "
+                f"{self.group_rows} rows in flight per task, scaling.read_ahead_mb)"
             )
             store = (
                 f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
@@ -293,6 +306,7 @@ def estimate(
         group_rows=group_rows,
         read_ahead=cfg.scaling.read_ahead,
         read_cpus=cfg.scaling.read_cpus,
+        read_ahead_mb=cfg.scaling.read_ahead_mb,
     )
 
 

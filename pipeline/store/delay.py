@@ -4,7 +4,11 @@
 store answering after `ms` milliseconds: the delay is a sleep (it costs no CPU and releases the GIL), so a reader
 measured over it shows how well it hides latency, not how fast a server parses requests. Every open and read is
 counted per process (`counters()`), with the time intervals during which at least one request was outstanding, so
-a benchmark can report requests per sample and the round trips a read waited for in series. Used by
+a benchmark can report requests per sample, the round trips a read waited for in series and the most reads in
+flight at once. Arrow serialises the reads of one handle of a Python-implemented file (a lock around each read,
+which holds the sleep), where S3 serves the ranged reads of one object at once: readers take a handle per
+concurrent read (`handles.Handles`), and a further handle of a file already open costs no request here, as none
+is needed on S3 for an object whose size is known. Used by
 `benchmarks/input_pipeline.py --latency-ms` and by the `doctor` stage's tests; any stage accepts such a root.
 Nothing here knows about teachers or training.
 """
@@ -30,7 +34,9 @@ class Counters:
     bytes: int = 0
     infos: int = 0  # metadata requests (a HEAD or a listing)
     busy_seconds: float = 0.0  # time with at least one request outstanding
+    peak_reads: int = 0  # the most reads outstanding at once (reads in flight)
     _outstanding: int = 0
+    _reads_out: int = 0
     _busy_since: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -45,10 +51,15 @@ class Counters:
             if self._outstanding == 0:
                 self._busy_since = time.perf_counter()
             self._outstanding += 1
+            if kind == "reads":
+                self._reads_out += 1
+                self.peak_reads = max(self.peak_reads, self._reads_out)
 
-    def end(self) -> None:
+    def end(self, kind: str) -> None:
         with self._lock:
             self._outstanding -= 1
+            if kind == "reads":
+                self._reads_out -= 1
             if self._outstanding == 0:
                 self.busy_seconds += time.perf_counter() - self._busy_since
 
@@ -61,12 +72,14 @@ class Counters:
                 "requests": self.requests,
                 "bytes": self.bytes,
                 "busy_seconds": self.busy_seconds,
+                "peak_reads": self.peak_reads,
             }
 
     def reset(self) -> None:
         with self._lock:
             self.opens = self.reads = self.bytes = self.infos = 0
             self.busy_seconds = 0.0
+            self.peak_reads = self._reads_out
 
 
 _COUNTERS = Counters()
@@ -108,7 +121,7 @@ class _DelayedFile:
         try:
             time.sleep(self.delay)
         finally:
-            self.counter.end()
+            self.counter.end("reads")
 
     def _pos(self) -> int:
         return getattr(self.position, "value", 0)
@@ -164,7 +177,7 @@ class DelayedHandler(pafs.FileSystemHandler):
         try:
             time.sleep(self.delay)
         finally:
-            self.counter.end()
+            self.counter.end(kind)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, DelayedHandler) and other.delay == self.delay
@@ -215,6 +228,10 @@ class DelayedHandler(pafs.FileSystemHandler):
 
     def open_input_file(self, path):
         self._request("opens")
+        return self.open_again(path)
+
+    def open_again(self, path):
+        """Another handle of a file the caller has open already, without a request (module docstring)."""
         return pa.PythonFile(
             _DelayedFile(self.local.open_input_file(path), self.delay, self.counter), mode="r"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from pipeline.store import storage
+from pipeline.store.handles import Handles
 
 CHECKSUM_KEY = b"camkd.checksums"
 
@@ -118,8 +120,9 @@ class OpenTable:
     The handle and footer are read once (`open_table`; `open_cached` keeps them per process); each `read` then
     fetches a row group's column chunks with pyarrow's pre-buffering, which coalesces them into one ranged read
     per run of adjacent columns: the requests per row group do not grow with the number of columns. A read makes
-    its own short-lived reader on the shared handle, so reads of one file may run in several threads at once and
-    no buffer outlives its read."""
+    its own short-lived reader on a handle of the file (`handles`: the shared one, or one per concurrent read where
+    Arrow would serialise them), so reads of one file may run in several threads at once and no buffer outlives
+    its read."""
 
     url: str
     handle: Any  # pyarrow NativeFile (random access)
@@ -128,6 +131,7 @@ class OpenTable:
     metadata: dict[str, Any]  # the JSON under `key` (e.g. b"camkd") given to open_table
     digests: dict[str, list[str]]
     row_group_rows: int
+    handles: Handles | None = None  # the handles concurrent reads take (None: `handle` for every read)
 
     @property
     def num_rows(self) -> int:
@@ -155,8 +159,9 @@ class OpenTable:
                 return self.schema.empty_table().select(columns)
 
             def fetch() -> pa.Table:
-                reader = pq.ParquetFile(self.handle, metadata=self.footer, pre_buffer=True)
-                return reader.read_row_groups(groups, columns=columns)
+                with self.handles.borrow() if self.handles else nullcontext(self.handle) as handle:
+                    reader = pq.ParquetFile(handle, metadata=self.footer, pre_buffer=True)
+                    return reader.read_row_groups(groups, columns=columns)
 
             table = storage.retrying(fetch, self.url, policy=retry)
             start = 0
@@ -211,7 +216,8 @@ def open_table(url: str, key: bytes | None = None, retry: storage.RetryPolicy | 
     if sums is None:
         handle.close()
         raise CorruptTable(url, "carries no camkd checksums (written by another tool or an older camkd-ray)")
-    return OpenTable(url, handle, footer, schema, meta, sums["columns"], int(sums["rows"]))
+    handles = Handles.of(fs, path, handle)
+    return OpenTable(url, handle, footer, schema, meta, sums["columns"], int(sums["rows"]), handles)
 
 
 OPEN_FILES = 256  # open tables kept per process: a footer and a file handle each (no data buffers)

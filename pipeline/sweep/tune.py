@@ -36,6 +36,7 @@ SWEEP_NEUTRAL = (
     "scaling.read_cpus",
     "scaling.read_tasks",
     "scaling.read_ahead",
+    "scaling.read_ahead_mb",
     "scaling.read_budget",
     "scaling.read_object_store_mb",
     "storage",

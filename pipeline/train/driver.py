@@ -177,6 +177,7 @@ RESUME_NEUTRAL = (
     "scaling.num_workers",
     "scaling.backend",
     "scaling.read_ahead",
+    "scaling.read_ahead_mb",
     "scaling.read_object_store_mb",
     "scaling.read_budget",
     "train.max_failures",

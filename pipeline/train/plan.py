@@ -80,6 +80,7 @@ class TrainPlan:
             label_swaps=tuple(tuple(p) for p in cfg.train.label_swaps) if with_teachers else (),
             shuffle_seed=cfg.train.seed,
             read_ahead=cfg.scaling.read_ahead,
+            read_ahead_bytes=cfg.scaling.read_ahead_mb * 2**20,
             retry_seconds=cfg.storage.retry_seconds,
             scope=self.read_scope or None,
         )

@@ -14,6 +14,7 @@ are expanded on the training device.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from pipeline.cache.layout import (
 from pipeline.data.ingest import DatasetMeta, open_image_part, read_image_rows
 from pipeline.data.views import ViewSpec, render_eval, render_train, uniforms
 from pipeline.store import storage
+from pipeline.train import inflight
 
 SHUFFLE_SALT = 0x5A17  # keeps the epoch permutation's stream apart from other draws keyed on the same seed
 NOISE_SALT = 7919
@@ -185,7 +187,9 @@ class ReadPlan:
     noise_seed: int = 0
     label_swaps: tuple[tuple[int, int], ...] = ()
     shuffle_seed: int = 0
-    read_ahead: int = 2  # row groups fetched while one is rendered and decoded (scaling.read_ahead)
+    read_ahead: int = 2  # row groups fetched at least while one is rendered and decoded (scaling.read_ahead)
+    # what the row groups in flight of one reader may hold, at most (scaling.read_ahead_mb; `inflight`)
+    read_ahead_bytes: int = 256 * 2**20
     retry_seconds: float = 60.0  # storage.retry_seconds
     scope: str | None = None  # one reader's run: open files are remembered within it (tables.open_cached)
 
@@ -201,6 +205,10 @@ class ReadPlan:
     def group_bytes(self) -> int:
         """Bytes one full row group of delivered rows takes: the unit of a read task's memory."""
         return self.row_bytes() * self.group_rows
+
+    def most_in_flight(self, least: int) -> int:
+        """The most row groups one reader keeps in flight (`inflight.most_items`): `read_ahead_bytes` of them."""
+        return inflight.most_items(least, self.read_ahead_bytes, self.group_bytes(), 1 + len(self.teachers))
 
 
 def image_plan(cfg, meta: DatasetMeta, split: str = "train") -> ReadPlan:
@@ -245,7 +253,8 @@ def items(slices: list[Slice], view: int, epoch: int = -1) -> list[dict[str, Any
     return [asdict(s) | {"view": view, "epoch": epoch} for s in slices]
 
 
-IO_THREADS = 32  # per process: storage reads in flight (they wait on the network, not on a core)
+# per process: storage reads in flight (they wait on the network, not on a core)
+IO_THREADS = inflight.MOST_READS
 _io_pool: ThreadPoolExecutor | None = None
 _io_lock = threading.Lock()
 
@@ -254,7 +263,8 @@ def _io() -> ThreadPoolExecutor:
     """This process's pool for part reads. Its tasks never wait on the pool themselves, so the reader's own
     threads (scaling.reader: threads) can wait on it without a deadlock. Arrow's own I/O pool, which performs
     the ranged reads (8 threads by default), is widened to match: at 25 ms per request 8 threads cap a process
-    at ~320 requests/s, which for logits-only rows is ~80k rows/s whatever the cores."""
+    at ~320 requests/s, which for logits-only rows is ~80k rows/s whatever the cores. Both start threads only as
+    reads need them (`inflight` sizes how many are in flight)."""
     global _io_pool
     with _io_lock:
         if _io_pool is None:
@@ -274,6 +284,7 @@ class _Fetch:
     epoch: int
     image: Future
     teachers: list[tuple[str, Future]]
+    spans: inflight.Spans  # when its reads ran
 
     def done(self) -> bool:
         return self.image.done() and all(f.done() for _, f in self.teachers)
@@ -288,7 +299,8 @@ def _fetch(s: Slice, view: int | None, epoch: int, plan: ReadPlan, retry: storag
     """Start every read of one item: the image part's row group and each teacher's, concurrently, each part
     opened once per reader run (the footer remembered), each row group one coalesced request."""
     pool = _io()
-    image = pool.submit(_read_image, s, plan, retry)
+    spans = inflight.Spans()
+    image = pool.submit(spans.timed, _read_image, s, plan, retry)
     teachers = []
     if view is not None:
         groups = s.row_groups(plan.group_rows)
@@ -296,9 +308,14 @@ def _fetch(s: Slice, view: int | None, epoch: int, plan: ReadPlan, retry: storag
             url = f"{view_dir(src.store, view)}/{s.part}"
             columns = src.ref.fmt.columns(plan.logits, plan.features)
             teachers.append(
-                (url, pool.submit(_teacher_rows, url, src, view, s.part, groups, columns, plan, retry))
+                (
+                    url,
+                    pool.submit(
+                        spans.timed, _teacher_rows, url, src, view, s.part, groups, columns, plan, retry
+                    ),
+                )
             )
-    return _Fetch(s, view, epoch, image, teachers)
+    return _Fetch(s, view, epoch, image, teachers, spans)
 
 
 def _teacher_rows(url, src: TeacherSource, view, part_name, groups, columns, plan: ReadPlan, retry):
@@ -332,22 +349,37 @@ def read_slices(batch: dict[str, np.ndarray], plan: ReadPlan) -> Iterator[dict[s
     """Ray Data `map_batches` body (a generator): each item of the batch → one output block: `idx`, `image`
     (uint8 [N,C,H,W] of the item's view, or the evaluation view), `label` (int64) and per teacher k the raw
     cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and `t{k}_feat`
-    (+ `t{k}_feat_scale`). While one item is rendered and decoded, the reads of the next `plan.read_ahead` items
-    are in flight (the image part and every teacher's part concurrently): on an object store a row group costs
-    about one round trip, not one per part and column."""
+    (+ `t{k}_feat_scale`). While one item is rendered and decoded, the reads of the next items are in flight
+    (the image part and every teacher's part concurrently; on an object store a row group costs about one round
+    trip, not one per part and column): at least `plan.read_ahead`, and as many more as the read time this task
+    measures and the pace its yields are taken at need, up to `plan.read_ahead_bytes` (`inflight`)."""
     spec = ViewSpec.from_dict(plan.spec)
     retry = storage.retry_policy(plan.retry_seconds)
     work = [_item_args(fields) for fields in zip(*(batch[k] for k in ITEM_FIELDS))]
+    least = plan.read_ahead + 1  # the item being decoded and those read ahead
+    depth = inflight.for_reader(_reader_key(plan, work, "task"), least, plan.most_in_flight(least))
     pending: deque[_Fetch] = deque()
-    nxt = 0
+    nxt, since = 0, time.perf_counter()
     try:
         while nxt < len(work) or pending:
-            while nxt < len(work) and len(pending) <= plan.read_ahead:
+            while nxt < len(work) and len(pending) < depth.depth():
                 pending.append(_fetch(*work[nxt], plan, retry))
                 nxt += 1
-            yield from _blocks(pending.popleft(), plan, spec)
+            fetched, waited_from = pending.popleft(), time.perf_counter()
+            yield from _blocks(fetched, plan, spec)
+            now = time.perf_counter()
+            depth.taken(fetched.spans, since, waited_from, now)
+            since = now
     finally:
         _cancel(pending)
+
+
+def _reader_key(plan: ReadPlan, work: list[tuple[Slice, int | None, int]], kind: str) -> tuple | None:
+    """What an `inflight` depth is learned for in a process: one reader run (its scope), reader kind, and
+    training or evaluation items (they differ in reads per item). None without a scope."""
+    if plan.scope is None:
+        return None
+    return (plan.scope, kind, bool(work) and work[0][1] is None)
 
 
 def _blocks(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> list[dict[str, np.ndarray]]:
@@ -422,14 +454,14 @@ def items_per_task(plan: ReadPlan, budget_bytes: int | None = None) -> int:
 
 def read_memory_bytes(plan: ReadPlan) -> int:
     """Heap a read task asks Ray for: the process (~190 MB with pyarrow and numpy), one row group four times
-    over (as read, as rendered/decoded, as an Arrow block, serialised), the `read_ahead` row groups whose reads
-    are in flight, and the yields Ray Data holds until they fill a block (up to 128 MiB or the task's whole
-    output). Measured peaks of private memory over a run on both cores (before read-ahead): 566 MiB for
-    1024 rows × 102 KB (CIFAR + 3 teachers' fp16 maps; this asked 718 MiB), 219 MiB for 32 × 1024 rows × 3.7 KB
-    (logits only)."""
+    over (as read, as rendered/decoded, as an Arrow block, serialised), the most row groups whose reads it keeps
+    in flight besides (`ReadPlan.most_in_flight`: `read_ahead` or more, up to `read_ahead_bytes`), and the yields
+    Ray Data holds until they fill a block (up to 128 MiB or the task's whole output). Measured peaks of private
+    memory over a run on both cores (before read-ahead): 566 MiB for 1024 rows × 102 KB (CIFAR + 3 teachers'
+    fp16 maps; this asked 718 MiB), 219 MiB for 32 × 1024 rows × 3.7 KB (logits only)."""
     group = plan.group_bytes()
     held = min(items_per_task(plan) * group, OUTPUT_BUFFER_BYTES)
-    return int((4 + plan.read_ahead) * group + held + 192 * 2**20)
+    return int((3 + plan.most_in_flight(plan.read_ahead + 1)) * group + held + 192 * 2**20)
 
 
 def build_dataset(
@@ -589,9 +621,10 @@ def local_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The `threads` reader: the items' row groups read in this process, in order, and gathered into batches of
     `batch_size` rows (through a local shuffle buffer of `shuffle_buffer` rows when > 0). The reads of the next
-    `2 × threads + read_ahead` items are in flight on the I/O pool while `threads` threads render and decode
-    (Parquet decoding and the numpy gathers release the GIL). Batches never enter Ray's object store: no
-    serialisation, no shared-memory copy, no task to schedule; the work shares the training process's CPUs. An
+    items are in flight on the I/O pool while `threads` threads render and decode (Parquet decoding and the numpy
+    gathers release the GIL): at least `2 × threads + read_ahead`, more as the measured read time and the pace
+    batches are taken at need, up to `plan.read_ahead_bytes` (`inflight`). Batches never enter Ray's object store:
+    no serialisation, no shared-memory copy, no task to schedule; the work shares the training process's CPUs. An
     exception of a read (a corrupt part) is raised here, in the batch's turn; storage that stayed unavailable is
     read again, item by item, as a Ray Data read task would be retried."""
     from concurrent.futures import ThreadPoolExecutor
@@ -605,30 +638,35 @@ def local_batches(
     buffer = ShuffleBuffer(batch_size, shuffle_buffer, shuffle_seed)
     cpu = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camkd-read")
     fetching: deque[tuple[Any, _Fetch]] = deque()  # (item, its reads in flight), in order
-    assembling: deque[tuple[Any, Future]] = deque()  # (item, its blocks being built), in order
-    depth = 2 * threads + plan.read_ahead
+    assembling: deque[tuple[Any, _Fetch, Future]] = deque()  # (item, its reads, its blocks being built)
+    least = 2 * threads + plan.read_ahead
+    depth = inflight.for_reader(_reader_key(plan, work, "threads"), least, plan.most_in_flight(least))
     try:
-        nxt = 0
+        nxt, since = 0, time.perf_counter()
         while nxt < len(work) or fetching or assembling:
-            while nxt < len(work) and len(fetching) + len(assembling) < depth:
+            while nxt < len(work) and len(fetching) + len(assembling) < depth.depth():
                 fetching.append((work[nxt], _fetch(*work[nxt], plan, retry)))
                 nxt += 1
             # An item goes to a CPU thread once its reads are in (or when nothing else is being built), so the
             # threads render and decode instead of waiting on storage.
             while fetching and len(assembling) < 2 * threads and (not assembling or fetching[0][1].done()):
                 args, fetched = fetching.popleft()
-                assembling.append((args, cpu.submit(_blocks, fetched, plan, spec)))
-            args, future = assembling.popleft()
+                assembling.append((args, fetched, cpu.submit(_blocks, fetched, plan, spec)))
+            args, fetched, future = assembling.popleft()
+            waited_from = time.perf_counter()
             try:
                 blocks = future.result()
             except storage.StorageUnavailable:
                 blocks = _item_blocks(args, plan, spec, retry)
             for block in blocks:
                 yield from buffer.add(block)
+            now = time.perf_counter()
+            depth.taken(fetched.spans, since, waited_from, now)
+            since = now
         yield from buffer.finish(drop_last)
     finally:
         _cancel(f for _, f in fetching)
-        for _, future in assembling:
+        for _, _, future in assembling:
             future.cancel()
         cpu.shutdown(wait=False, cancel_futures=True)
 
