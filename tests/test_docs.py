@@ -257,7 +257,6 @@ def test_camkd_imports_nothing_from_pipeline_or_ray():
     assert _house().forbidden_imports() == []
 
 
-@pytest.mark.xfail(strict=False, reason="functions over 60 lines remain")
 def test_no_function_in_pipeline_is_over_60_lines():
     long = _house().long_functions(limit=60)
     assert not long, f"{len(long)} functions over 60 lines:\n" + "\n".join(f"{n} {w}" for n, w in long)

@@ -187,31 +187,7 @@ class Estimate:
             f"'Capacity model'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
         if cfg.scaling.reader == "ray_data":
-            tasks = cfg.scaling.read_tasks or self.read_tasks
-            _, why = read_tasks_for(
-                self.rate,
-                self.read_us_per_sample,
-                self.read_cpus,
-                self.latency_s,
-                self.group_rows,
-                self.in_flight,
-            )
-            out.append(
-                f"read tasks per worker: {tasks}"
-                + (" (scaling.read_tasks)" if cfg.scaling.read_tasks else "")
-                + f"; the model asks {why['cpu_tasks']:.1f} for CPU and {why['latency_tasks']:.1f} for "
-                f"{self.latency_s * 1000:g} ms storage latency (up to {self.in_flight} row group(s) of "
-                f"{self.group_rows} rows in flight per task, scaling.read_ahead_mb)"
-            )
-            store = (
-                f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
-                if cfg.scaling.read_object_store_mb
-                else "half its node's object store ÷ the workers on that node"
-            )
-            out.append(
-                f"worker budget (Ray Data, per worker): {tasks} task(s) × {cfg.scaling.read_cpus:g} CPU = "
-                f"{tasks * cfg.scaling.read_cpus:g} CPUs; object store: {store}"
-            )
+            out += self._ray_data_lines(cfg)
         if cfg.scaling.reader == "threads":
             if cfg.scaling.read_threads < need:
                 out.append(
@@ -226,6 +202,32 @@ class Estimate:
                 "for input at that rate"
             )
         return out
+
+    def _ray_data_lines(self, cfg) -> list[str]:
+        """The Ray Data reader's read tasks per worker (and why) and each worker's budget."""
+        tasks = cfg.scaling.read_tasks or self.read_tasks
+        _, why = read_tasks_for(
+            self.rate,
+            self.read_us_per_sample,
+            self.read_cpus,
+            self.latency_s,
+            self.group_rows,
+            self.in_flight,
+        )
+        store = (
+            f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
+            if cfg.scaling.read_object_store_mb
+            else "half its node's object store ÷ the workers on that node"
+        )
+        return [
+            f"read tasks per worker: {tasks}"
+            + (" (scaling.read_tasks)" if cfg.scaling.read_tasks else "")
+            + f"; the model asks {why['cpu_tasks']:.1f} for CPU and {why['latency_tasks']:.1f} for "
+            f"{self.latency_s * 1000:g} ms storage latency (up to {self.in_flight} row group(s) of "
+            f"{self.group_rows} rows in flight per task, scaling.read_ahead_mb)",
+            f"worker budget (Ray Data, per worker): {tasks} task(s) × {cfg.scaling.read_cpus:g} CPU = "
+            f"{tasks * cfg.scaling.read_cpus:g} CPUs; object store: {store}",
+        ]
 
 
 def probe_shapes(cfg, meta=None) -> dict[str, list[int]]:
