@@ -14,7 +14,6 @@ import types
 import typing
 from pathlib import Path
 
-import pytest
 from pydantic import BaseModel
 
 from pipeline.config.schema import Config
