@@ -452,3 +452,52 @@ def test_device_encoders_store_the_bytes_of_the_numpy_encoders():
     bad[0, 0, 0, 0] = 1e6  # beyond float16: inf as stored
     cols = encode.encode_features(torch.from_numpy(bad), layout.OutputFormat("fp16", 0, "int8", 100))
     assert bool(encode.not_finite(*cols.values()))
+
+
+def test_a_part_is_encoded_and_written_holding_one_copy_of_its_bytes(tmp_path):
+    """The write stage keeps one copy of a part in memory: Parquet writes into one buffer sized up front (not a
+    buffer that grows by doubling), and the file goes to storage from that buffer (no second copy as `bytes`).
+    Arrow's peak allocation plus the Python heap's peak while a part is encoded and written ≤ 1.25 × the file."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from pipeline.store import tables
+
+    rng = np.random.default_rng(0)
+    rows, fmt = 512, layout.OutputFormat("fp16", 0, "fp16", 100)
+    cols = {
+        "logits": rng.standard_normal((rows, 100)).astype(np.float16),
+        "feat": rng.standard_normal((rows, 16, 16, 16)).astype(np.float16),
+    }
+    table = layout.stored_table(np.arange(rows), cols, fmt)
+    previous, pool = pa.default_memory_pool(), pa.proxy_memory_pool(pa.default_memory_pool())
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        encoded = tables.encode_table(table, 256, {b"camkd": b"{}"})
+        tables.write_table(str(tmp_path / "part.parquet"), encoded)
+        python_peak = tracemalloc.get_traced_memory()[1]
+        encoded_size = encoded.size
+        del encoded  # its buffer may come from `pool`: freed while the pool is alive
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+    size = (tmp_path / "part.parquet").stat().st_size
+    assert size == encoded_size
+    assert pool.max_memory() + python_peak <= 1.25 * size, (pool.max_memory(), python_peak, size)
+
+
+def test_a_part_beyond_its_size_bound_is_encoded_the_same(monkeypatch):
+    """When the Parquet file outgrows the buffer sized for it up front, it is written again into a growing buffer:
+    the same bytes and digest, nothing cut off."""
+    from pipeline.store import tables
+
+    table = layout.stored_table(
+        np.arange(300), {"logits": np.ones((300, 10), np.float16)}, layout.OutputFormat("fp16", 0, "none", 10)
+    )
+    fitting = tables.encode_table(table, 64, {b"camkd": b"{}"})
+    monkeypatch.setattr(tables, "_size_bound", lambda *_: 100)
+    grown = tables.encode_table(table, 64, {b"camkd": b"{}"})
+    assert grown.data.to_pybytes() == fitting.data.to_pybytes() and grown.digest == fitting.digest
+    assert fitting.size > 100
