@@ -536,3 +536,48 @@ def test_the_finiteness_check_reads_the_outputs_without_copying_them():
             broken = t.clone()
             broken.view(-1)[7] = bad
             assert bool(encode.not_finite(logits, broken)), (bad, t.dtype)
+
+
+def test_the_actor_copies_the_next_batch_in_before_this_batchs_outputs_out(tmp_path):
+    """On a GPU the actor queues its copies in issue order: the pixels of batch i+1 go to the device before batch
+    i's outputs come back (which wait for batch i's compute), so neither copy waits behind the other and both
+    overlap compute (the trace is `benchmarks/actor_trace.py`, a step of `benchmarks/gpu_session.sh`). On the CPU
+    the copies are no-ops in the same order, and the outputs are the same."""
+    from pipeline.cache.layout import OutputFormat
+    from pipeline.cache.stages import PrecomputeSpec, TeacherPool
+
+    make_teacher_file(tmp_path / "t.pt", "resnet8")
+    cfg = tiny_config(
+        tmp_path, teachers=[{"name": "t", "arch": "resnet8", "checkpoint": str(tmp_path / "t.pt")}]
+    )
+    ref = checkpoints.resolve_all(cfg, 10, 3)[0]
+    spec = make_view_spec(cfg, "raw")
+    ps = PrecomputeSpec(
+        "",
+        "fp",
+        (32, 32, 3),
+        spec.to_dict(),
+        OutputFormat("fp16", 0, "fp16", 10),
+        (ref.to_dict(),),
+        ("",),
+        64,
+        16,
+        1,
+        "none",
+    )
+    pool = TeacherPool(ps, "fp32")
+    calls = []
+    to_device, to_host = pool._to_device, pool._to_host
+    pool._to_device = lambda *a: calls.append("in") or to_device(*a)
+    pool._to_host = lambda *a: calls.append("out") or to_host(*a)
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    result = pool.infer(0, pixels, labels, True)
+    assert calls == ["in", "in", "out", "in", "out", "out"]  # 3 batches of 16, 16, 8
+    model = checkpoints.build_model(ref)
+    with torch.no_grad():
+        fmap = model.forward_features(normalize(torch.from_numpy(pixels), spec.mean, spec.std))
+        logits = model.forward_head(fmap)
+    np.testing.assert_array_equal(result["columns"]["feat"], fmap.half().numpy())
+    np.testing.assert_array_equal(result["columns"]["logits"], logits.half().numpy())
+    assert result["correct"] == int((logits.argmax(1).numpy() == labels).sum())
