@@ -581,3 +581,28 @@ def test_the_actor_copies_the_next_batch_in_before_this_batchs_outputs_out(tmp_p
     np.testing.assert_array_equal(result["columns"]["feat"], fmap.half().numpy())
     np.testing.assert_array_equal(result["columns"]["logits"], logits.half().numpy())
     assert result["correct"] == int((logits.argmax(1).numpy() == labels).sum())
+
+
+def test_the_dry_run_sizes_precompute_cpu_stages_per_gpu(tmp_path):
+    """`--dry-run` prints what precompute's render and write tasks cost per image of this config and the CPUs they
+    take per GPU, from the measured per-image costs: the write grows with the bytes stored, so int8 maps cost less
+    than fp16 maps and logits only least."""
+    import re
+
+    from pipeline import run
+    from pipeline.ops import capacity
+
+    teachers = [{"name": f"t{k}", "arch": "resnet8", "checkpoint": str(tmp_path / "t.pt")} for k in range(3)]
+    cpus = {}
+    for features in ("fp16", "int8", "none"):
+        cfg = tiny_config(tmp_path, teachers=teachers, cache={"features": features})
+        line = [x for x in run.capacity_lines(cfg, None, None) if x.startswith("precompute CPU stages")]
+        assert len(line) == 1, line
+        render, write, kib, need = (
+            float(v.replace(",", "")) for v in re.findall(r"([\d.,]+) (?:µs|KiB|CPUs)", line[0])
+        )
+        assert render == capacity.PRECOMPUTE_RENDER_US
+        fixed, per_kib = capacity.PRECOMPUTE_WRITE_US
+        assert abs(write - (fixed + per_kib * kib)) < 0.5 and need == round((render + write) / 100, 2)
+        cpus[features] = need
+    assert cpus["fp16"] > cpus["int8"] > cpus["none"]
