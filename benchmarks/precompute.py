@@ -6,11 +6,15 @@
    quantise/encode/write tasks), Parquet parts with receipts and checksums, manifests.
 3. Bytes per sample of a cache part for fp16 vs int8 features and full vs top-k logits (the stage's encoder).
 
+4. CPU-µs per image of the CPU stages (render, the actor's host side, write) for fp16 maps, int8 maps and logits
+   only, each stage run in this process: `benchmarks/precompute_stages.py` (`--stages-only`: that alone).
+
 Prints Ray ÷ plain (goal ≥ 0.9), end to end and in steady state (after the first item: actor start and model
 load excluded); the last line is one JSON object that names the teachers and the workload.
 
     python benchmarks/precompute.py [--images 1536] [--views 1] [--threads 2]
     python benchmarks/precompute.py --device cuda --precision bf16 --skip-ray   # teacher images/s on a GPU
+    python benchmarks/precompute.py --stages-only                               # the CPU stages' µs per image
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import precompute_stages
 import torch
 
 from camkd import models
@@ -241,7 +246,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--skip-ray", action="store_true", help="the plain loop only (a GPU machine without Ray)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved plain / Ray runs; medians reported")
+    ap.add_argument("--stages-only", action="store_true", help="only the CPU stages' CPU-µs per image")
     args = ap.parse_args()
+    if args.stages_only:
+        stage_costs = precompute_stages.measure(precompute_stages.parser().parse_args([]))
+        precompute_stages.report(stage_costs)
+        print(json.dumps(stage_costs))
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = (
@@ -355,6 +366,8 @@ def main() -> None:
     )
     sizes = bytes_per_sample(refs[0])
     shutil.rmtree(root, ignore_errors=True)
+    result["cpu_stages"] = precompute_stages.measure(precompute_stages.parser().parse_args([]))
+    precompute_stages.report(result["cpu_stages"])
     result["bytes_per_sample_per_view"] = sizes
     print("cache bytes per image and view (resnet32x4: 100 logits, 256×8×8 map; with checksums)")
     for k, v in sizes.items():

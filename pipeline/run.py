@@ -355,7 +355,8 @@ def _plan_lines(cfg: Config, stage: str):
 def capacity_lines(cfg: Config, meta, rate: float | None) -> list[str]:
     from pipeline.ops import capacity
 
-    return capacity.estimate(cfg, meta, rate, capacity.probe_shapes(cfg, meta)).lines(cfg)
+    e = capacity.estimate(cfg, meta, rate, capacity.probe_shapes(cfg, meta))
+    return e.lines(cfg) + (capacity.precompute_lines(e) if cfg.teachers else [])
 
 
 def run(args: argparse.Namespace) -> object:

@@ -452,3 +452,157 @@ def test_device_encoders_store_the_bytes_of_the_numpy_encoders():
     bad[0, 0, 0, 0] = 1e6  # beyond float16: inf as stored
     cols = encode.encode_features(torch.from_numpy(bad), layout.OutputFormat("fp16", 0, "int8", 100))
     assert bool(encode.not_finite(*cols.values()))
+
+
+def test_a_part_is_encoded_and_written_holding_one_copy_of_its_bytes(tmp_path):
+    """The write stage keeps one copy of a part in memory: Parquet writes into one buffer sized up front (not a
+    buffer that grows by doubling), and the file goes to storage from that buffer (no second copy as `bytes`).
+    Arrow's peak allocation plus the Python heap's peak while a part is encoded and written ≤ 1.25 × the file."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from pipeline.store import tables
+
+    rng = np.random.default_rng(0)
+    rows, fmt = 512, layout.OutputFormat("fp16", 0, "fp16", 100)
+    cols = {
+        "logits": rng.standard_normal((rows, 100)).astype(np.float16),
+        "feat": rng.standard_normal((rows, 16, 16, 16)).astype(np.float16),
+    }
+    table = layout.stored_table(np.arange(rows), cols, fmt)
+    previous, pool = pa.default_memory_pool(), pa.proxy_memory_pool(pa.default_memory_pool())
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        encoded = tables.encode_table(table, 256, {b"camkd": b"{}"})
+        tables.write_table(str(tmp_path / "part.parquet"), encoded)
+        python_peak = tracemalloc.get_traced_memory()[1]
+        encoded_size = encoded.size
+        del encoded  # its buffer may come from `pool`: freed while the pool is alive
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+    size = (tmp_path / "part.parquet").stat().st_size
+    assert size == encoded_size
+    assert pool.max_memory() + python_peak <= 1.25 * size, (pool.max_memory(), python_peak, size)
+
+
+def test_a_part_beyond_its_size_bound_is_encoded_the_same(monkeypatch):
+    """When the Parquet file outgrows the buffer sized for it up front, it is written again into a growing buffer:
+    the same bytes and digest, nothing cut off."""
+    from pipeline.store import tables
+
+    table = layout.stored_table(
+        np.arange(300), {"logits": np.ones((300, 10), np.float16)}, layout.OutputFormat("fp16", 0, "none", 10)
+    )
+    fitting = tables.encode_table(table, 64, {b"camkd": b"{}"})
+    monkeypatch.setattr(tables, "_size_bound", lambda *_: 100)
+    grown = tables.encode_table(table, 64, {b"camkd": b"{}"})
+    assert grown.data.to_pybytes() == fitting.data.to_pybytes() and grown.digest == fitting.digest
+    assert fitting.size > 100
+
+
+def test_the_finiteness_check_reads_the_outputs_without_copying_them():
+    """The actor flags inf/NaN in every stored float column (float16 overflows beyond 65504) with one reduction
+    per column and no temporary the size of the outputs (today's `isfinite().all()` made 3 bool copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from pipeline.cache import encode
+
+    class Allocations(TorchDispatchMode):
+        """Bytes of the new tensors every aten op makes."""
+
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in given:
+                    self.bytes += t.nbytes
+            return out
+
+    maps = torch.randn(64, 32, 8, 8).clamp(-6e4, 6e4).half()
+    logits, tail, quantised = torch.randn(64, 100).half(), torch.randn(64), maps.to(torch.int8)
+    with Allocations() as seen:
+        assert not bool(encode.not_finite(maps, logits, tail, quantised))
+    assert seen.bytes <= 64, seen.bytes  # a few scalars
+    maps[0, 0, 0, 0] = 65504  # float16's largest: finite
+    assert not bool(encode.not_finite(maps))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for t in (maps, tail):
+            broken = t.clone()
+            broken.view(-1)[7] = bad
+            assert bool(encode.not_finite(logits, broken)), (bad, t.dtype)
+
+
+def test_the_actor_copies_the_next_batch_in_before_this_batchs_outputs_out(tmp_path):
+    """On a GPU the actor queues its copies in issue order: the pixels of batch i+1 go to the device before batch
+    i's outputs come back (which wait for batch i's compute), so neither copy waits behind the other and both
+    overlap compute (the trace is `benchmarks/actor_trace.py`, a step of `benchmarks/gpu_session.sh`). On the CPU
+    the copies are no-ops in the same order, and the outputs are the same."""
+    from pipeline.cache.layout import OutputFormat
+    from pipeline.cache.stages import PrecomputeSpec, TeacherPool
+
+    make_teacher_file(tmp_path / "t.pt", "resnet8")
+    cfg = tiny_config(
+        tmp_path, teachers=[{"name": "t", "arch": "resnet8", "checkpoint": str(tmp_path / "t.pt")}]
+    )
+    ref = checkpoints.resolve_all(cfg, 10, 3)[0]
+    spec = make_view_spec(cfg, "raw")
+    ps = PrecomputeSpec(
+        "",
+        "fp",
+        (32, 32, 3),
+        spec.to_dict(),
+        OutputFormat("fp16", 0, "fp16", 10),
+        (ref.to_dict(),),
+        ("",),
+        64,
+        16,
+        1,
+        "none",
+    )
+    pool = TeacherPool(ps, "fp32")
+    calls = []
+    to_device, to_host = pool._to_device, pool._to_host
+    pool._to_device = lambda *a: calls.append("in") or to_device(*a)
+    pool._to_host = lambda *a: calls.append("out") or to_host(*a)
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    result = pool.infer(0, pixels, labels, True)
+    assert calls == ["in", "in", "out", "in", "out", "out"]  # 3 batches of 16, 16, 8
+    model = checkpoints.build_model(ref)
+    with torch.no_grad():
+        fmap = model.forward_features(normalize(torch.from_numpy(pixels), spec.mean, spec.std))
+        logits = model.forward_head(fmap)
+    np.testing.assert_array_equal(result["columns"]["feat"], fmap.half().numpy())
+    np.testing.assert_array_equal(result["columns"]["logits"], logits.half().numpy())
+    assert result["correct"] == int((logits.argmax(1).numpy() == labels).sum())
+
+
+def test_the_dry_run_sizes_precompute_cpu_stages_per_gpu(tmp_path):
+    """`--dry-run` prints what precompute's render and write tasks cost per image of this config and the CPUs they
+    take per GPU, from the measured per-image costs: the write grows with the bytes stored, so int8 maps cost less
+    than fp16 maps and logits only least."""
+    import re
+
+    from pipeline import run
+    from pipeline.ops import capacity
+
+    teachers = [{"name": f"t{k}", "arch": "resnet8", "checkpoint": str(tmp_path / "t.pt")} for k in range(3)]
+    cpus = {}
+    for features in ("fp16", "int8", "none"):
+        cfg = tiny_config(tmp_path, teachers=teachers, cache={"features": features})
+        line = [x for x in run.capacity_lines(cfg, None, None) if x.startswith("precompute CPU stages")]
+        assert len(line) == 1, line
+        render, write, kib, need = (
+            float(v.replace(",", "")) for v in re.findall(r"([\d.,]+) (?:µs|KiB|CPUs)", line[0])
+        )
+        assert render == capacity.PRECOMPUTE_RENDER_US
+        fixed, per_kib = capacity.PRECOMPUTE_WRITE_US
+        assert abs(write - (fixed + per_kib * kib)) < 0.5 and need == round((render + write) / 100, 2)
+        cpus[features] = need
+    assert cpus["fp16"] > cpus["int8"] > cpus["none"]

@@ -53,9 +53,14 @@ def encode_features(fmap: torch.Tensor, fmt: OutputFormat) -> dict[str, torch.Te
 
 
 def not_finite(*tensors: torch.Tensor) -> torch.Tensor:
-    """A device bool: does any of `tensors` (as stored: float16 overflows beyond 65504) hold inf or NaN?"""
+    """A device bool: does any of `tensors` (as stored: float16 overflows beyond 65504) hold inf or NaN?
+
+    One reduction per tensor and no temporary of its size: the sum in a wider type is finite exactly when every
+    value is (float16 values summed in float32, or float32 ones in float64, cannot overflow short of ~1e33
+    values)."""
     bad = torch.zeros((), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
         if t.is_floating_point():
-            bad = bad | ~torch.isfinite(t).all()
+            wide = torch.float32 if t.dtype == torch.float16 else torch.float64
+            bad = bad | ~torch.isfinite(t.sum(dtype=wide))
     return bad

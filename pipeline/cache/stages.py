@@ -84,11 +84,11 @@ class TeacherPool:
     needs on its rendered pixels and encodes their outputs there, in the stored form (fp16 or top-k logits, fp16
     or int8 maps: `pipeline/cache/encode.py`), so that what crosses the object store is what is stored.
 
-    On a GPU the work of a batch is queued, never waited for: pixels are copied from pinned memory on a side
-    stream, normalised with constants made once per device, run (channels_last when it measured faster at
-    start-up), encoded, and copied back into pinned host buffers on the side stream, while the next batch is
-    already running: two batches in flight, one wait per item. Hits are counted and non-finite outputs flagged on
-    the device."""
+    On a GPU the work of a batch is queued, never waited for: pixels are copied from pinned memory on a copy-in
+    stream while the batch before runs, normalised with constants made once per device, run (channels_last when it
+    measured faster at start-up), encoded, and copied back into pinned host buffers on a copy-out stream while the
+    next batch runs: the copies overlap compute, one wait per item. Hits are counted and non-finite outputs flagged
+    on the device."""
 
     def __init__(self, ps: PrecomputeSpec, precision: str) -> None:
         import torch
@@ -107,7 +107,11 @@ class TeacherPool:
         self.normalizers = {
             k: preprocessing.of_teacher(ref, self.spec).normalizer() for k, ref in enumerate(refs)
         }
-        self.copies = torch.cuda.Stream() if self.device.type == "cuda" else None
+        # side streams of the copies to (pixels) and from (outputs) the GPU: one per direction, so that neither
+        # copy queues behind the other (`infer`)
+        cuda = self.device.type == "cuda"
+        self.copies_in = torch.cuda.Stream() if cuda else None
+        self.copies_out = torch.cuda.Stream() if cuda else None
         self.channels_last = {k: False for k in self.models}
         if self.device.type == "cuda" and ps.channels_last != "off":
             for k in self.models:
@@ -150,7 +154,11 @@ class TeacherPool:
         )
 
     def infer(self, k: int, pixels: np.ndarray, labels: np.ndarray, features: bool) -> dict[str, Any]:
-        """Teacher k over an item's pixels → {column: stored array}, `correct` (hits) and `bad` (non-finite)."""
+        """Teacher k over an item's pixels → {column: stored array}, `correct` (hits) and `bad` (non-finite).
+
+        On a GPU the copies of batch i+1 in and of batch i out are queued on two side streams, each before the
+        compute it must not wait for: the pixels of batch i+1 are on their way while batch i runs, batch i's
+        outputs come back while batch i+1 runs, and a batch's compute waits only for its own pixels."""
         import torch
 
         from pipeline.cache import encode
@@ -166,9 +174,13 @@ class TeacherPool:
         bad = torch.zeros((), dtype=torch.bool, device=dev)
         out: dict[str, torch.Tensor] = {}
         main = torch.cuda.current_stream() if cuda else None
-        for start in range(0, n, b):
-            sl = slice(start, min(start + b, n))
-            fmap, logits = self._forward(k, self._to_device(pixels_t[sl], main))
+        batches = [slice(start, min(start + b, n)) for start in range(0, n, b)]
+        incoming = self._to_device(pixels_t[batches[0]]) if batches else None
+        for i, sl in enumerate(batches):
+            x = self._arrived(incoming, main)
+            if i + 1 < len(batches):  # the next batch's copy in, queued ahead of this batch's copy out
+                incoming = self._to_device(pixels_t[batches[i + 1]])
+            fmap, logits = self._forward(k, x)
             cols = encode.encode_logits(logits, fmt)
             if features:
                 cols |= encode.encode_features(fmap, fmt)
@@ -182,7 +194,7 @@ class TeacherPool:
             self._to_host(cols, out, sl, main)
         flags = torch.stack([correct, bad.to(torch.int64)]).to("cpu", non_blocking=cuda)
         if cuda:
-            self.copies.synchronize()  # the item's one wait: its outputs and counts are on the host
+            self.copies_out.synchronize()  # the item's one wait: its outputs and counts are on the host
             main.synchronize()
         correct_n, bad_n = (int(v) for v in flags.tolist())
         return {
@@ -220,30 +232,41 @@ class TeacherPool:
                 out["feat"].append(fmap.float().cpu().numpy())
         return {name: np.concatenate(v) for name, v in out.items() if v}
 
-    def _to_device(self, pixels, main):
-        """A batch of pixels on the teacher's device: on a GPU, from pinned memory on the copy stream."""
+    def _to_device(self, pixels):
+        """Queue a batch of pixels to the teacher's device: on a GPU, from pinned memory on the copy-in stream,
+        with an event the batch's compute waits for (see `_arrived`). On the CPU: the pixels as they are."""
         import torch
 
-        if main is None:
-            return pixels
-        with torch.cuda.stream(self.copies):
+        if self.copies_in is None:
+            return pixels, None
+        with torch.cuda.stream(self.copies_in):
             x = pixels.pin_memory().to(self.device, non_blocking=True)
-        main.wait_stream(self.copies)
-        x.record_stream(main)
+            done = torch.cuda.Event()
+            done.record(self.copies_in)
+        return x, done
+
+    def _arrived(self, incoming, main):
+        """A batch queued by `_to_device`, for the compute stream: it waits for that copy only (not for copies
+        queued after it), and the allocator keeps the batch's memory until the compute that reads it is done."""
+        x, done = incoming
+        if done is not None:
+            main.wait_event(done)
+            x.record_stream(main)
         return x
 
     def _to_host(self, cols: dict, out: dict, sl: slice, main) -> None:
-        """A batch's encoded columns into their slice of the item's host buffers (on a GPU: on the copy stream)."""
+        """A batch's encoded columns into their slice of the item's host buffers (on a GPU: on the copy-out
+        stream, after the batch's compute and encoding, while the next batch runs)."""
         import torch
 
         if main is None:
             for name, t in cols.items():
                 out[name][sl] = t
             return
-        self.copies.wait_stream(main)
-        with torch.cuda.stream(self.copies):
+        self.copies_out.wait_stream(main)
+        with torch.cuda.stream(self.copies_out):
             for name, t in cols.items():
-                t.record_stream(self.copies)
+                t.record_stream(self.copies_out)
                 out[name][sl].copy_(t, non_blocking=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

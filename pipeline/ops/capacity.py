@@ -26,6 +26,13 @@ DECODE_US = 1960.0
 # students (an assumption); docs/performance.md, "Capacity model".
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
 CPU_RATE = 150.0  # a CPU worker's student samples/s (docs/performance.md, "Capacity model")
+# Precompute's CPU stages per image, Ray Data's conversions and the object store included: a render task of a raw-pixel
+# image (an encoded one costs about DECODE_US), and a write task, a fixed part plus a part per KiB stored (every
+# teacher's outputs of the image); docs/performance.md, "Precompute CPU stages". PRECOMPUTE_RATE: images/s of one
+# GPU running 3 CIFAR teachers (docs/performance.md, "Precompute on an H100").
+PRECOMPUTE_RENDER_US = 7.0
+PRECOMPUTE_WRITE_US = (2.6, 0.96)  # (µs per image, µs per KiB stored)
+PRECOMPUTE_RATE = 10_000
 # Round trips a read task waits for in series per row group (`input_pipeline.py --latency-ms`), and the latency
 # assumed per request for an object store when nothing better is known (`doctor` measures it).
 SERIAL_ROUND_TRIPS = 1.2
@@ -322,3 +329,17 @@ def as_dict(e: Estimate) -> dict[str, Any]:
         "read_tasks_per_worker": e.read_tasks,
         "storage_latency_ms": e.latency_s * 1000,
     }
+
+
+def precompute_lines(e: Estimate) -> list[str]:
+    """What precompute's render and write tasks cost per image of this config, and the CPUs they take per GPU
+    (cache.render_cpus / cache.write_cpus ask for their share)."""
+    kib = sum(t.per_view for t in e.teachers) / 1024
+    render = DECODE_US if e.encoded else PRECOMPUTE_RENDER_US
+    write = PRECOMPUTE_WRITE_US[0] + PRECOMPUTE_WRITE_US[1] * kib
+    cpus = (render + write) * PRECOMPUTE_RATE / 1e6
+    return [
+        f"precompute CPU stages: render {render:,.0f} µs + write {write:,.0f} µs per image ({kib:.1f} KiB stored): "
+        f"{cpus:.2f} CPUs per {PRECOMPUTE_RATE:,} images/s (one GPU's teachers; measured on a 2-core VM, see "
+        "docs/performance.md 'Precompute CPU stages')"
+    ]

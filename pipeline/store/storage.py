@@ -317,9 +317,10 @@ def _write_error(url: str, e: OSError) -> StorageError:
     return StorageError(f"could not write {url!r}: {reason}; free space or choose another `root`")
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
+def write_bytes_atomic(url: str, data: bytes | memoryview) -> None:
     """Write a whole file so that a reader sees the old file or the new one, never half of it: locally a
-    temporary name renamed over `url`; on an object store a direct write (the object appears when complete)."""
+    temporary name renamed over `url`; on an object store a direct write (the object appears when complete).
+    `data` may be a memoryview (of an Arrow buffer: written as it is, without a copy)."""
     url = normalize_url(url)
     path = _local_path(url)
     if path is not None:  # a delayed root is a local folder too: written locally, reads are what it delays

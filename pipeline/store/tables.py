@@ -67,16 +67,17 @@ def column_digest(array: pa.Array | pa.ChunkedArray) -> str:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A table encoded as Parquet bytes, with what a receipt records about it."""
+    """A table encoded as Parquet bytes (in Arrow memory: written to storage as they are, never copied into a
+    Python `bytes`), with what a receipt records about it."""
 
-    data: bytes
+    data: pa.Buffer
     rows: int
     row_groups: int
     digest: str  # xxh3-128 of the whole file
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return self.data.size
 
 
 def encode_table(
@@ -94,23 +95,51 @@ def encode_table(
             digests[name].append(column_digest(rg.column(name)))
     kv = dict(metadata or {})
     kv[CHECKSUM_KEY] = json.dumps({"rows": row_group_rows, "columns": digests}).encode()
-    buf = pa.BufferOutputStream()
-    pq.write_table(
-        table.replace_schema_metadata(kv),
-        buf,
+    table = table.replace_schema_metadata(kv)
+    data = _parquet_bytes(
+        table, row_group_rows, compression, _size_bound(table, row_group_rows, kv, compression)
+    )
+    meta_rows = table.num_rows
+    return Encoded(data, meta_rows, -(-meta_rows // row_group_rows), xxhash.xxh3_128_hexdigest(data))
+
+
+def _parquet_bytes(table: pa.Table, row_group_rows: int, compression: str, bound: int) -> pa.Buffer:
+    """The Parquet file of `table`, written into one buffer of `bound` bytes (a buffer that grows copies what it
+    holds each time it doubles), or into a growing one when the file turns out larger than the bound."""
+    options = dict(
         row_group_size=row_group_rows,
         compression=compression,
         use_dictionary=False,
         write_page_checksum=True,
         write_statistics=False,
     )
-    data = buf.getvalue().to_pybytes()
-    meta_rows = table.num_rows
-    return Encoded(data, meta_rows, -(-meta_rows // row_group_rows), xxhash.xxh3_128_hexdigest(data))
+    buf = pa.allocate_buffer(bound)
+    sink = pa.FixedSizeBufferWriter(buf)
+    try:
+        pq.write_table(table, sink, **options)
+        return buf.slice(0, sink.tell())
+    except OSError:  # "Write out of bounds": more framing than the bound allows for
+        growing = pa.BufferOutputStream()
+        pq.write_table(table, growing, **options)
+        return growing.getvalue()
+
+
+def _size_bound(table: pa.Table, row_group_rows: int, kv: dict[bytes, bytes], compression: str) -> int:
+    """An upper bound of the Parquet file of `table` (no dictionary, no statistics): its values (snappy may grow
+    incompressible data by 1/6, the other codecs by far less), a bit per value for definition levels, page
+    headers (pages are ~1 MB, or a whole batch of large values: 1/64 of the data is plenty), ~1 KB of footer per
+    column chunk, and the key-value metadata three times (ours, and Arrow's base64 copy of the schema)."""
+    data = sum(
+        b.size for col in table.columns for chunk in col.chunks for b in chunk.buffers() if b is not None
+    )
+    chunks = -(-max(table.num_rows, 1) // row_group_rows) * table.num_columns
+    meta = sum(len(k) + len(v) for k, v in kv.items())
+    framing = data // (6 if compression == "snappy" else 64) + table.num_rows * table.num_columns // 8
+    return data + framing + 1024 * chunks + 3 * meta + 65536
 
 
 def write_table(url: str, encoded: Encoded) -> None:
-    storage.write_bytes_atomic(url, encoded.data)
+    storage.write_bytes_atomic(url, memoryview(encoded.data))
 
 
 @dataclass
