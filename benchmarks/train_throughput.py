@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from camkd import Distiller, TeacherOutputs, create_strategy, models
-from camkd.training import TrainStep, amp_dtype, normalize
+from camkd.training import TrainStep, amp_dtype, build_optimizer, normalize
 
 TEACHER, STUDENT, CLASSES, K = "resnet32x4", "resnet8x4", 100, 3
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -44,13 +44,7 @@ def build(strategy: str, device, teachers):
             "teacher_heads": [t.head for t in teachers],
         }
     distiller = Distiller(student, create_strategy(strategy, names, **kwargs)).to(device)
-    opt = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-    )
+    opt = build_optimizer(distiller.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return distiller, opt
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from camkd import Distiller, StrategyParams, create_strategy, models
-from camkd.training import TrainStep
+from camkd.training import TrainStep, build_optimizer, load_optimizer_state
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline.config import Config, validate
 from pipeline.data import preprocessing
@@ -366,8 +366,8 @@ class WorkerRun:
         if cfg.train.channels_last and device.type == "cuda":
             distiller = distiller.to(memory_format=torch.channels_last)
         self.distiller = distiller
-        self.optimizer = torch.optim.SGD(
-            [p for p in distiller.parameters() if p.requires_grad],
+        self.optimizer = build_optimizer(
+            distiller.parameters(),
             lr=cfg.train.resolved_lr(cfg.student.arch),
             momentum=cfg.train.momentum,
             nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
@@ -416,7 +416,7 @@ class WorkerRun:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=self.device, weights_only=True)
         self.distiller.load_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], self.distiller)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_fn.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
