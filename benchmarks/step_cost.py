@@ -63,7 +63,7 @@ def build_optimizer(distiller: torch.nn.Module) -> torch.optim.Optimizer:
     """The trainer's optimizer (the paper recipe)."""
     params = [p for p in distiller.parameters() if p.requires_grad]
     try:
-        from camkd.training import build_optimizer as build
+        from camkd.optim import build_optimizer as build
     except ImportError:  # before the optimizer was built in camkd: the worker's plain SGD
         return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return build(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -7,7 +7,8 @@ import torch
 from conftest import CAMKD_RUN
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from camkd.training import Normalizer, TrainStep, build_optimizer
+from camkd.optim import build_optimizer
+from camkd.training import Normalizer, TrainStep
 from pipeline.config import with_updates
 from pipeline.train import driver, worker
 from pipeline.train.reader import EVAL_VIEW, Slice, items, local_batches

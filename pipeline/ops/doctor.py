@@ -111,7 +111,8 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     on batches of the real shapes, on the worker's device, for `seconds`; samples/s."""
     import torch
 
-    from camkd.training import TrainStep, build_optimizer
+    from camkd.optim import build_optimizer
+    from camkd.training import TrainStep
     from camkd.training import amp_dtype as amp_dtype_for
     from pipeline.train.step import CachedTeachers, DummyBatch, EpochStats, StudentStep
     from pipeline.train.worker import TrainPlan, build_distiller

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from camkd import Distiller, StrategyParams, create_strategy, models
-from camkd.training import TrainStep, build_optimizer, load_optimizer_state
+from camkd.compiled import can_compile_whole
+from camkd.optim import build_optimizer, load_optimizer_state
+from camkd.training import TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline.config import Config, validate
 from pipeline.data import preprocessing
@@ -327,7 +329,9 @@ class WorkerRun:
         self.best_student: dict[str, torch.Tensor] | None = None
         self._restore(ray.train.get_checkpoint())
         model = ray.train.torch.prepare_model(self.distiller, move_to_device=False)
-        self.step_fn.model = torch.compile(model) if cfg.train.compile else model
+        self.step_fn.model = model
+        if cfg.train.compile:
+            self._compile(model)
         placement = {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
         self.placement = self.coll.gather_objects(placement)
         self.opts = plan.reader_options()
@@ -378,6 +382,17 @@ class WorkerRun:
         )
         self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
         self.step_fn = TrainStep(distiller, distiller, self.optimizer, device, self.amp_dtype)
+
+    def _compile(self, model: torch.nn.Module) -> None:
+        """train.compile: the whole step (forward, loss, backward, optimizer) as one graph (`camkd.compiled`);
+        where it cannot be (DDP, fp16), the model alone, as before."""
+        why = can_compile_whole(model, self.optimizer, self.amp_dtype)
+        if why is None:
+            self.step_fn.compile_whole()
+            return
+        if self.rank == 0:
+            say(f"[train] train.compile: the model alone ({why})")
+        self.step_fn.model = torch.compile(model)
 
     def _set_reader_budget(self) -> dict[str, Any]:
         """This worker's share of its node for its Ray Data reader (`pipeline/train/batches.py: apply_reader_budget`);
