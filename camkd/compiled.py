@@ -41,6 +41,8 @@ class CompiledStep:
         self.group = self.optimizer.param_groups[0]
         self.params: list[nn.Parameter] = list(self.group["params"])
         fill_momentum_buffers(self.optimizer)
+        for p in self.params:  # the graph starts from no gradients, as it leaves them (else one more graph)
+            p.grad = None
         device = train_step.device
         self.lr = torch.tensor(float(self.group["lr"]), dtype=torch.float32, device=device)
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)

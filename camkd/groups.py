@@ -85,8 +85,9 @@ class TeacherGroups(nn.Module):
         self.count = len(teacher_shapes)
         self.order = [i for g in self.groups for i in g.members]
         self.in_order = self.order == list(range(self.count))
-        # teacher order → group order, as an index tensor built once (moves with the module)
-        self.register_buffer("to_group_order", torch.tensor(self.order, dtype=torch.long), persistent=False)
+        # teacher order → group order, as an index tensor built once (moves with the module); none when in order
+        order = None if self.in_order else torch.tensor(self.order, dtype=torch.long)
+        self.register_buffer("to_group_order", order, persistent=False)
 
     def forward(self, student_features: Tensor, teacher_features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """→ head logits [K,B,N] and mse [K,B], both in group order (`order`)."""
@@ -117,6 +118,14 @@ class TeacherGroups(nn.Module):
         `heads.<i>.head.*`) into this module's keys (under `prefix + 'teacher_groups.'`). True if it did."""
         if f"{prefix}connectors.0.transfer.0.weight" not in state:
             return False
+        found = sum(
+            1 for k in state if k.startswith(f"{prefix}connectors.") and k.endswith("transfer.0.weight")
+        )
+        if found != self.count:
+            raise ValueError(
+                f"a per-teacher CA-MKD state with {found} connectors cannot load into a strategy of {self.count} "
+                "teachers: load it with the teachers it was trained with"
+            )
         names = {**STACKED, **STACKED_BUFFERS}
         for gi, g in enumerate(self.groups):
             new = f"{prefix}teacher_groups.groups.{gi}."
