@@ -139,17 +139,16 @@ def graph_breaks(setup: Setup) -> tuple[int, int]:
     return breaks, graphs
 
 
-def timed(setups: dict[str, Setup], steps: int, rounds: int, run=None) -> dict[str, float]:
-    """Median seconds per step of each setup; setups interleaved round by round."""
-    run = run or (lambda s: s.one())
-    for s in setups.values():
-        run(s)
-    samples: dict[str, list[float]] = {n: [] for n in setups}
+def timed(runs: dict, steps: int, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each run (a callable doing one step); runs interleaved round by round."""
+    for run in runs.values():
+        run()
+    samples: dict[str, list[float]] = {n: [] for n in runs}
     for _ in range(rounds):
-        for name, s in setups.items():
+        for name, run in runs.items():
             start = time.perf_counter()
             for _ in range(steps):
-                run(s)
+                run()
             samples[name].append((time.perf_counter() - start) / steps)
     return {n: statistics.median(v) for n, v in samples.items()}
 
@@ -188,29 +187,27 @@ def main() -> None:
     k3 = [s for s in strategies if applies(s, 0 if s == "ce" else 3)]
     result["time_vs_ce"] = {}
     for b in [int(x) for x in args.batches.split(",") if x]:
-        setups = {s: Setup(s, 0 if s == "ce" else 3, b, heads) for s in k3}
-        secs = timed(setups, args.steps, args.rounds)
+        secs = timed({s: Setup(s, 0 if s == "ce" else 3, b, heads).one for s in k3}, args.steps, args.rounds)
         result["time_vs_ce"][b] = {s: round(secs[s] / secs["ce"], 3) for s in secs} if "ce" in secs else {}
         print(f"batch {b}: eager step s " + ", ".join(f"{s} {v:.3f}" for s, v in secs.items()), flush=True)
     result["inductor_vs_eager"] = {}
     for s in [x for x in args.inductor.split(",") if x]:
-        setup = Setup(s, 0 if s == "ce" else 3, 64, heads)
-        eager = timed({s: setup}, args.steps, args.rounds)[s]
-        compiled = inductor_step(setup)
-        secs = timed({s: setup}, args.steps, args.rounds, run=compiled)[s]
-        result["inductor_vs_eager"][s] = round(secs / eager, 3)
-        print(f"{s}: inductor {secs:.3f} s/step, eager {eager:.3f} s/step", flush=True)
+        k = 0 if s == "ce" else 3
+        runs = {"eager": Setup(s, k, 64, heads).one, "inductor": inductor_step(Setup(s, k, 64, heads))}
+        secs = timed(runs, args.steps, args.rounds)
+        result["inductor_vs_eager"][s] = round(secs["inductor"] / secs["eager"], 3)
+        print(f"{s}: inductor {secs['inductor']:.3f} s/step, eager {secs['eager']:.3f} s/step", flush=True)
     print(json.dumps(result))
 
 
 def inductor_step(setup: Setup):
-    """The step compiled with inductor as train.compile compiles it; the first call compiles."""
+    """One step of `setup` compiled with inductor as train.compile compiles it (the first call compiles)."""
     compiled = getattr(setup.step, "compiled", None)
     if compiled is not None:
         fn = compiled()
-        return lambda s: fn(s.images, s.labels, s.teachers, EPOCH)
+        return lambda: fn(setup.images, setup.labels, setup.teachers, EPOCH)
     setup.step.model = torch.compile(setup.step.model)
-    return lambda s: s.one()
+    return setup.one
 
 
 if __name__ == "__main__":

@@ -212,6 +212,15 @@ def test_a_legacy_distiller_checkpoint_loads_with_a_clear_message_and_its_optimi
     old = Legacy(64, [(8, 4, 4), (5, 2, 2), (8, 4, 4)], heads)
     old_state = {f"student.{k}": v for k, v in student.state_dict().items()}
     old_state.update({f"strategy.{k}": v for k, v in old.state_dict().items()})
+    two = create_strategy(
+        "camkd",
+        names[:2],
+        student_channels=64,
+        teacher_feature_shapes=[[8, 4, 4], [5, 2, 2]],
+        teacher_heads=heads[:2],
+    )
+    with pytest.raises(ValueError, match="3 connectors cannot load into a strategy of 2 teachers"):
+        Distiller(student, two).load_state_dict(dict(old_state))
     with pytest.warns(UserWarning, match=r"3 teachers: connectors.<i>.\*, heads.<i>.\*.*save it again"):
         distiller.load_state_dict(old_state)
     group0 = strategy.teacher_groups.groups[0].connector
@@ -320,6 +329,17 @@ def test_the_optimizer_is_the_per_parameter_update_in_a_few_ops_whatever_the_par
         ref_opt.step()
         for p, r in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-6)
+    # a state torch's SGD wrote before the late parameters joined (no buffers for them) loads and steps
+    fresh = copy.deepcopy(model)
+    warm = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    for i, p in enumerate(fresh.parameters()):
+        p.grad = None if i >= late else torch.ones_like(p)
+    warm.step()
+    resumed = build_optimizer(fresh.parameters(), lr=0.05, momentum=0.9)
+    resumed.load_state_dict(warm.state_dict())
+    for p in fresh.parameters():
+        p.grad = torch.ones_like(p)
+    resumed.step()
     small = _optimizer_ops(models.create("resnet8", 10, 3))
     heads = [GlobalPoolHead(nn.Linear(256, 100)) for _ in range(3)]
     shapes = [[256, 8, 8]] * 3
