@@ -9,9 +9,12 @@
 #      device) and the Ray path ÷ in-memory ratio, batch 256, cached CA-MKD (3 × resnet32x4 → resnet8x4), with
 #      cached ÷ CE and cached ÷ online in memory
 #   2. in-memory at batch 64; 3. channels_last and 4. bf16 autocast at batch 256
-#   5. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline; 5b. a torch.profiler
+#   5. the whole training step (forward, loss, backward, optimizer) compiled as one graph and replayed as a CUDA
+#      graph (torch.compile mode="reduce-overhead", as `--opts cudagraphs`), CE and cached CA-MKD, batch 64
+#   6. precompute on the GPU: 3 teachers in one pass, bf16, the plain loop and the Ray pipeline; 6b. a torch.profiler
 #      trace of the teacher actor (do its copies to and from the GPU overlap compute? $OUT/profile.tgz, actor/)
-#   6. torch.compile of student + strategy at batch 256, 7. the same with channels_last
+#   7. train.compile (the whole step as one graph) at batch 256, 8. the same with channels_last,
+#   9. the CUDA-graph variant at batch 256
 # STEPS=ray_b256,precompute_bf16 runs only the steps named; RAY_VARIANTS=compile,pin_off adds Ray-path CA-MKD runs
 # with those config changes (benchmarks/train_throughput.py --ray-variants); PROFILE=1 profiles 20 steps of epoch 2
 # of each Ray-path run (torch.profiler tables and traces, $OUT/profile.tgz); PRECOMPUTE_IMAGES sizes step 5.
@@ -59,6 +62,7 @@ step inmem_b64 60 $tt --batch 64 --steps 40 --rounds 3 --skip-ray
 step inmem_b256_channels_last 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts channels_last
 step inmem_b256_bf16 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --amp bf16
+step inmem_b64_cudagraphs 200 $tt --batch 64 --steps 40 --rounds 3 --skip-ray --modes ce,cached --opts cudagraphs
 step precompute_bf16 150 python3 benchmarks/precompute.py --device cuda --precision bf16 --images "${PRECOMPUTE_IMAGES:-16384}" \
   --batch 512 --rows-per-part 1024 --threads 8
 step actor_trace 120 python3 benchmarks/actor_trace.py --device cuda --precision bf16 --rows 2048 --batch 512 \
@@ -66,5 +70,6 @@ step actor_trace 120 python3 benchmarks/actor_trace.py --device cuda --precision
 step inmem_b256_compile 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts compile
 step inmem_b256_compile_channels_last 150 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts compile,channels_last
+step inmem_b256_cudagraphs 200 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached --opts cudagraphs
 [[ -d /tmp/camkd-profile ]] && tar czf "$OUT/profile.tgz" -C /tmp camkd-profile
 cat "$OUT/results.jsonl"

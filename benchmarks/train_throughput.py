@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from camkd import Distiller, TeacherOutputs, create_strategy, models
+from camkd.optim import build_optimizer
 from camkd.training import TrainStep, amp_dtype, normalize
 
 TEACHER, STUDENT, CLASSES, K = "resnet32x4", "resnet8x4", 100, 3
@@ -44,13 +45,7 @@ def build(strategy: str, device, teachers):
             "teacher_heads": [t.head for t in teachers],
         }
     distiller = Distiller(student, create_strategy(strategy, names, **kwargs)).to(device)
-    opt = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-    )
+    opt = build_optimizer(distiller.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return distiller, opt
 
 
@@ -73,8 +68,8 @@ class InMemoryRun:
         if self.channels_last:  # as the worker does with train.channels_last
             distiller = distiller.to(memory_format=torch.channels_last)
         self.step = TrainStep(distiller, distiller, opt, device, dtype)
-        if "compile" in opts:  # as the worker does with train.compile
-            self.step.model = torch.compile(self.step.model)
+        if "compile" in opts or "cudagraphs" in opts:  # as train.compile does: the whole step as one graph
+            self.step.compile_whole(mode="reduce-overhead" if "cudagraphs" in opts else None)
         self.i = 0
 
     def one(self) -> None:
@@ -101,8 +96,7 @@ class InMemoryRun:
                     torch.stack([t.forward_head(f) for t, f in zip(self.teachers, fm)]).float(),
                     [f.float() for f in fm],
                 )
-        loss, *_ = self.step.forward(x, self.labels[sl], out, epoch=1)
-        self.step.backward_and_step(loss, epoch=1)
+        self.step.run(x, self.labels[sl], out, epoch=1)
 
     def rate(self, steps: int) -> float:
         if self.device.type == "cuda":
@@ -121,7 +115,7 @@ def in_memory_rates(
     """Median samples/s per mode; modes are interleaved round by round so drift (clock, caches) hits all alike."""
     runs = {m: InMemoryRun(m, images, labels, teachers, cached, batch, device, dtype, opts) for m in modes}
     for run in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernel selection, torch.compile
-        for _ in range(3 if "compile" not in opts else 6):
+        for _ in range(6 if opts & {"compile", "cudagraphs"} else 3):
             run.one()
     samples: dict[str, list[float]] = {m: [] for m in runs}
     for _ in range(rounds):
@@ -265,13 +259,14 @@ def main() -> None:
     ap.add_argument(
         "--opts",
         default="",
-        help="in-memory step options, comma-separated: channels_last (GPU), compile (torch.compile)",
+        help="in-memory step options, comma-separated: channels_last (GPU), compile (the whole step as one "
+        "torch.compile graph, as train.compile), cudagraphs (the same with mode='reduce-overhead': CUDA graphs)",
     )
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     opts = frozenset(o for o in args.opts.split(",") if o)
     unknown = [m for m in modes if m not in ("ce", "cached", "online")] + sorted(
-        opts - {"channels_last", "compile"}
+        opts - {"channels_last", "compile", "cudagraphs"}
     )
     variants = tuple(v for v in args.ray_variants.split(",") if v)
     unknown += [v for v in variants if v not in RAY_VARIANTS]
@@ -280,7 +275,7 @@ def main() -> None:
     if unknown or not modes:
         ap.error(
             f"unknown or missing entries {unknown or ['--modes is empty']}; --modes: ce,cached,online; "
-            f"--opts: channels_last,compile; --ray-variants: {','.join(RAY_VARIANTS)}"
+            f"--opts: channels_last,compile,cudagraphs; --ray-variants: {','.join(RAY_VARIANTS)}"
         )
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -5,7 +5,8 @@ notebook with plain tensors. Never imports Ray (a test enforces it).
 """
 
 from camkd import losses
-from camkd.connectors import Connector, build_connectors
+from camkd.connectors import Connector
+from camkd.groups import TeacherGroups
 from camkd.strategies import (
     STRATEGIES,
     Distiller,
@@ -26,8 +27,8 @@ __all__ = [
     "Strategy",
     "StrategyOutput",
     "StrategyParams",
+    "TeacherGroups",
     "TeacherOutputs",
-    "build_connectors",
     "create_strategy",
     "losses",
     "strategy_class",

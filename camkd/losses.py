@@ -37,14 +37,18 @@ def _check_teacher_logits(teacher_logits: Tensor, student_logits: Tensor | None 
         )
 
 
+def _denominator(k: int, b: int, normalize: Normalize) -> int:
+    if normalize == "official":
+        return b * k
+    if normalize == "mean":
+        return b
+    raise ValueError(f"normalize must be 'official' or 'mean', got {normalize!r}")
+
+
 def _reduce(weighted: Tensor, normalize: Normalize) -> Tensor:
     """weighted: [K,B] per-teacher, per-sample weighted terms."""
     k, b = weighted.shape
-    if normalize == "official":
-        return weighted.sum() / (b * k)
-    if normalize == "mean":
-        return weighted.sum() / b
-    raise ValueError(f"normalize must be 'official' or 'mean', got {normalize!r}")
+    return weighted.sum() / _denominator(k, b, normalize)
 
 
 def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -56,8 +60,31 @@ def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         )
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    p_t = F.softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(log_p_s.expand_as(p_t), p_t, reduction="none").sum(-1) * (t * t)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * (t * t)
+
+
+def weighted_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None,
+    temperature: float = 4.0,
+    normalize: Normalize = "official",
+) -> Tensor:
+    """Σ_k Σ_i w_ik·kl_ik / (B·K) ("official") or / B ("mean"); kl_ik = `kl_per_sample`, w = 1 when None.
+
+    student [B,C], teachers [K,B,C], weights [K,B] (no gradient) → scalar. The weights scale the teacher's
+    distribution before the class sum, and τ² and the denominator are one factor: the fewest ops for the step.
+    """
+    _check_teacher_logits(teacher_logits, student_logits)
+    k, b, _ = teacher_logits.shape
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    p_t = log_p_t.exp()
+    if weights is not None:
+        p_t = p_t * (weights.detach() if weights.requires_grad else weights).unsqueeze(-1)
+    return (p_t * (log_p_t - log_p_s)).sum() * (t * t / _denominator(k, b, normalize))
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -67,7 +94,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"kd_loss expects student_logits [B,C] and teacher_logits [B,C] of one shape, "
             f"got {_shape(student_logits)} and {_shape(teacher_logits)}"
         )
-    return kl_per_sample(student_logits, teacher_logits, temperature).sum() / student_logits.shape[0]
+    return weighted_kl(student_logits, teacher_logits.unsqueeze(0), None, temperature)
 
 
 def confidence_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
@@ -85,7 +112,7 @@ def confidence_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
         )
     _check_labels(labels, b, f"teacher_logits {_shape(teacher_logits)}")
     ce = F.cross_entropy(teacher_logits.float().reshape(k * b, c), labels.repeat(k), reduction="none")
-    return (1.0 - F.softmax(ce.view(k, b), dim=0)) / (k - 1)
+    return torch.rsub(F.softmax(ce.view(k, b), dim=0), 1.0 / (k - 1), alpha=1.0 / (k - 1))  # (1 − s)/(K − 1)
 
 
 def camkd_kd_loss(
@@ -104,7 +131,39 @@ def camkd_kd_loss(
     _check_teacher_logits(teacher_logits, student_logits)
     if weights is None:
         weights = confidence_weights(teacher_logits.detach(), labels)
-    return _reduce(weights.detach() * kl_per_sample(student_logits, teacher_logits, temperature), normalize)
+    return weighted_kl(student_logits, teacher_logits, weights, temperature, normalize)
+
+
+def feature_mse(connected: Tensor, teacher: Tensor) -> Tensor:
+    """mse = mean over C,H,W of (e − h)², in float32: [...,C,H,W] twice (any float dtypes; e.g. [K,B,C,H,W])
+    → [...] (e.g. [K,B])."""
+    if connected.shape != teacher.shape or connected.dim() < 4:
+        raise ValueError(
+            f"connected student features {_shape(connected)} and teacher features {_shape(teacher)} must have "
+            "one shape [...,B,C,H,W]"
+        )
+    # aten's mse_loss without reduction: one op forward and one backward (sub + pow: two and three)
+    return torch.ops.aten.mse_loss(connected.float(), teacher, 0).mean((-3, -2, -1))
+
+
+def weighted_feature_loss(
+    mse: Tensor,
+    head_logits: Tensor,
+    labels: Tensor,
+    normalize: Normalize = "official",
+    weights: Tensor | None = None,
+) -> Tensor:
+    """CA-MKD's intermediate term from per-teacher feature MSEs. mse [K,B], head_logits [K,B,C] → scalar.
+
+    u = confidence_weights(head_logits, labels) is NOT detached (as in the official code, gradient flows through
+    the frozen heads), unless precomputed `weights` [K,B] are given. L = Σ_i Σ_k u_ik·mse_ik / (B·K).
+    The teachers may come in any order, as long as mse, head_logits and weights share it.
+    """
+    if head_logits.dim() != 3 or mse.shape != head_logits.shape[:2]:
+        raise ValueError(f"mse {_shape(mse)} and head_logits {_shape(head_logits)} must be [K,B] and [K,B,C]")
+    if weights is None:
+        weights = confidence_weights(head_logits, labels)
+    return _reduce(weights * mse, normalize)
 
 
 def camkd_feature_loss(
@@ -115,12 +174,12 @@ def camkd_feature_loss(
     normalize: Normalize = "official",
     weights: Tensor | None = None,
 ) -> Tensor:
-    """Confidence-weighted intermediate (feature) loss.
+    """Confidence-weighted intermediate (feature) loss, teacher by teacher.
 
     connected_student_feats: K tensors [B,C_k,H_k,W_k], the student map after teacher k's connector.
     teacher_feats: K tensors of the same shapes. head_logits [K,B,C]: teacher k's frozen head applied to the
-    connected student feature k. u = confidence_weights(head_logits, labels) is NOT detached (as in the official
-    code, gradient flows through the frozen heads). mse_ik = mean over C,H,W. L = Σ_i Σ_k u_ik·mse_ik / (B·K).
+    connected student feature k. See `weighted_feature_loss` (the strategy computes the MSEs of teachers of one
+    shape stacked, `feature_mse`).
     """
     k = len(teacher_feats)
     if len(connected_student_feats) != k:
@@ -137,16 +196,13 @@ def camkd_feature_loss(
                 f"teacher {i}: connected student feature {_shape(s)} does not match teacher feature {_shape(t)} "
                 f"(batch {b} from head_logits)"
             )
-        mse.append((s.float() - t.float()).pow(2).reshape(b, -1).mean(-1))
-    if weights is None:
-        weights = confidence_weights(head_logits, labels)
-    return _reduce(weights * torch.stack(mse), normalize)
+        mse.append(feature_mse(s, t))
+    return weighted_feature_loss(torch.stack(mse), head_logits, labels, normalize, weights)
 
 
 def aver_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """AVER: mean over teachers of batchmean τ²·KL. student [B,C], teachers [K,B,C] → scalar."""
-    _check_teacher_logits(teacher_logits, student_logits)
-    return kl_per_sample(student_logits, teacher_logits, temperature).sum(-1).mean() / student_logits.shape[0]
+    return weighted_kl(student_logits, teacher_logits, None, temperature)
 
 
 def entropy_weights(teacher_logits: Tensor) -> Tensor:
@@ -174,7 +230,7 @@ def ebkd_kd_loss(
         _check_labels(labels, student_logits.shape[0], f"student_logits {_shape(student_logits)}")
     if weights is None:
         weights = entropy_weights(teacher_logits.detach())
-    return _reduce(weights * kl_per_sample(student_logits, teacher_logits, temperature), "official")
+    return weighted_kl(student_logits, teacher_logits, weights, temperature)
 
 
 def dkd_loss(
@@ -187,30 +243,30 @@ def dkd_loss(
 ) -> Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): α·TCKD + β·NCKD, each batchmean and scaled by τ².
 
-    teacher_logits is [B,C] (one teacher) or [K,B,C] (several: the mean of the per-teacher DKD losses).
+    teacher_logits is [B,C] (one teacher) or [K,B,C] (several: the mean of the per-teacher DKD losses, computed
+    on the stacked teachers at once).
     """
     if teacher_logits.dim() == 3:
         _check_teacher_logits(teacher_logits, student_logits)
-        return torch.stack(
-            [dkd_loss(student_logits, t, labels, temperature, alpha, beta) for t in teacher_logits]
-        ).mean()
-    if teacher_logits.shape != student_logits.shape or student_logits.dim() != 2:
+    elif teacher_logits.shape != student_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             f"dkd_loss expects student_logits [B,C] and teacher_logits [B,C] or [K,B,C], "
             f"got {_shape(student_logits)} and {_shape(teacher_logits)}"
         )
-    b = student_logits.shape[0]
+    else:
+        teacher_logits = teacher_logits.unsqueeze(0)
+    k, b, c = teacher_logits.shape
     _check_labels(labels, b, f"student_logits {_shape(student_logits)}")
     t = float(temperature)
     s_scaled, t_scaled = student_logits.float() / t, teacher_logits.float() / t
-    gt = F.one_hot(labels, student_logits.shape[1]).bool()
+    gt = F.one_hot(labels, c).bool()
     # Target-class KD: binary distribution (p_gt, 1 − p_gt).
     p_s, p_t = F.softmax(s_scaled, -1), F.softmax(t_scaled, -1)
     bin_s = torch.stack([(p_s * gt).sum(-1), (p_s * ~gt).sum(-1)], -1).clamp_min(1e-12)
     bin_t = torch.stack([(p_t * gt).sum(-1), (p_t * ~gt).sum(-1)], -1)
-    tckd = F.kl_div(bin_s.log(), bin_t, reduction="sum") * (t * t) / b
+    tckd = F.kl_div(bin_s.log().expand_as(bin_t), bin_t, reduction="sum")
     # Non-target-class KD: distributions over the other classes only.
     log_q_s = F.log_softmax(s_scaled - 1000.0 * gt, -1)
     q_t = F.softmax(t_scaled - 1000.0 * gt, -1)
-    nckd = F.kl_div(log_q_s, q_t, reduction="sum") * (t * t) / b
-    return alpha * tckd + beta * nckd
+    nckd = F.kl_div(log_q_s.expand_as(q_t), q_t, reduction="sum")
+    return (alpha * tckd + beta * nckd) * (t * t / (b * k))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camkd import losses
-from camkd.connectors import build_connectors
+from camkd.groups import TeacherGroups
+from camkd.heads import FrozenHead  # noqa: F401  (its home before camkd.heads)
 
 FeatureWeights = Literal["official", "detached", "logit"]
 
@@ -70,22 +71,6 @@ class StrategyOutput:
     loss: Tensor  # scalar, differentiable
     terms: dict[str, Tensor]  # named detached scalars: loss, ce, kd, inter, weight/<teacher>, ...
     weights: Tensor | None = None  # [K,B] per-sample logit weights (detached), for per-class statistics
-
-
-class FrozenHead(nn.Module):
-    """A teacher's classifier head (global pool + fc) that never trains and stays in eval mode."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head.eval()
-        for p in self.head.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> FrozenHead:
-        return super().train(False)
-
-    def forward(self, feature_map: Tensor) -> Tensor:
-        return self.head(feature_map)
 
 
 class Strategy(nn.Module):
@@ -148,9 +133,48 @@ class Strategy(nn.Module):
             )
         return t.float()
 
-    def _weight_terms(self, prefix: str, weights: Tensor) -> dict[str, Tensor]:
-        means = weights.detach().float().mean(1)
-        return {f"{prefix}/{name}": means[i] for i, name in enumerate(self.teacher_names)}
+    def _output(
+        self,
+        loss: Tensor,
+        scalars: dict[str, Tensor],
+        weight_sets: Sequence[tuple[str, Tensor, Sequence[str]]] = (),
+        weights: Tensor | None = None,
+    ) -> StrategyOutput:
+        """The output with its named terms: the scalars, then {prefix/teacher: mean weight} of each weight set,
+        detached, from one stack, one mean per set, one cat and one unbind, whatever the number of teachers."""
+        names = list(scalars)
+        with torch.no_grad():
+            parts = [torch.stack(list(scalars.values()))]
+            for prefix, w, teacher_names in weight_sets:
+                parts.append(w.float().mean(1))
+                names += [f"{prefix}/{n}" for n in teacher_names]
+            values = (torch.cat(parts) if len(parts) > 1 else parts[0]).unbind()
+        return StrategyOutput(loss, dict(zip(names, values)), _detached(weights))
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return t.detach() if t is not None and t.requires_grad else t
+
+
+def _times(factor: float | Tensor, term: Tensor) -> Tensor:
+    """factor·term, with no op where the factor is the number 1."""
+    return term if isinstance(factor, float | int) and factor == 1 else factor * term
+
+
+def _from_epoch(epoch: int | Tensor, start: int, value: float) -> float | Tensor:
+    """`value` from epoch `start` on, else 0. A tensor epoch (a compiled step) gives a tensor: one graph for
+    every epoch."""
+    if isinstance(epoch, Tensor):
+        return (epoch >= start) * value
+    return value if epoch >= start else 0.0
+
+
+def _ramp(epoch: int | Tensor, epochs: int) -> float | Tensor:
+    """min((epoch + 1) / epochs, 1): a linear warm-up (a tensor for a tensor epoch)."""
+    epochs = max(epochs, 1)
+    if isinstance(epoch, Tensor):
+        return ((epoch + 1) / epochs).clamp(max=1.0)
+    return min((epoch + 1) / epochs, 1.0)
 
 
 class CE(Strategy):
@@ -162,24 +186,30 @@ class CE(Strategy):
 
     def forward(self, student_logits, student_features, labels, teachers, epoch):
         ce = F.cross_entropy(student_logits.float(), labels)
-        return StrategyOutput(ce, {"loss": ce.detach(), "ce": ce.detach()})
+        return self._output(ce, {"loss": ce, "ce": ce})
 
 
 class _LogitStrategy(Strategy):
     needs_logits = True
 
-    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, epoch: int):
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, epoch):
+        """→ (the KD term, scalar; per-sample teacher weights [K,B], for the reports)."""
         raise NotImplementedError
 
-    def forward(self, student_logits, student_features, labels, teachers, epoch):
+    def logit_terms(
+        self, student_logits, labels, teachers, epoch
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """→ (γ·CE + α·KD, the named scalars, the teacher weights)."""
         p = self.params
         teacher_logits = self._logits(teachers, student_logits)
         ce = F.cross_entropy(student_logits.float(), labels)
         kd, weights = self.kd_term(student_logits, teacher_logits, labels, epoch)
-        loss = p.gamma * ce + p.alpha * kd
-        terms = {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach()}
-        terms.update(self._weight_terms("weight", weights))
-        return StrategyOutput(loss, terms, weights.detach())
+        loss = _times(p.gamma, ce) + _times(p.alpha, kd)
+        return loss, {"loss": loss, "ce": ce, "kd": kd}, weights
+
+    def forward(self, student_logits, student_features, labels, teachers, epoch):
+        loss, scalars, weights = self.logit_terms(student_logits, labels, teachers, epoch)
+        return self._output(loss, scalars, [("weight", weights, self.teacher_names)], weights)
 
 
 class KD(_LogitStrategy):
@@ -224,9 +254,9 @@ class DKD(_LogitStrategy):
 
     def kd_term(self, student_logits, teacher_logits, labels, epoch):
         p = self.params
-        ramp = min((epoch + 1) / max(p.dkd_warmup_epochs, 1), 1.0)
-        kd = ramp * losses.dkd_loss(
-            student_logits, teacher_logits, labels, p.temperature, p.dkd_alpha, p.dkd_beta
+        kd = _times(
+            _ramp(epoch, p.dkd_warmup_epochs),
+            losses.dkd_loss(student_logits, teacher_logits, labels, p.temperature, p.dkd_alpha, p.dkd_beta),
         )
         k, b = teacher_logits.shape[:2]
         return kd, torch.full((k, b), 1.0 / k, device=student_logits.device)
@@ -252,7 +282,10 @@ class CAMKDLogits(_LogitStrategy):
 
 
 class CAMKD(CAMKDLogits):
-    """Full CA-MKD: confidence-weighted KD plus the confidence-weighted intermediate (feature) term."""
+    """Full CA-MKD: confidence-weighted KD plus the confidence-weighted intermediate (feature) term.
+
+    Teachers of one feature shape are one group (`camkd.groups`): one stacked connector and their frozen heads
+    as one batched op, so a teacher of an existing shape adds data, not ops."""
 
     name = "camkd"
     needs_features = True
@@ -277,38 +310,46 @@ class CAMKD(CAMKDLogits):
                 f"strategy 'camkd' got {k} teachers but {len(teacher_feature_shapes)} feature shapes "
                 f"and {len(teacher_heads)} heads"
             )
-        self.connectors = build_connectors(student_channels, teacher_feature_shapes)
-        self.heads = nn.ModuleList(FrozenHead(h) for h in teacher_heads)
+        self.teacher_groups = TeacherGroups(student_channels, teacher_feature_shapes, teacher_heads)
+        self.register_load_state_dict_pre_hook(_convert_legacy_state)
 
     def idle_parameters(self, epoch: int) -> Iterator[nn.Parameter]:
         if epoch < self.params.inter_warmup_epochs:
-            yield from self.connectors.parameters()
+            yield from (p for p in self.teacher_groups.parameters() if p.requires_grad)
 
-    def forward(self, student_logits, student_features, labels, teachers, epoch):
-        out = super().forward(student_logits, student_features, labels, teachers, epoch)
+    def feature_term(self, student_features, labels, teachers, logit_weights) -> tuple[Tensor, Tensor]:
+        """→ (L_inter, its per-sample weights [K,B] in group order)."""
         if teachers.features is None or len(teachers.features) != len(self.teacher_names):
             raise ValueError("strategy 'camkd' needs one feature map per teacher")
-        connected = [c(student_features) for c in self.connectors]
-        head_logits = torch.stack([h(e) for h, e in zip(self.heads, connected)])
+        groups = self.teacher_groups  # teachers of one feature shape stacked; results in group order
+        head_logits, mse = groups(student_features, teachers.features)
         mode = self.params.feature_weights
         if mode == "official":
-            feat_weights = losses.confidence_weights(head_logits, labels)
+            weights = losses.confidence_weights(head_logits, labels)
         elif mode == "detached":
-            feat_weights = losses.confidence_weights(head_logits.detach(), labels)
+            weights = losses.confidence_weights(head_logits.detach(), labels)
         elif mode == "logit":
-            feat_weights = out.weights
+            weights = groups.in_group_order(logit_weights)
         else:
             raise ValueError(f"feature_weights must be 'official', 'detached' or 'logit', got {mode!r}")
-        inter = losses.camkd_feature_loss(
-            connected, teachers.features, head_logits, labels, self.params.normalize, weights=feat_weights
-        )
+        return losses.weighted_feature_loss(mse, head_logits, labels, self.params.normalize, weights), weights
+
+    def forward(self, student_logits, student_features, labels, teachers, epoch):
+        loss, scalars, weights = self.logit_terms(student_logits, labels, teachers, epoch)
+        inter, feat_weights = self.feature_term(student_features, labels, teachers, weights)
         # Before the warm-up ends the term is computed (as the official code does) but not used: multiplying
         # by zero keeps every parameter in the autograd graph, which DistributedDataParallel requires.
-        beta = self.params.beta if epoch >= self.params.inter_warmup_epochs else 0.0
-        loss = out.loss + beta * inter
-        out.terms.update(loss=loss.detach(), inter=inter.detach())
-        out.terms.update(self._weight_terms("feat_weight", feat_weights))
-        return StrategyOutput(loss, out.terms, out.weights)
+        beta = _from_epoch(epoch, self.params.inter_warmup_epochs, self.params.beta)
+        loss = loss + beta * inter if isinstance(beta, Tensor) else loss.add(inter, alpha=beta)
+        scalars.update(loss=loss, inter=inter)
+        group_names = [self.teacher_names[i] for i in self.teacher_groups.order]
+        sets = [("weight", weights, self.teacher_names), ("feat_weight", feat_weights, group_names)]
+        return self._output(loss, scalars, sets, weights)
+
+
+def _convert_legacy_state(module: CAMKD, state: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: a per-teacher state of camkd <= 0.1 is converted (with a warning)."""
+    module.teacher_groups.convert_legacy_state(state, prefix)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

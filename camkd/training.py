@@ -42,7 +42,26 @@ class TrainStep:
     ) -> None:
         self.model, self.distiller, self.optimizer = model, distiller, optimizer
         self.device, self.dtype = device, dtype
-        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.whole = None  # the whole step as one compiled graph (`compile_whole`), else eager
+
+    def compiled(self, backend: str = "inductor", mode: str | None = None):
+        """This step (forward, loss, backward, optimizer) as one compiled graph: a `camkd.compiled.CompiledStep`."""
+        from camkd.compiled import CompiledStep
+
+        return CompiledStep(self, backend=backend, mode=mode)
+
+    def compile_whole(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """From now on `run` is one compiled graph (see `camkd.compiled`)."""
+        self.whole = self.compiled(backend, mode)
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs, epoch: int):
+        """forward, backward and the optimizer's step → (loss, student logits, named terms, teacher weights)."""
+        if self.whole is not None:
+            return self.whole(images, labels, teachers, epoch)
+        out = self.forward(images, labels, teachers, epoch)
+        self.backward_and_step(out[0], epoch)
+        return out
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs, epoch: int):
         """→ (loss, student logits, named terms, per-sample teacher weights or None)."""

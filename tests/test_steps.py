@@ -8,6 +8,7 @@ import torch
 from conftest import CAMKD_RUN
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from camkd.optim import build_optimizer
 from camkd.training import Normalizer, TrainStep
 from pipeline.config import with_updates
 from pipeline.train import driver, model
@@ -63,26 +64,32 @@ def _batches(read, units, view: int, epoch: int, batch: int, n: int) -> list[dic
     return out
 
 
-def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
-    """Real cached CA-MKD steps (logit and feature terms, the authors' undetached weights) on real batches from the
-    cache, between two `nan_check_every` checks: no op in them waits for the device or copies host data to it;
-    nor does scoring a batch. The first step runs before the window (it builds each device's constants once, as
-    the first step after a check does on a GPU). Fails with constants built from Python lists on every call."""
+def _camkd_step(cached, dtype):
+    """A real cached CA-MKD step (logit and feature terms, the authors' undetached weights) as the worker builds it
+    (its optimizer from camkd.training.build_optimizer), the plan, the read plan and a fresh EpochStats."""
     cfg = with_updates(cached[0], CAMKD_RUN)
     meta = cached[2]
     plan = driver.make_plan(cfg, meta, "/nonexistent")
     read = plan.read_plan("train", with_teachers=True)
     distiller = model.build_distiller(plan, cfg)
-    optimizer = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad], lr=0.05, momentum=0.9, nesterov=True
-    )
+    optimizer = build_optimizer(distiller.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     device = torch.device("cpu")
-    step_fn = TrainStep(distiller, distiller, optimizer, device, None)
+    step_fn = TrainStep(distiller, distiller, optimizer, device, dtype)
     normalizer = Normalizer(plan.spec["mean"], plan.spec["std"])
     step = StudentStep(step_fn, normalizer, CachedTeachers(read, meta.num_classes), channels_last=False)
+    return step, plan, read, EpochStats(device, 2, meta.num_classes)
+
+
+def test_cached_camkd_steps_and_scoring_make_no_host_sync(cached):
+    """Real cached CA-MKD steps on real batches from the cache, between two `nan_check_every` checks: no op in
+    them waits for the device or copies host data to it; nor does scoring a batch. The first step runs before the
+    window (it builds each device's constants once, as the first step after a check does on a GPU). Fails with
+    constants built from Python lists on every call."""
+    step, plan, read, stats = _camkd_step(cached, None)
+    distiller, normalizer = step.step_fn.distiller, step.normalizer
+    device = torch.device("cpu")
     units = [Slice(**u) for u in plan.train_units]
     batches = _batches(read, units, view=1, epoch=1, batch=32, n=4)
-    stats = EpochStats(device, 2, meta.num_classes)
     step(batches[0], 1, stats)  # epoch 1: the feature term is on (it sits out epoch 0)
     with SyncRecorder() as recorder:
         for batch in batches[1:]:
@@ -125,3 +132,25 @@ def test_the_epoch_totals_are_named_fields_of_one_reduction():
     assert rec["train_top1"] == 0.75 and rec["val_top1"] == 1.0 and rec["input_wait"] == 1.5
     assert rec["terms"] == {"train_loss": 2.0, "train_ce": 1.5, "weight/a": pytest.approx(0.6)}
     assert rec["class_weight"] == {"a": [0.25, 0.5, 1.0], "b": [0.75, 0.5, 0.0]}
+
+
+def test_fp16_steps_keep_the_grad_scaler_on_the_device(cached):
+    """`train.amp: fp16` (V100, T4): the GradScaler is on (here on CPU, where autocast and the scaler also run in
+    float16) and its bookkeeping stays on the device: the fused optimizer skips a step with non-finite gradients
+    itself, so no step reads `found_inf` on the host (torch's per-parameter SGD makes the scaler do, every
+    step). Its scale still moves: a step with an infinite loss halves it."""
+    step, plan, read, stats = _camkd_step(cached, torch.float16)
+    scaler = step.step_fn.scaler
+    assert scaler.is_enabled(), "the fp16 path runs with its GradScaler"
+    batches = _batches(read, [Slice(**u) for u in plan.train_units], view=1, epoch=1, batch=16, n=3)
+    step(batches[0], 1, stats)
+    with SyncRecorder() as recorder:
+        for batch in batches[1:]:
+            step(batch, 1, stats)
+    assert "aten._amp_update_scale_" in recorder.ops
+    assert recorder.found == [], f"host syncs on the fp16 step path: {sorted(set(recorder.found))}"
+    scale = float(scaler.get_scale())
+    with torch.no_grad():  # a weight gone infinite: a non-finite loss and gradients
+        step.step_fn.distiller.student.fc.weight[0, 0] = float("inf")
+    step(batches[1], 1, stats)
+    assert float(scaler.get_scale()) == scale / 2, "the non-finite step halved the scale"

@@ -77,12 +77,14 @@ def test_camkd_intermediate_term_is_off_in_the_first_epoch_and_gradients_reach_c
         terms1["ce"].item() + terms1["kd"].item() + 50 * terms1["inter"].item(), rel=1e-5
     )
     loss1.backward()
-    conn = strategy.connectors[0].transfer[0].weight
+    groups = strategy.teacher_groups.groups  # the three teachers' maps are all [64,8,8]: one stacked group
+    assert [g.members for g in groups] == [(0, 1, 2)]
+    conn = groups[0].connector.conv.weight
     assert conn.grad is not None and conn.grad.abs().sum() > 0
-    # teacher heads are frozen and stay in eval mode
-    assert all(not p.requires_grad for p in strategy.heads.parameters())
+    # teacher heads are frozen and stay out of training
+    assert all(not p.requires_grad for g in groups for p in g.heads.parameters())
     distiller.train()
-    assert not strategy.heads[0].training
+    assert all(not m.training for g in groups for m in g.heads.modules() if hasattr(m, "head"))
     assert {f"feat_weight/{n}" for n in "abc"} <= set(terms1)
 
 

@@ -466,7 +466,11 @@ class TrainConfig(Strict):
     channels_last: bool = Field(
         False, description="GPU: channels_last memory format for student + connectors"
     )
-    compile: bool = Field(False, description="torch.compile the student + strategy")
+    compile: bool = Field(
+        False,
+        description="torch.compile the whole training step (forward, loss, backward, optimizer) as one graph; "
+        "with several workers (DDP) or fp16, the student + strategy only",
+    )
     max_failures: int = Field(
         3, ge=-1, description="worker-group restarts from the last checkpoint; -1: always"
     )

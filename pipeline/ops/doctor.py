@@ -189,6 +189,7 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     on batches of the real shapes, on the worker's device, for `seconds`; samples/s."""
     import torch
 
+    from camkd.optim import build_optimizer
     from camkd.training import TrainStep
     from camkd.training import amp_dtype as amp_dtype_for
     from pipeline.train.model import build_distiller
@@ -200,7 +201,9 @@ def _step_probe(plan_dict: dict, seconds: float) -> dict[str, Any]:
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     distiller = build_distiller(plan, cfg).to(device)
-    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    optimizer = build_optimizer(
+        distiller.parameters(), lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0
+    )
     amp = amp_dtype_for(cfg.train.amp, device)
     read = plan.read_plan("train", with_teachers=True)
     step = StudentStep(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from camkd import Distiller, create_strategy, models
+from camkd.optim import build_optimizer, load_optimizer_state
 from camkd.training import TrainStep
 from camkd.training import amp_dtype as amp_dtype_for
 from pipeline.config import Config
@@ -83,8 +84,8 @@ class StudentTraining:
         distiller = distiller.to(device)
         if cfg.train.channels_last and device.type == "cuda":
             distiller = distiller.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(
-            [p for p in distiller.parameters() if p.requires_grad],
+        optimizer = build_optimizer(
+            distiller.parameters(),
             lr=cfg.train.resolved_lr(cfg.student.arch),
             momentum=cfg.train.momentum,
             nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
@@ -100,7 +101,7 @@ class StudentTraining:
     def restore(self, state: RunState) -> None:
         """The distiller, optimizer, schedule and scaler as a checkpoint saved them."""
         self.distiller.load_state_dict(state.distiller)
-        self.optimizer.load_state_dict(state.optimizer)
+        load_optimizer_state(self.optimizer, state.optimizer, self.distiller)
         self.scheduler.load_state_dict(state.scheduler)
         self.step_fn.scaler.load_state_dict(state.scaler)
 

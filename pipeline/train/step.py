@@ -45,7 +45,7 @@ class EpochStats:
             self.names = list(terms)
             self.term_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
             self.bad_terms = torch.zeros(len(self.names), dtype=torch.float32, device=self.device)
-        values = torch.stack([terms[n].detach().float() for n in self.names])
+        values = torch.stack([terms[n] for n in self.names]).float()  # detached already (StrategyOutput)
         n = labels.shape[0]
         self.term_sums += values.double() * n
         self.seen += n
@@ -148,11 +148,8 @@ class StudentStep:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"]
-        loss, logits, terms, weights = self.step_fn.forward(
-            images, labels, self.teachers(batch, images), epoch
-        )
+        loss, logits, terms, weights = self.step_fn.run(images, labels, self.teachers(batch, images), epoch)
         stats.add(terms, loss, logits, labels, weights)
-        self.step_fn.backward_and_step(loss, epoch)
 
 
 @torch.no_grad()

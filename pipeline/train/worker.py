@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from camkd.compiled import can_compile_whole
 from pipeline.data.views import view_for_epoch
 from pipeline.store import storage
 from pipeline.train.batches import apply_reader_budget, budget_line, data_error, torch_batches
@@ -81,7 +82,9 @@ class WorkerRun:
         self.best_student: dict[str, torch.Tensor] | None = None
         self._restore(ray.train.get_checkpoint())
         prepared = ray.train.torch.prepare_model(self.model.distiller, move_to_device=False)
-        self.model.step_fn.model = torch.compile(prepared) if cfg.train.compile else prepared
+        self.model.step_fn.model = prepared
+        if cfg.train.compile:
+            self._compile(prepared)
         self.placement = self.coll.gather_objects(
             {"ip": ray.util.get_node_ip_address(), "node_id": self.node_id}
         )
@@ -105,6 +108,17 @@ class WorkerRun:
         )
         self.reporter = Reporter(plan, self.rank)
         self.val = self.scorer.eval_set(plan.val_split, [Slice(**s) for s in plan.val_slices], keep=True)
+
+    def _compile(self, model: torch.nn.Module) -> None:
+        """train.compile: the whole step (forward, loss, backward, optimizer) as one graph (`camkd.compiled`);
+        where it cannot be (DDP, fp16), the model alone, as before."""
+        why = can_compile_whole(model, self.model.optimizer, self.model.amp_dtype)
+        if why is None:
+            self.model.step_fn.compile_whole()
+            return
+        if self.rank == 0:
+            say(f"[train] train.compile: the model alone ({why})")
+        self.model.step_fn.model = torch.compile(model)
 
     def _student_step(self) -> StudentStep:
         """The step over a batch: teacher outputs from the batch (cached) or from the teachers run here (online)."""
