@@ -24,14 +24,15 @@ import torch
 from camkd.compiled import can_compile_whole
 from pipeline.data.views import view_for_epoch
 from pipeline.store import storage
-from pipeline.train.batches import apply_reader_budget, budget_line, data_error, torch_batches
+from pipeline.train.batches import apply_reader_budget, budget_line, data_error
 from pipeline.train.checkpoint import RunState
 from pipeline.train.collectives import Collectives
 from pipeline.train.epoch_totals import EpochTotals
+from pipeline.train.epochs import EpochStream
 from pipeline.train.model import StudentTraining
 from pipeline.train.plan import TrainPlan
 from pipeline.train.progress import Progress, StepProfiler, say
-from pipeline.train.reader import Slice, epoch_shares, items
+from pipeline.train.reader import Slice
 from pipeline.train.reporting import Reporter
 from pipeline.train.scoring import Scorer
 from pipeline.train.step import (
@@ -172,56 +173,42 @@ class WorkerRun:
                 )
 
     # ------------------------------------------------------------------------------------------ training
-    def _training_stream(self):
-        """One reader for every epoch this run has left: each epoch's share (row groups in an order drawn from
-        (seed, epoch), rows reordered inside each row group), read in that order, epoch after epoch, so no epoch
-        waits for a reader to start. Every share is a multiple of the batch, so epoch e is exactly its
-        `steps[e]` batches (the local shuffle buffer, when on, mixes rows across an epoch boundary)."""
-        cfg, b = self.cfg, self.per_worker_batch
-        read_items: list[dict[str, Any]] = []
-        self.steps: dict[int, int] = {}
-        for epoch in range(self.start_epoch, cfg.train.epochs):
-            share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
-            self.steps[epoch] = sum(s.size for s in share) // b
-            read_items += items(share, view_for_epoch(epoch, cfg.views.count), epoch)
-        shuffle = cfg.train.shuffle_buffer if not cfg.train.deterministic else 0
-        return iter(
-            torch_batches(
-                self.train_read,
-                read_items,
-                self.opts,
-                b,
-                self.device,
-                self.node_id,
-                drop_last=True,
-                prefetch_batches=cfg.train.prefetch_batches,
-                pin_memory=self.pin_memory,
-                shuffle_buffer=shuffle,
-                shuffle_seed=cfg.train.seed * 100_003 + self.start_epoch if shuffle else None,
-            )
+    def _training_stream(self) -> EpochStream:
+        """This worker's reader for every epoch the run has left (`pipeline/train/epochs.py`)."""
+        return EpochStream(
+            self.cfg,
+            self.train_read,
+            self.units,
+            self.opts,
+            self.world,
+            self.rank,
+            self.start_epoch,
+            self.device,
+            self.node_id,
+            self.pin_memory,
         )
 
     def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
         """One epoch over this worker's share; returns its stats and, if a loss went non-finite, why it stopped."""
         if self.stream is None:
             self.stream = self._training_stream()
-        steps = self.steps[epoch]
+        steps = self.stream.steps[epoch]
         stats = EpochStats(self.device, self.k, self.plan.num_classes)
         self.model.step_fn.model.train()
         progress = Progress(self, epoch, steps)
         profiler = StepProfiler(self, epoch, steps)
         try:
-            return self._train_steps(epoch, steps, stats, progress, profiler)
+            return self._train_steps(self.stream.epoch(epoch), epoch, steps, stats, progress, profiler)
         finally:
             profiler.close()
 
     def _train_steps(
-        self, epoch: int, steps: int, stats: EpochStats, progress: Progress, profiler: StepProfiler
+        self, batches, epoch: int, steps: int, stats: EpochStats, progress: Progress, profiler: StepProfiler
     ) -> tuple[EpochStats, str | None]:
         every = self.cfg.train.nan_check_every
         for step in range(steps):
             t0 = time.perf_counter()
-            batch = self._next_batch(self.stream)
+            batch = self._next_batch(batches)
             stats.input_wait += time.perf_counter() - t0
             progress.tick(step, stats.input_wait)
             self.student_step(batch, epoch, stats)
