@@ -9,6 +9,7 @@ from pipeline.config import validate
 from pipeline.data import ingest
 from pipeline.store import storage
 from pipeline.train.collectives import CollectiveDeviceError, Collectives
+from pipeline.train.order import batch_rows
 from pipeline.train.reader import (
     ShuffleBuffer,
     Slice,
@@ -55,6 +56,66 @@ def test_epoch_shares_are_equal_disjoint_new_every_epoch_and_reproducible():
     b = epoch_shares(units, 7, 1, 2, 16)
     assert [s.lo for s in a[0]] != [s.lo for s in b[0]], "a new order every epoch"
     assert [s.lo for s in a[0]] != [s.lo for s in epoch_shares(units, 8, 0, 2, 16)[0]], "and per seed"
+
+
+def test_global_batches_do_not_depend_on_the_worker_count():
+    """A run of 4 lanes (4 workers, or train.lanes 4) resumed on 2 or 1 workers trains on the same global batches
+    (every worker's k-th batch together, as sets) and leaves out the same rows: the plan depends on the lanes, not
+    on the worker count. 4,096 rows in 128-row groups, global batch 64 (the issue's check)."""
+    units = _units(parts=8, rows=512, group=128, last=512)
+    for epoch in (0, 1):
+        seen = {}
+        for world in (4, 2, 1):
+            ranks = [batch_rows(units, 5, epoch, 64, 4, world, r) for r in range(world)]
+            assert {len(r) for r in ranks} == {64} and all(len(b) == 64 // world for r in ranks for b in r)
+            seen[world] = [frozenset(i for r in ranks for i in r[k]) for k in range(64)]
+        assert seen[2] == seen[4] and seen[1] == seen[4], epoch
+        assert all(len(b) == 64 for b in seen[4]) and len(set().union(*seen[4])) == 4096
+    with pytest.raises(ValueError, match="3 worker"):
+        batch_rows(units, 5, 0, 64, 4, 3, 0)
+
+
+def _lru_reads(lanes: list[list[Slice]], files_per_part: int, capacity: int) -> tuple[float, float]:
+    """(file opens, serial round trips) per row group when one process reads `lanes` round-robin, one row group at a
+    time, keeping its last `capacity` open files (tables.open_cached): a row group whose files are all open
+    costs its read (1 round trip); one that opens any pays open, footer, read in series (3)."""
+    from collections import OrderedDict
+
+    cache: OrderedDict = OrderedDict()
+    opens = serial = groups = 0
+    for step in range(max(len(lane) for lane in lanes)):
+        for lane in lanes:
+            if step >= len(lane):
+                continue
+            missed = False
+            for f in range(files_per_part):
+                key = (lane[step].part, f)
+                if key in cache:
+                    cache.move_to_end(key)
+                    continue
+                opens, missed = opens + 1, True
+                cache[key] = True
+                if len(cache) > capacity:
+                    cache.popitem(last=False)
+            serial += 3 if missed else 1
+            groups += 1
+    return opens / groups, serial / groups
+
+
+def test_a_reader_opens_each_file_about_once_per_epoch_at_imagenet_scale():
+    """The ImageNet config's layout (1,251 parts of four 256-row groups; image + 2 teachers = 3 files a part,
+    3,753 per view) with 8 lanes: one process that serves all 8 lanes' reads and keeps the last OPEN_FILES (256)
+    files open opens a file for at most one row group in three and waits for ~1.5 round trips per row group, not
+    ~3 (the row groups of all parts uniformly mixed: ~2.8 opens and ~3 round trips per row group)."""
+    from pipeline.store.tables import OPEN_FILES
+
+    units = _units(parts=1251, rows=1024, group=256, last=1024)
+    for epoch in (0, 1):
+        lanes = epoch_shares(units, 0, epoch, 8, 32)
+        opens, serial = _lru_reads(lanes, 3, OPEN_FILES)
+        assert opens <= 1.0 and serial <= 1.7, (epoch, opens, serial)
+        single = _lru_reads(lanes[:1], 3, OPEN_FILES)
+        assert single[0] <= 1.0 and single[1] <= 1.7, (epoch, single)
 
 
 def test_contiguous_shares_cover_every_evaluation_row_once():
