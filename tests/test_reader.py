@@ -218,6 +218,57 @@ def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_clu
         quiet_ray_data(preserve_order=False)
 
 
+def _epoch_stream(cfg, meta, world, rank, reader="ray_data", lanes=None, **train):
+    """A worker's training stream (`EpochStream`) over the ingested folder from epoch 0: through the Ray Data
+    reader with two read tasks of two row groups each (a budget that small), or two reader threads."""
+    from pipeline.config import with_updates
+    from pipeline.train.batches import ReaderOptions
+    from pipeline.train.epochs import EpochStream
+
+    cfg = with_updates(cfg, {f"train.{k}": v for k, v in train.items()})
+    plan = image_plan(cfg, meta)
+    units = row_group_slices(meta, "train", 0, meta.split("train").rows)
+    opts = ReaderOptions(reader, 0.5, 2, 2, budget_bytes=8 * plan.group_bytes())
+    args = (cfg, plan, units, opts, world, rank, 0, torch.device("cpu"), None)
+    return EpochStream(*args, **({"lanes": lanes} if lanes else {})), units
+
+
+def test_each_epoch_trains_on_exactly_its_own_share(tmp_path, ray_cluster):
+    """train.deterministic false (Ray Data's completion order, with and without the shuffle buffer), two read
+    tasks: the rows each epoch trains on are exactly that epoch's share, no row of the next epoch early and none
+    of this one late (a resumed run would see the early ones again and never the late ones)."""
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    for shuffle in (16, 0):
+        stream, units = _epoch_stream(
+            cfg, meta, 2, 0, epochs=3, batch_size=16, deterministic=False, shuffle_buffer=shuffle, seed=3
+        )
+        for epoch in range(3):
+            got = sorted(int(i) for b in stream.epoch(epoch) for i in b["idx"])
+            want = sorted(_rows(epoch_shares(units, 3, epoch, 2, 8)[0]))
+            assert len(want) == 64 and got == want, (shuffle, epoch)
+
+
+def test_one_worker_reading_two_lanes_trains_on_the_batches_of_two_workers(tmp_path):
+    """The threads reader, no Ray: a run of 2 lanes resumed on 1 worker trains at every step on what its 2 workers
+    trained on together, with the shuffle buffer (mixing each lane within its epoch) and without it (then batch
+    for batch the plan's rows, `order.batch_rows`)."""
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    for deterministic, shuffle in ((True, 0), (False, 32)):
+        train = {"epochs": 2, "batch_size": 16, "deterministic": deterministic, "shuffle_buffer": shuffle}
+        one, units = _epoch_stream(cfg, meta, 1, 0, "threads", lanes=2, **train)
+        two = [_epoch_stream(cfg, meta, 2, r, "threads", lanes=2, **train)[0] for r in (0, 1)]
+        for epoch in (0, 1):
+            alone = [b["idx"].tolist() for b in one.epoch(epoch)]
+            pair = [x["idx"].tolist() + y["idx"].tolist() for x, y in zip(*(s.epoch(epoch) for s in two))]
+            assert len(alone) == len(pair) == 8 and [set(b) for b in alone] == [set(b) for b in pair]
+            plan = batch_rows(units, 0, epoch, 16, 2, 1, 0)
+            if deterministic:
+                assert alone == plan
+            else:
+                assert alone != plan, "the shuffle buffer mixes"
+                assert sorted(i for b in alone for i in b) == sorted(i for b in plan for i in b)
+
+
 def test_the_shuffle_buffer_mixes_rows_across_blocks_and_loses_none():
     blocks = [
         {"idx": np.arange(s, s + 16), "x": np.arange(s, s + 16)[:, None] * [1, 2]} for s in range(0, 160, 16)

@@ -28,8 +28,9 @@ from pipeline.train.batches import apply_reader_budget, budget_line, data_error
 from pipeline.train.checkpoint import RunState
 from pipeline.train.collectives import Collectives
 from pipeline.train.epoch_totals import EpochTotals
-from pipeline.train.epochs import EpochStream
+from pipeline.train.epochs import EpochStream, share_reader_budget
 from pipeline.train.model import StudentTraining
+from pipeline.train.order import resume_lanes, resume_note
 from pipeline.train.plan import TrainPlan
 from pipeline.train.progress import Progress, StepProfiler, say
 from pipeline.train.reader import Slice
@@ -81,6 +82,7 @@ class WorkerRun:
         self.model = StudentTraining.build(plan, cfg, device)
         self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
         self.best_student: dict[str, torch.Tensor] | None = None
+        self.lanes = resume_lanes(cfg.train.lanes, None, self.world)
         self._restore(ray.train.get_checkpoint())
         prepared = ray.train.torch.prepare_model(self.model.distiller, move_to_device=False)
         self.model.step_fn.model = prepared
@@ -141,12 +143,13 @@ class WorkerRun:
         returns what was set (in the first epoch's record)."""
         from pipeline.ops.runtime import quiet_ray_data
 
-        quiet_ray_data(preserve_order=self.cfg.train.deterministic)
+        quiet_ray_data()  # the training readers keep their order themselves (EpochStream)
         s = self.cfg.scaling
         here = sum(1 for p in self.placement if p["node_id"] == self.node_id)
         budget = apply_reader_budget(s, self.opts, self.node_id, here)
         if s.read_budget == "worker":
             self.opts = replace(self.opts, budget_bytes=budget["object_store_bytes"])
+            share_reader_budget(budget, self.lanes // self.world)
         if self.rank == 0 and s.reader == "ray_data":
             say(budget_line(budget))
         return budget
@@ -162,15 +165,14 @@ class WorkerRun:
         self.best, self.best_epoch = state.best, state.best_epoch
         self.best_student = {k: v.cpu() for k, v in state.best_student.items()}
         self.resumes = state.resumes + 1
+        was = state.world or self.world
+        recorded = state.lanes or was
+        self.lanes = resume_lanes(self.cfg.train.lanes, recorded, self.world)
         if self.rank == 0:
             say(f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})")
-            was = state.world or self.world
             if was != self.world:
-                say(
-                    f"[train] resuming with {self.world} worker(s); the checkpoint was written with {was}. The "
-                    f"global batch stays {self.cfg.train.batch_size} ({self.per_worker_batch} per worker now) and "
-                    "each epoch's rows and their order come from (seed, epoch), not from the worker count"
-                )
+                batch = self.cfg.train.batch_size
+                say(resume_note(self.world, was, self.lanes, recorded, batch, self.start_epoch))
 
     # ------------------------------------------------------------------------------------------ training
     def _training_stream(self) -> EpochStream:
@@ -186,6 +188,7 @@ class WorkerRun:
             self.device,
             self.node_id,
             self.pin_memory,
+            self.lanes,
         )
 
     def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
@@ -329,6 +332,7 @@ class WorkerRun:
             best_student=self.best_student,
             resumes=self.resumes,
             world=self.world,
+            lanes=self.lanes,
             rng=torch.get_rng_state(),
             **self.model.state(),
         )
