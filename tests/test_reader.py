@@ -9,6 +9,7 @@ from pipeline.config import validate
 from pipeline.data import ingest
 from pipeline.store import storage
 from pipeline.train.collectives import CollectiveDeviceError, Collectives
+from pipeline.train.order import batch_rows
 from pipeline.train.reader import (
     ShuffleBuffer,
     Slice,
@@ -55,6 +56,66 @@ def test_epoch_shares_are_equal_disjoint_new_every_epoch_and_reproducible():
     b = epoch_shares(units, 7, 1, 2, 16)
     assert [s.lo for s in a[0]] != [s.lo for s in b[0]], "a new order every epoch"
     assert [s.lo for s in a[0]] != [s.lo for s in epoch_shares(units, 8, 0, 2, 16)[0]], "and per seed"
+
+
+def test_global_batches_do_not_depend_on_the_worker_count():
+    """A run of 4 lanes (4 workers, or train.lanes 4) resumed on 2 or 1 workers trains on the same global batches
+    (every worker's k-th batch together, as sets) and leaves out the same rows: the plan depends on the lanes, not
+    on the worker count. 4,096 rows in 128-row groups, global batch 64 (the issue's check)."""
+    units = _units(parts=8, rows=512, group=128, last=512)
+    for epoch in (0, 1):
+        seen = {}
+        for world in (4, 2, 1):
+            ranks = [batch_rows(units, 5, epoch, 64, 4, world, r) for r in range(world)]
+            assert {len(r) for r in ranks} == {64} and all(len(b) == 64 // world for r in ranks for b in r)
+            seen[world] = [frozenset(i for r in ranks for i in r[k]) for k in range(64)]
+        assert seen[2] == seen[4] and seen[1] == seen[4], epoch
+        assert all(len(b) == 64 for b in seen[4]) and len(set().union(*seen[4])) == 4096
+    with pytest.raises(ValueError, match="3 worker"):
+        batch_rows(units, 5, 0, 64, 4, 3, 0)
+
+
+def _lru_reads(lanes: list[list[Slice]], files_per_part: int, capacity: int) -> tuple[float, float]:
+    """(file opens, serial round trips) per row group when one process reads `lanes` round-robin, one row group at a
+    time, keeping its last `capacity` open files (tables.open_cached): a row group whose files are all open
+    costs its read (1 round trip); one that opens any pays open, footer, read in series (3)."""
+    from collections import OrderedDict
+
+    cache: OrderedDict = OrderedDict()
+    opens = serial = groups = 0
+    for step in range(max(len(lane) for lane in lanes)):
+        for lane in lanes:
+            if step >= len(lane):
+                continue
+            missed = False
+            for f in range(files_per_part):
+                key = (lane[step].part, f)
+                if key in cache:
+                    cache.move_to_end(key)
+                    continue
+                opens, missed = opens + 1, True
+                cache[key] = True
+                if len(cache) > capacity:
+                    cache.popitem(last=False)
+            serial += 3 if missed else 1
+            groups += 1
+    return opens / groups, serial / groups
+
+
+def test_a_reader_opens_each_file_about_once_per_epoch_at_imagenet_scale():
+    """The ImageNet config's layout (1,251 parts of four 256-row groups; image + 2 teachers = 3 files a part,
+    3,753 per view) with 8 lanes: one process that serves all 8 lanes' reads and keeps the last OPEN_FILES (256)
+    files open opens a file for at most one row group in three and waits for ~1.5 round trips per row group, not
+    ~3 (the row groups of all parts uniformly mixed: ~2.8 opens and ~3 round trips per row group)."""
+    from pipeline.store.tables import OPEN_FILES
+
+    units = _units(parts=1251, rows=1024, group=256, last=1024)
+    for epoch in (0, 1):
+        lanes = epoch_shares(units, 0, epoch, 8, 32)
+        opens, serial = _lru_reads(lanes, 3, OPEN_FILES)
+        assert opens <= 1.0 and serial <= 1.7, (epoch, opens, serial)
+        single = _lru_reads(lanes[:1], 3, OPEN_FILES)
+        assert single[0] <= 1.0 and single[1] <= 1.7, (epoch, single)
 
 
 def test_contiguous_shares_cover_every_evaluation_row_once():
@@ -155,6 +216,57 @@ def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_clu
                     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     finally:
         quiet_ray_data(preserve_order=False)
+
+
+def _epoch_stream(cfg, meta, world, rank, reader="ray_data", lanes=None, **train):
+    """A worker's training stream (`EpochStream`) over the ingested folder from epoch 0: through the Ray Data
+    reader with two read tasks of two row groups each (a budget that small), or two reader threads."""
+    from pipeline.config import with_updates
+    from pipeline.train.batches import ReaderOptions
+    from pipeline.train.epochs import EpochStream
+
+    cfg = with_updates(cfg, {f"train.{k}": v for k, v in train.items()})
+    plan = image_plan(cfg, meta)
+    units = row_group_slices(meta, "train", 0, meta.split("train").rows)
+    opts = ReaderOptions(reader, 0.5, 2, 2, budget_bytes=8 * plan.group_bytes())
+    args = (cfg, plan, units, opts, world, rank, 0, torch.device("cpu"), None)
+    return EpochStream(*args, **({"lanes": lanes} if lanes else {})), units
+
+
+def test_each_epoch_trains_on_exactly_its_own_share(tmp_path, ray_cluster):
+    """train.deterministic false (Ray Data's completion order, with and without the shuffle buffer), two read
+    tasks: the rows each epoch trains on are exactly that epoch's share, no row of the next epoch early and none
+    of this one late (a resumed run would see the early ones again and never the late ones)."""
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    for shuffle in (16, 0):
+        stream, units = _epoch_stream(
+            cfg, meta, 2, 0, epochs=3, batch_size=16, deterministic=False, shuffle_buffer=shuffle, seed=3
+        )
+        for epoch in range(3):
+            got = sorted(int(i) for b in stream.epoch(epoch) for i in b["idx"])
+            want = sorted(_rows(epoch_shares(units, 3, epoch, 2, 8)[0]))
+            assert len(want) == 64 and got == want, (shuffle, epoch)
+
+
+def test_one_worker_reading_two_lanes_trains_on_the_batches_of_two_workers(tmp_path):
+    """The threads reader, no Ray: a run of 2 lanes resumed on 1 worker trains at every step on what its 2 workers
+    trained on together, with the shuffle buffer (mixing each lane within its epoch) and without it (then batch
+    for batch the plan's rows, `order.batch_rows`)."""
+    cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
+    for deterministic, shuffle in ((True, 0), (False, 32)):
+        train = {"epochs": 2, "batch_size": 16, "deterministic": deterministic, "shuffle_buffer": shuffle}
+        one, units = _epoch_stream(cfg, meta, 1, 0, "threads", lanes=2, **train)
+        two = [_epoch_stream(cfg, meta, 2, r, "threads", lanes=2, **train)[0] for r in (0, 1)]
+        for epoch in (0, 1):
+            alone = [b["idx"].tolist() for b in one.epoch(epoch)]
+            pair = [x["idx"].tolist() + y["idx"].tolist() for x, y in zip(*(s.epoch(epoch) for s in two))]
+            assert len(alone) == len(pair) == 8 and [set(b) for b in alone] == [set(b) for b in pair]
+            plan = batch_rows(units, 0, epoch, 16, 2, 1, 0)
+            if deterministic:
+                assert alone == plan
+            else:
+                assert alone != plan, "the shuffle buffer mixes"
+                assert sorted(i for b in alone for i in b) == sorted(i for b in plan for i in b)
 
 
 def test_the_shuffle_buffer_mixes_rows_across_blocks_and_loses_none():

@@ -445,10 +445,22 @@ class TrainConfig(Strict):
     limit_train: int | None = Field(
         None, ge=1, description="train on the first N training rows only (a class-stratified prefix)"
     )
-    shuffle_buffer: int = Field(4096, ge=0, description="rows in the local shuffle buffer (0: no shuffle)")
+    shuffle_buffer: int = Field(
+        4096,
+        ge=0,
+        description="rows each lane mixes within an epoch, in a reader thread beside training (0: no shuffle)",
+    )
     deterministic: bool = Field(
         False,
-        description="keep Ray Data's row order: the same batches on every run and after a resume (slower)",
+        description="no shuffle buffer: every batch is a run of the epoch's row-group order (either way the "
+        "batches are the same on every run and after a resume)",
+    )
+    lanes: int | None = Field(
+        None,
+        ge=1,
+        description="streams each epoch's rows are cut into; global batch k is the k-th batch_size/lanes rows of "
+        "every lane, so a run resumed on any worker count that divides the lanes trains on the same batches "
+        "(default: the first attempt's scaling.num_workers)",
     )
     nan_check_every: int = Field(
         50, ge=1, description="steps between checks for a non-finite loss (each check is one host sync)"
@@ -744,6 +756,7 @@ class Config(Strict):
                 f"train.batch_size ({self.train.batch_size}) is global and must divide evenly across "
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
+        self._check_lanes()
         if self.cache.logits == "topk" and self.cache.topk < 2:
             raise ValueError("cache.topk must be at least 2 when cache.logits is 'topk'")
         s = self.scaling
@@ -801,6 +814,15 @@ class Config(Strict):
         if self.cache.features != "auto":
             return self.cache.features
         return "fp16" if any(STRATEGIES[s].needs_features for s in self.strategies_in_use()) else "none"
+
+    def _check_lanes(self) -> None:
+        lanes, workers, batch = self.train.lanes, self.scaling.num_workers, self.train.batch_size
+        if lanes is not None and (lanes % workers or batch % lanes):
+            raise ValueError(
+                f"train.lanes ({lanes}) must be a multiple of scaling.num_workers ({workers}) and divide "
+                f"train.batch_size ({batch}); e.g. train.lanes: {workers}, or leave it unset (one lane per worker "
+                "of the run's first attempt)"
+            )
 
 
 def _check_arch(v: str) -> str:

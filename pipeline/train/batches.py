@@ -10,9 +10,11 @@ retrying cannot fix.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.cache.layout import CacheError
@@ -94,6 +96,12 @@ def budget_line(budget: dict[str, Any]) -> str:
     )
 
 
+# Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's own
+# iter_torch_batches: nothing in training writes into a batch in place. Filtered once for the process, not per
+# tensor (catch_warnings on the step's path would swap the filter list twice per tensor).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def torch_batches(
     read_plan: ReadPlan,
     read_items: list[dict[str, Any]],
@@ -120,21 +128,44 @@ def torch_batches(
             local_shuffle_seed=shuffle_seed,
         )
         return
-    # Most batches are views of a block as read (no copy), often read-only Arrow memory, as in Ray's own
-    # iter_torch_batches: nothing in training writes into a batch in place. Filtered once for this worker
-    # process, not per tensor (catch_warnings on the step's path would swap the filter list twice per tensor).
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     batches = local_batches(
         read_plan, read_items, batch_size, opts.read_threads, drop_last, shuffle_buffer, shuffle_seed
     )
     for batch in batches:
-        out = {}
-        for k, v in batch.items():
-            t = torch.from_numpy(v)
-            if pin_memory:
-                t = t.pin_memory()
-            out[k] = t.to(device, non_blocking=pin_memory)
-        yield out
+        yield device_batch(batch, device, pin_memory)
+
+
+def device_batch(
+    batch: dict[str, np.ndarray], device: torch.device, pin_memory: bool
+) -> dict[str, torch.Tensor]:
+    """A host batch as tensors on `device`: one pinned copy (with `pin_memory`) and one asynchronous copy."""
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(v)
+        if pin_memory:
+            t = t.pin_memory()
+        out[k] = t.to(device, non_blocking=pin_memory)
+    return out
+
+
+def host_batches(
+    read_plan: ReadPlan,
+    read_items: list[dict[str, Any]],
+    opts: ReaderOptions,
+    batch_size: int,
+    node_id: str | None,
+    prefetch_batches: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Full batches of host arrays from `opts.reader`, in the items' order (Ray Data keeps this dataset's order
+    whatever the process's settings; the threads reader always does)."""
+    if opts.reader == "ray_data":
+        ds = build_dataset(read_plan, read_items, opts.read_cpus, opts.read_tasks, node_id, opts.budget_bytes)
+        ds.context.execution_options.preserve_order = True
+        yield from ds.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=prefetch_batches
+        )
+        return
+    yield from local_batches(read_plan, read_items, batch_size, opts.read_threads, drop_last=True)
 
 
 class EvalSet:

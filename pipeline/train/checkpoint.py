@@ -31,7 +31,7 @@ def checkpoint_dir_name(epoch: int) -> str:
 @dataclass
 class RunState:
     """Everything a run needs to go on after (0-based) `epoch`: its records, its best epoch and that epoch's student
-    weights (the exported student), how often it resumed and with how many workers; and, for training to
+    weights (the exported student), how often it resumed, with how many workers and lanes; and, for training to
     continue, the state of the distiller, optimizer, lr schedule, AMP scaler and RNG."""
 
     epoch: int
@@ -41,6 +41,7 @@ class RunState:
     best_student: dict[str, torch.Tensor] | None = None
     resumes: int = 0
     world: int | None = None
+    lanes: int | None = None  # the lanes each epoch's rows were cut into (pipeline/train/order.py)
     distiller: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)

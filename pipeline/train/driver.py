@@ -166,9 +166,10 @@ def build_trainer(cfg: Config, plan: TrainPlan, storage_path: str, name: str, ca
     )
 
 
-# Fields a run may resume under changed: where and how fast it runs, never what it computes. The worker count is
-# one of them: the global batch and each epoch's rows and order come from (seed, epoch), so a run that lost a node
-# can go on with fewer workers (the resumed run says so).
+# Fields a run may resume under changed: where and how fast it runs. The worker count is one of them, so a run that
+# lost a node can go on with fewer workers: the global batch size and each epoch's rows come from (seed, epoch); the
+# global batches stay the same when the new count divides the run's lanes (train.lanes), else they are cut anew
+# from the resumed epoch on (pipeline/train/order.py; the resumed run says which).
 RESUME_NEUTRAL = (
     "ray",
     "tune",

@@ -3,8 +3,9 @@
 Rows are addressed by `idx`, their position in the stored (class-stratified, random) order: the training rows
 are idx [0, train_end), the validation hold-out idx [train_end, rows) of the training split. Every epoch the
 row groups of the training range are put in a new order drawn from (seed, epoch) — not from Ray's own reseeding,
-which restarts on resume — and the sequence is cut into one equal share per worker (a share may start or end
-inside a row group), so every worker takes the same number of steps. A read task takes a run of such items and,
+which restarts on resume — and the sequence is cut into equal lanes, a worker reading one or more of them
+(`pipeline/train/order.py`; a lane may start or end inside a row group), so every worker takes the same number of
+steps. A read task takes a run of such items and,
 one row group at a time, reads the image part and each teacher's cache part for that view (column projection,
 checksums verified, idx checked row for row), renders the view and yields it; its memory (a few row groups and
 what Ray Data buffers into a block) is requested from Ray. Top-k logits and int8 features travel as stored and
@@ -37,8 +38,8 @@ from pipeline.data.ingest import DatasetMeta, open_image_part, read_image_rows
 from pipeline.data.views import ViewSpec, render_eval, render_train, uniforms
 from pipeline.store import storage
 from pipeline.train import inflight
+from pipeline.train.order import lane_shares, rotation
 
-SHUFFLE_SALT = 0x5A17  # keeps the epoch permutation's stream apart from other draws keyed on the same seed
 NOISE_SALT = 7919
 
 
@@ -112,31 +113,12 @@ def row_group_slices(meta: DatasetMeta, split: str, lo: int, hi: int) -> list[Sl
 def epoch_shares(
     units: list[Slice], seed: int, epoch: int, world: int, per_worker_batch: int
 ) -> list[list[Slice]]:
-    """The training rows of one epoch for each of `world` workers: the row-group units in an order drawn from
-    (seed, epoch), then cut into `world` contiguous shares of exactly `steps × per_worker_batch` rows each (the
-    remainder, fewer than world × per_worker_batch rows, sits this epoch out). A pure function: every worker
-    computes every share, and a resumed run computes the same ones."""
-    order = np.random.default_rng([seed, epoch, SHUFFLE_SALT]).permutation(len(units))
-    total = sum(u.size for u in units)
-    share = (total // (world * per_worker_batch)) * per_worker_batch
-    shares: list[list[Slice]] = [[] for _ in range(world)]
-    if share == 0:
-        return shares
-    w, filled = 0, 0
-    for i in order:
-        u = units[int(i)]
-        lo = max(u.lo, u.first_idx)
-        hi = min(u.hi, u.first_idx + u.rows)
-        while lo < hi and w < world:
-            take = min(hi - lo, share - filled)
-            shares[w].append(u.cut(lo, lo + take))
-            lo += take
-            filled += take
-            if filled == share:
-                w, filled = w + 1, 0
-        if w == world:
-            break
-    return shares
+    """The training rows of one epoch for each of `world` workers of a run with one lane per worker
+    (`pipeline/train/order.py`): the row-group units in an order drawn from (seed, epoch), with locality, then cut
+    into `world` contiguous shares of exactly `steps × per_worker_batch` rows each (the remainder, fewer than
+    world × per_worker_batch rows, sits this epoch out). A pure function: every worker computes every share, and
+    a resumed run computes the same ones."""
+    return lane_shares(units, seed, epoch, world, per_worker_batch)
 
 
 def contiguous_shares(slices: list[Slice], world: int) -> list[list[Slice]]:
@@ -391,7 +373,7 @@ def _blocks(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> list[dict[str, n
         return [block]
     # Every epoch each row group starts at another row: batches are other windows of the (random, stratified)
     # stored order each epoch. Two blocks instead of a row permutation (a gather cost 1.1 GB/s, more than the read).
-    start = int(np.random.default_rng([plan.shuffle_seed, fetched.epoch, int(block["idx"][0])]).integers(n))
+    start = rotation(plan.shuffle_seed, fetched.epoch, int(block["idx"][0]), n)
     out = [{k: v[start:] for k, v in block.items()}]
     if start:
         out.append({k: v[:start] for k, v in block.items()})

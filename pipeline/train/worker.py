@@ -24,14 +24,16 @@ import torch
 from camkd.compiled import can_compile_whole
 from pipeline.data.views import view_for_epoch
 from pipeline.store import storage
-from pipeline.train.batches import apply_reader_budget, budget_line, data_error, torch_batches
+from pipeline.train.batches import apply_reader_budget, budget_line, data_error
 from pipeline.train.checkpoint import RunState
 from pipeline.train.collectives import Collectives
 from pipeline.train.epoch_totals import EpochTotals
+from pipeline.train.epochs import EpochStream, share_reader_budget
 from pipeline.train.model import StudentTraining
+from pipeline.train.order import resume_lanes, resume_note
 from pipeline.train.plan import TrainPlan
 from pipeline.train.progress import Progress, StepProfiler, say
-from pipeline.train.reader import Slice, epoch_shares, items
+from pipeline.train.reader import Slice
 from pipeline.train.reporting import Reporter
 from pipeline.train.scoring import Scorer
 from pipeline.train.step import (
@@ -80,6 +82,7 @@ class WorkerRun:
         self.model = StudentTraining.build(plan, cfg, device)
         self.start_epoch, self.history, self.best, self.best_epoch, self.resumes = 0, [], -1.0, 0, 0
         self.best_student: dict[str, torch.Tensor] | None = None
+        self.lanes = resume_lanes(cfg.train.lanes, None, self.world)
         self._restore(ray.train.get_checkpoint())
         prepared = ray.train.torch.prepare_model(self.model.distiller, move_to_device=False)
         self.model.step_fn.model = prepared
@@ -140,12 +143,13 @@ class WorkerRun:
         returns what was set (in the first epoch's record)."""
         from pipeline.ops.runtime import quiet_ray_data
 
-        quiet_ray_data(preserve_order=self.cfg.train.deterministic)
+        quiet_ray_data()  # the training readers keep their order themselves (EpochStream)
         s = self.cfg.scaling
         here = sum(1 for p in self.placement if p["node_id"] == self.node_id)
         budget = apply_reader_budget(s, self.opts, self.node_id, here)
         if s.read_budget == "worker":
             self.opts = replace(self.opts, budget_bytes=budget["object_store_bytes"])
+            share_reader_budget(budget, self.lanes // self.world)
         if self.rank == 0 and s.reader == "ray_data":
             say(budget_line(budget))
         return budget
@@ -161,67 +165,53 @@ class WorkerRun:
         self.best, self.best_epoch = state.best, state.best_epoch
         self.best_student = {k: v.cpu() for k, v in state.best_student.items()}
         self.resumes = state.resumes + 1
+        was = state.world or self.world
+        recorded = state.lanes or was
+        self.lanes = resume_lanes(self.cfg.train.lanes, recorded, self.world)
         if self.rank == 0:
             say(f"[train] resuming from the checkpoint of epoch {self.start_epoch} (resume #{self.resumes})")
-            was = state.world or self.world
             if was != self.world:
-                say(
-                    f"[train] resuming with {self.world} worker(s); the checkpoint was written with {was}. The "
-                    f"global batch stays {self.cfg.train.batch_size} ({self.per_worker_batch} per worker now) and "
-                    "each epoch's rows and their order come from (seed, epoch), not from the worker count"
-                )
+                batch = self.cfg.train.batch_size
+                say(resume_note(self.world, was, self.lanes, recorded, batch, self.start_epoch))
 
     # ------------------------------------------------------------------------------------------ training
-    def _training_stream(self):
-        """One reader for every epoch this run has left: each epoch's share (row groups in an order drawn from
-        (seed, epoch), rows reordered inside each row group), read in that order, epoch after epoch, so no epoch
-        waits for a reader to start. Every share is a multiple of the batch, so epoch e is exactly its
-        `steps[e]` batches (the local shuffle buffer, when on, mixes rows across an epoch boundary)."""
-        cfg, b = self.cfg, self.per_worker_batch
-        read_items: list[dict[str, Any]] = []
-        self.steps: dict[int, int] = {}
-        for epoch in range(self.start_epoch, cfg.train.epochs):
-            share = epoch_shares(self.units, cfg.train.seed, epoch, self.world, b)[self.rank]
-            self.steps[epoch] = sum(s.size for s in share) // b
-            read_items += items(share, view_for_epoch(epoch, cfg.views.count), epoch)
-        shuffle = cfg.train.shuffle_buffer if not cfg.train.deterministic else 0
-        return iter(
-            torch_batches(
-                self.train_read,
-                read_items,
-                self.opts,
-                b,
-                self.device,
-                self.node_id,
-                drop_last=True,
-                prefetch_batches=cfg.train.prefetch_batches,
-                pin_memory=self.pin_memory,
-                shuffle_buffer=shuffle,
-                shuffle_seed=cfg.train.seed * 100_003 + self.start_epoch if shuffle else None,
-            )
+    def _training_stream(self) -> EpochStream:
+        """This worker's reader for every epoch the run has left (`pipeline/train/epochs.py`)."""
+        return EpochStream(
+            self.cfg,
+            self.train_read,
+            self.units,
+            self.opts,
+            self.world,
+            self.rank,
+            self.start_epoch,
+            self.device,
+            self.node_id,
+            self.pin_memory,
+            self.lanes,
         )
 
     def train_epoch(self, epoch: int) -> tuple[EpochStats, str | None]:
         """One epoch over this worker's share; returns its stats and, if a loss went non-finite, why it stopped."""
         if self.stream is None:
             self.stream = self._training_stream()
-        steps = self.steps[epoch]
+        steps = self.stream.steps[epoch]
         stats = EpochStats(self.device, self.k, self.plan.num_classes)
         self.model.step_fn.model.train()
         progress = Progress(self, epoch, steps)
         profiler = StepProfiler(self, epoch, steps)
         try:
-            return self._train_steps(epoch, steps, stats, progress, profiler)
+            return self._train_steps(self.stream.epoch(epoch), epoch, steps, stats, progress, profiler)
         finally:
             profiler.close()
 
     def _train_steps(
-        self, epoch: int, steps: int, stats: EpochStats, progress: Progress, profiler: StepProfiler
+        self, batches, epoch: int, steps: int, stats: EpochStats, progress: Progress, profiler: StepProfiler
     ) -> tuple[EpochStats, str | None]:
         every = self.cfg.train.nan_check_every
         for step in range(steps):
             t0 = time.perf_counter()
-            batch = self._next_batch(self.stream)
+            batch = self._next_batch(batches)
             stats.input_wait += time.perf_counter() - t0
             progress.tick(step, stats.input_wait)
             self.student_step(batch, epoch, stats)
@@ -342,6 +332,7 @@ class WorkerRun:
             best_student=self.best_student,
             resumes=self.resumes,
             world=self.world,
+            lanes=self.lanes,
             rng=torch.get_rng_state(),
             **self.model.state(),
         )
