@@ -9,7 +9,7 @@ and the files a reader opens when the order has locality (item 5).
             `delay://` layer: lane 0 of 8 read as read tasks in this process, and all 8 lanes read round-robin by
             one process (a node's read tasks share processes), with the row groups of all parts uniformly mixed
             (before) and in the two-level order (now): file opens and requests per row group, and, for lane 0 at
-            `--latency-ms`, the round trips a row group waits for in series (read_ahead 0).
+            `--latency-ms`, the round trips a row group waits for in series (read_ahead 0, read_ahead_mb 0).
 
     python benchmarks/read_order.py [--parts stream,locality] [--rows 12288] [--latency-ms 20]
 """
@@ -159,7 +159,9 @@ def locality_part(args, work: Path) -> dict:
             "8 lanes, one process": read_lanes(replace(counted, scope=f"{label}-eight"), lanes, counter),
         }
         slow = _at(plan, local_root, f"delay://{args.latency_ms:g}{local_root}")
-        serial = read_lanes(replace(slow, read_ahead=0, scope=f"{label}-serial"), lanes[:1], counter)
+        serial = read_lanes(
+            replace(slow, read_ahead=0, read_ahead_bytes=0, scope=f"{label}-serial"), lanes[:1], counter
+        )
         r["lane 0"]["serial_round_trips_per_row_group"] = round(
             serial["busy_seconds"] / (args.latency_ms / 1000) / serial["row_groups"], 2
         )
