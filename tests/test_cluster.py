@@ -360,8 +360,9 @@ DOCTOR = textwrap.dedent(
 @pytest.mark.slow
 def test_doctor_names_the_bottleneck_it_was_given(tmp_path):
     """`doctor` on a simulated 2-node cluster, over the same dataset twice: from a local root the student's step
-    is the bottleneck; from the same folder behind a storage layer that answers each request after 1 s, it names
-    storage latency as the bottleneck (measured from both nodes) and what to change."""
+    is the bottleneck; from the same folder behind a storage layer that answers each request after 1 s, read at a
+    fixed depth (`scaling.read_ahead_mb: 0`), it names storage latency as the bottleneck (measured from both nodes)
+    and what to change."""
     raw = tiny_raw(tmp_path / "root", num_workers=1)
     raw["data"]["row_group_rows"] = 32
     config = tmp_path / "doctor.yaml"

@@ -122,8 +122,9 @@ def test_driver_sigkill_then_same_command_resumes(undisturbed, cached, tmp_path,
     proc.wait()
     assert not (run_dir / "summary.json").exists()
     time.sleep(2)  # Ray reaps the dead driver's actors
-    # The same command with one more worker (scaling.num_workers is resume-neutral: a run that lost a node may go
-    # on with fewer, one that gained GPUs with more): it resumes from the checkpoint and says so.
+    # The same command with one more worker (a run that lost a node may go on with fewer, one that gained GPUs with
+    # more): it resumes from the checkpoint and says so. 2 workers do not divide the run's 1 lane (train.lanes), so
+    # the rows are cut anew from the resumed epoch; counts that divide the lanes keep the same global batches.
     more = [*cmd, "--set", "scaling.num_workers=2"]
     done = subprocess.run(more, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
