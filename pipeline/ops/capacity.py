@@ -160,6 +160,10 @@ class Estimate:
     @property
     def read_tasks(self) -> int:
         """Ray Data read tasks per worker for `rate` (the default of scaling.read_tasks)."""
+        return self._read_tasks_model()[0]
+
+    def _read_tasks_model(self) -> tuple[int, dict[str, float]]:
+        """`read_tasks_for` at this estimate's rate, read cost, latency and depth: (tasks, why)."""
         return read_tasks_for(
             self.rate,
             self.read_us_per_sample,
@@ -167,7 +171,7 @@ class Estimate:
             self.latency_s,
             self.group_rows,
             self.in_flight,
-        )[0]
+        )
 
     def lines(self, cfg) -> list[str]:
         gib = 2**30
@@ -213,14 +217,7 @@ class Estimate:
     def _ray_data_lines(self, cfg) -> list[str]:
         """The Ray Data reader's read tasks per worker (and why) and each worker's budget."""
         tasks = cfg.scaling.read_tasks or self.read_tasks
-        _, why = read_tasks_for(
-            self.rate,
-            self.read_us_per_sample,
-            self.read_cpus,
-            self.latency_s,
-            self.group_rows,
-            self.in_flight,
-        )
+        _, why = self._read_tasks_model()
         store = (
             f"{cfg.scaling.read_object_store_mb} MiB (scaling.read_object_store_mb)"
             if cfg.scaling.read_object_store_mb
