@@ -184,6 +184,7 @@ SIMULATED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_simulated_multinode_workers_on_different_nodes(tmp_path):
     """Head without CPUs + two 2-CPU nodes: the two Train workers run on two nodes and share one storage root."""
     raw = tiny_raw(tmp_path / "root", **spread_scaling())

@@ -99,6 +99,7 @@ def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cach
     _close(summary, reference)
 
 
+@pytest.mark.slow
 def test_driver_sigkill_then_same_command_resumes(undisturbed, cached, tmp_path, ray_cluster):
     import ray
 
