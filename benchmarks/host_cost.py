@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from input_pipeline import setup
 
-from input_pipeline import setup  # noqa: E402 (benchmarks/ is on sys.path as the script's folder)
 from pipeline.train.batches import ReaderOptions
 from pipeline.train.epochs import EpochStream
 
@@ -71,7 +71,9 @@ def consume(cfg, plan, units, opts: ReaderOptions, epochs: int, stage: bool) -> 
     try:
         for epoch in range(epochs):
             for batch in stream.epoch(epoch):
-                if snap is None:  # start-up (the executor, the first reads) before the first batch is not counted
+                if (
+                    snap is None
+                ):  # start-up (the executor, the first reads) before the first batch is not counted
                     snap, proc, wall = thread_cpu(), time.process_time(), time.perf_counter()
                     continue
                 samples += len(batch["label"])
@@ -108,7 +110,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cores = os.cpu_count() or 1
     results: dict[str, dict] = {}
     print("scenario  reader    shuffle  main CPU-s/1k  other CPU-s/1k  process CPU-s/1k  samples/s")
@@ -118,7 +120,9 @@ def main() -> None:
             for reader in args.readers.split(","):
                 opts = ReaderOptions(reader, read_cpus=1.0, read_tasks=cores, read_threads=cores)
                 for shuffle in (int(s) for s in args.shuffle.split(",")):
-                    run_cfg = with_train(cfg, shuffle_buffer=shuffle, batch_size=args.batch, epochs=args.epochs)
+                    run_cfg = with_train(
+                        cfg, shuffle_buffer=shuffle, batch_size=args.batch, epochs=args.epochs
+                    )
                     r = consume(run_cfg, plan, units, opts, args.epochs, args.stage)
                     results[f"{name}/{reader}/shuffle{shuffle}"] = r
                     print(

@@ -190,15 +190,21 @@ def test_training_batches_of_a_class_sorted_folder_are_class_mixed(tmp_path, ray
 
 def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_cluster):
     """Both readers, in order: the same batches, row for row and pixel for pixel, for training shares that start
-    and end inside row groups (3 workers) with their per-epoch rotation, and for evaluation slices (last batch
-    short)."""
+    and end inside row groups (3 workers) with every row group permuted anew each epoch, and for evaluation slices
+    (last batch short). The training path of the Ray Data reader (`host_batches`) takes the read tasks' blocks,
+    cut at batch boundaries, whole: its batches are the plan's rows (`order.lane_rows`), as views of the blocks
+    (one batch ends where the next begins in memory), also where tasks of one item each cut batches in two; every
+    block's columns are one array each (Ray Data copies a block of several to hand it out)."""
     from pipeline.ops.runtime import quiet_ray_data
+    from pipeline.train.batches import ReaderOptions, host_batches
+    from pipeline.train.order import lane_rows
     from pipeline.train.reader import EVAL_VIEW
 
     cfg, meta = _ingested_sorted_folder(tmp_path, row_group_rows=8)
     plan = image_plan(cfg, meta)
     units = row_group_slices(meta, "train", 0, meta.split("train").rows)
-    cases = [(items(epoch_shares(units, 0, e, 3, 5)[1], 0, e), True) for e in (0, 1)]
+    shares = [epoch_shares(units, 0, e, 3, 5)[1] for e in (0, 1)]
+    cases = [(items(shares[e], 0, e), True) for e in (0, 1)]
     cases.append((items(contiguous_shares(units, 3)[2], EVAL_VIEW), False))
     quiet_ray_data(preserve_order=True)
     try:
@@ -210,12 +216,38 @@ def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_clu
             )
             mine = list(local_batches(plan, read_items, 5, threads=3, drop_last=drop_last))
             assert len(mine) == len(ray_batches) > 3
-            for a, b in zip(mine, ray_batches):
-                assert set(a) == set(b)
-                for k in a:
-                    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+            _assert_same(mine, ray_batches)
+        for e, (read_items, _) in enumerate(cases[:2]):
+            rows = lane_rows(shares[e], 0, e)
+            want = [rows[k : k + 5] for k in range(0, len(rows) // 5 * 5, 5)]
+            threads = list(local_batches(plan, read_items, 5, threads=3))
+            for budget in (None, plan.group_bytes()):  # whole shares in a task; one row group per task
+                opts = ReaderOptions("ray_data", 0.5, 2, 2, budget_bytes=budget)
+                blocks = list(host_batches(plan, read_items, opts, 5, None))
+                assert [b["idx"].tolist() for b in blocks] == want, budget
+                _assert_same(threads, blocks)
+                ds = build_dataset(plan, read_items, 0.5, 2, None, budget, batch_rows=5)
+                tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+                assert sum(t.num_rows for t in tables) == len(rows)
+                assert {t.column(c).num_chunks for t in tables for c in t.column_names} == {1}, (
+                    "one array each"
+                )
+                if budget is None:
+                    views = sum(
+                        a["image"].ctypes.data + a["image"].nbytes == b["image"].ctypes.data
+                        for a, b in zip(blocks, blocks[1:])
+                    )
+                    assert views == len(blocks) - 1, "each batch a view of the task's one block"
     finally:
         quiet_ray_data(preserve_order=False)
+
+
+def _assert_same(a_batches, b_batches):
+    assert len(a_batches) == len(b_batches)
+    for a, b in zip(a_batches, b_batches):
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def _epoch_stream(cfg, meta, world, rank, reader="ray_data", lanes=None, **train):
@@ -307,3 +339,40 @@ def test_collectives_take_only_tensors_of_the_training_device():
     cpu = Collectives("cpu")
     assert cpu.sum(torch.ones(2)).tolist() == [1.0, 1.0]  # no process group here: the identity
     assert cpu.gather_objects({"a": 1}) == [{"a": 1}]
+
+
+def test_staging_puts_a_batch_in_one_reused_buffer():
+    """A lane's staging (the GPU's host side, asked for on the CPU): every column of a batch copied into one buffer
+    (one copy to the device there) at 64-byte-aligned offsets, values, dtypes and shapes kept, also of a column
+    that is not contiguous; the slots are reused in turn, and a larger batch gets a larger buffer."""
+    from pipeline.train.staging import Staging
+
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        feats = rng.normal(size=(n, 4, 3, 3)).astype(np.float16)
+        return {
+            "idx": np.arange(n),
+            "image": rng.integers(0, 255, (n, 3, 5, 5), dtype=np.uint8),
+            "t0_feat": feats,
+            "t0_logits": rng.normal(size=(n, 10)).astype(np.float16)[:, ::2],  # a strided view
+        }
+
+    staging = Staging(torch.device("cpu"), pin=False, slots=2, copy=True)
+    buffers = []
+    for n in (6, 6, 6, 9):
+        host = batch(n)
+        got = staging(host).ready()
+        for k, v in host.items():
+            assert got[k].dtype == torch.from_numpy(v[:0]).dtype and tuple(got[k].shape) == v.shape
+            np.testing.assert_array_equal(got[k].numpy(), v, err_msg=k)
+        storages = {t.untyped_storage().data_ptr() for t in got.values()}
+        assert len(storages) == 1, "one buffer per batch"
+        assert all(t.data_ptr() % 64 == 0 for t in got.values())
+        buffers.append(storages.pop())
+    assert buffers[2] == buffers[0] and buffers[1] != buffers[0], "two slots, reused in turn"
+    assert buffers[3] != buffers[1], "a larger batch, a larger buffer"
+    plain = Staging(torch.device("cpu"), pin=False, slots=2)(batch(4)).ready()
+    assert len({t.untyped_storage().data_ptr() for t in plain.values()}) == 4, (
+        "on a CPU: the arrays as they lie"
+    )

@@ -446,14 +446,15 @@ class TrainConfig(Strict):
         None, ge=1, description="train on the first N training rows only (a class-stratified prefix)"
     )
     shuffle_buffer: int = Field(
-        4096,
+        0,
         ge=0,
-        description="rows each lane mixes within an epoch, in a reader thread beside training (0: no shuffle)",
+        description="rows each lane mixes further within an epoch, in a thread of the training process (0: none; "
+        "the read tasks already deliver every row group in a new order each epoch, the row groups in a new order)",
     )
     deterministic: bool = Field(
         False,
-        description="no shuffle buffer: every batch is a run of the epoch's row-group order (either way the "
-        "batches are the same on every run and after a resume)",
+        description="no shuffle buffer: every batch is a run of the epoch's rows in the read tasks' order (either "
+        "way the batches are the same on every run and after a resume)",
     )
     lanes: int | None = Field(
         None,

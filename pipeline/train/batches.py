@@ -24,6 +24,7 @@ from pipeline.train.reader import (
     EVAL_VIEW,
     READ_TASK_RETRIES,
     ReadPlan,
+    ShuffleBuffer,
     Slice,
     build_dataset,
     items,
@@ -157,13 +158,21 @@ def host_batches(
     prefetch_batches: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Full batches of host arrays from `opts.reader`, in the items' order (Ray Data keeps this dataset's order
-    whatever the process's settings; the threads reader always does)."""
+    whatever the process's settings; the threads reader always does). The Ray Data reader's blocks come cut at
+    batch boundaries (`blocks.BlockWriter`) and are taken whole: a batch is a view of its block, copied only
+    where it spans two read tasks (Ray Data's own batching would copy every batch)."""
     if opts.reader == "ray_data":
-        ds = build_dataset(read_plan, read_items, opts.read_cpus, opts.read_tasks, node_id, opts.budget_bytes)
-        ds.context.execution_options.preserve_order = True
-        yield from ds.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=prefetch_batches
+        ds = build_dataset(
+            read_plan, read_items, opts.read_cpus, opts.read_tasks, node_id, opts.budget_bytes, batch_size
         )
+        ds.context.execution_options.preserve_order = True
+        blocks = ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=max(1, min(2, prefetch_batches))
+        )
+        in_order = ShuffleBuffer(batch_size)
+        for block in blocks:
+            yield from in_order.add(block)
+        yield from in_order.finish(drop_last=True)
         return
     yield from local_batches(read_plan, read_items, batch_size, opts.read_threads, drop_last=True)
 

@@ -4,10 +4,12 @@ Runs inside a Ray Train worker; it never resolves configs or plans. The worker r
 (`pipeline/train/order.py`), each lane through one reader for all the epochs the run has left, in order (Ray Data
 keeps this dataset's block order): the next epoch's rows are read ahead while this one trains, and since every
 lane's share is a whole number of lane batches, epoch e is exactly the next `steps[e]` batches of each lane, never a
-row of another epoch. A thread per lane takes the reader's host batches, mixes each epoch's rows in a shuffle
-buffer of their own (`train.shuffle_buffer` rows, off under `train.deterministic`; seeded by (seed, epoch, lane),
-emptied at the epoch's end), and makes the pinned and the device copy, so the training thread only takes
-batches; the batches stay those of the lanes whatever the worker count.
+row of another epoch. The rows come in their epoch order from the reader (each row group permuted anew every
+epoch, `order.row_order`). A thread per lane takes the reader's host batches, mixes each epoch's rows further in a
+shuffle buffer of their own only when asked (`train.shuffle_buffer` rows, off under `train.deterministic`; seeded
+by (seed, epoch, lane), emptied at the epoch's end), and puts them on the device (`staging`: one copy into a
+reused pinned buffer, one copy to the device), so the training thread only takes batches; the batches stay those
+of the lanes whatever the worker count.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.views import view_for_epoch
-from pipeline.train.batches import ReaderOptions, device_batch, host_batches
+from pipeline.train.batches import ReaderOptions, host_batches
 from pipeline.train.order import lane_shares, lanes_of
 from pipeline.train.reader import ReadPlan, ShuffleBuffer, Slice, items
+from pipeline.train.staging import Staging
 
 POOL_SALT = 0x9E37  # keeps the shuffle buffer's draws apart from other draws keyed on the same seed
 
@@ -60,13 +63,18 @@ class _Failed:
 
 class LaneFeeder:
     """One lane's batches for the epochs in `steps` (in order), prepared in a thread: read, mixed within each
-    epoch, copied to the device; up to `depth` wait in a queue. A reader's error is raised in its batch's turn."""
+    epoch (with a shuffle buffer), put on the device (`staging`); up to `depth` wait in a queue. A reader's error
+    is raised in its batch's turn."""
 
     def __init__(
-        self, batches: Iterator[dict[str, np.ndarray]], steps: dict[int, int], buffer, device, pin, depth: int
+        self,
+        batches: Iterator[dict[str, np.ndarray]],
+        steps: dict[int, int],
+        buffer,
+        staging: Staging,
+        depth: int,
     ) -> None:
-        self.batches, self.steps, self.buffer = batches, steps, buffer
-        self.device, self.pin = device, pin
+        self.batches, self.steps, self.buffer, self.staging = batches, steps, buffer, staging
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="camkd-lane", daemon=True)
@@ -76,7 +84,7 @@ class LaneFeeder:
         try:
             for epoch, steps in self.steps.items():
                 for batch in epoch_batches(self.batches, steps, self.buffer(epoch)):
-                    self._put(device_batch(batch, self.device, self.pin))
+                    self._put(self.staging(batch))
         except BaseException as e:
             self._put(_Failed(e))
 
@@ -92,7 +100,7 @@ class LaneFeeder:
         item = self.queue.get()
         if isinstance(item, _Failed):
             raise item.error
-        return item
+        return item.ready()
 
     def close(self) -> None:
         self.stop.set()
@@ -115,6 +123,7 @@ class EpochStream:
         node_id: str | None,
         pin_memory: bool = False,
         lanes: int | None = None,
+        stage: bool = False,
     ) -> None:
         t = cfg.train
         self.lanes = list(lanes_of(rank, world, lanes or world))
@@ -137,7 +146,9 @@ class EpochStream:
                 seed = np.random.SeedSequence([t.seed, epoch, lane, POOL_SALT]).generate_state(1)[0]
                 return ShuffleBuffer(c, pool, int(seed))
 
-            feeder = LaneFeeder(batches, self.steps, buffer, device, pin_memory, t.prefetch_batches)
+            # a slot for every batch queued, the one being filled, the one the step holds, and one to spare
+            staging = Staging(device, pin_memory, t.prefetch_batches + 3, copy=stage)
+            feeder = LaneFeeder(batches, self.steps, buffer, staging, t.prefetch_batches)
             self.feeders.append(feeder)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -93,19 +93,19 @@ def resume_lanes(configured: int | None, recorded: int | None, world: int) -> in
     return world
 
 
-def rotation(seed: int, epoch: int, first_idx: int, rows: int) -> int:
-    """Where a slice of `rows` rows starting at `first_idx` starts in `epoch`: each epoch its rows are read from
-    this row on, then wrap around (batches are other windows of the stored order every epoch)."""
-    return int(np.random.default_rng([seed, epoch, first_idx]).integers(rows))
+def row_order(seed: int, epoch: int, first_idx: int, rows: int) -> np.ndarray:
+    """The order a slice of `rows` rows starting at `first_idx` is delivered in during `epoch`: a permutation
+    drawn from (seed, epoch, first_idx), new every epoch, the same on every run and reader."""
+    return np.random.default_rng([seed, epoch, first_idx]).permutation(rows)
 
 
 def lane_rows(share: list[Slice], seed: int, epoch: int) -> list[int]:
-    """The idx of a lane's rows in the order its reader delivers them (each slice rotated, see `rotation`)."""
+    """The idx of a lane's rows in the order its reader delivers them (each slice permuted, see `row_order`)."""
     out: list[int] = []
     for s in share:
-        rows = list(range(max(s.lo, s.first_idx), min(s.hi, s.first_idx + s.rows)))
-        start = rotation(seed, epoch, rows[0], len(rows)) if len(rows) >= 2 else 0
-        out += rows[start:] + rows[:start]
+        first = max(s.lo, s.first_idx)
+        rows = min(s.hi, s.first_idx + s.rows) - first
+        out += (first + row_order(seed, epoch, first, rows)).tolist() if rows >= 2 else [first] * rows
     return out
 
 

@@ -38,7 +38,8 @@ from pipeline.data.ingest import DatasetMeta, open_image_part, read_image_rows
 from pipeline.data.views import ViewSpec, render_eval, render_train, uniforms
 from pipeline.store import storage
 from pipeline.train import inflight
-from pipeline.train.order import lane_shares, rotation
+from pipeline.train.blocks import BlockWriter, block_rows, ray_block_target
+from pipeline.train.order import lane_shares, row_order
 
 NOISE_SALT = 7919
 
@@ -327,17 +328,25 @@ def _cancel(fetches) -> None:
             t.cancel()
 
 
-def read_slices(batch: dict[str, np.ndarray], plan: ReadPlan) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data `map_batches` body (a generator): each item of the batch → one output block: `idx`, `image`
+def read_slices(
+    batch: dict[str, np.ndarray], plan: ReadPlan, batch_rows: int | None = None, rows: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data `map_batches` body (a generator): the rows of the batch's items as blocks of `idx`, `image`
     (uint8 [N,C,H,W] of the item's view, or the evaluation view), `label` (int64) and per teacher k the raw
     cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and `t{k}_feat`
-    (+ `t{k}_feat_scale`). While one item is rendered and decoded, the reads of the next items are in flight
-    (the image part and every teacher's part concurrently; on an object store a row group costs about one round
-    trip, not one per part and column): at least `plan.read_ahead`, and as many more as the read time this task
-    measures and the pace its yields are taken at need, up to `plan.read_ahead_bytes` (`inflight`)."""
+    (+ `t{k}_feat_scale`); training rows in their epoch order (`order.row_order`). With `batch_rows` (and items
+    that carry their `start` in the lane) the rows are gathered into blocks of `rows` rows cut at the lane's batch
+    boundaries (`blocks.BlockWriter`); else each item is one block. While one item is rendered and decoded, the reads of the
+    next items are in flight (the image part and every teacher's part concurrently; on an object store a row group
+    costs about one round trip, not one per part and column): at least `plan.read_ahead`, and as many more as the
+    read time this task measures and the pace its yields are taken at need, up to `plan.read_ahead_bytes`
+    (`inflight`)."""
     spec = ViewSpec.from_dict(plan.spec)
     retry = storage.retry_policy(plan.retry_seconds)
     work = [_item_args(fields) for fields in zip(*(batch[k] for k in ITEM_FIELDS))]
+    writer = None
+    if batch_rows and "start" in batch and len(batch["start"]):
+        writer = BlockWriter(batch_rows, rows or batch_rows, int(batch["start"][0]))
     least = plan.read_ahead + 1  # the item being decoded and those read ahead
     depth = inflight.for_reader(_reader_key(plan, work, "task"), least, plan.most_in_flight(least))
     pending: deque[_Fetch] = deque()
@@ -348,10 +357,16 @@ def read_slices(batch: dict[str, np.ndarray], plan: ReadPlan) -> Iterator[dict[s
                 pending.append(_fetch(*work[nxt], plan, retry))
                 nxt += 1
             fetched, waited_from = pending.popleft(), time.perf_counter()
-            yield from _blocks(fetched, plan, spec)
+            if writer is None:
+                yield from _blocks(fetched, plan, spec)
+            else:
+                block = _assemble(fetched, plan, spec)
+                yield from writer.add(block, _order(fetched, plan, block))
             now = time.perf_counter()
             depth.taken(fetched.spans, since, waited_from, now)
             since = now
+        if writer is not None:
+            yield from writer.finish()
     finally:
         _cancel(pending)
 
@@ -365,19 +380,18 @@ def _reader_key(plan: ReadPlan, work: list[tuple[Slice, int | None, int]], kind:
 
 
 def _blocks(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> list[dict[str, np.ndarray]]:
-    """An item's rows as the blocks a reader yields: in training, the row group rotated to start at a row drawn
-    from (seed, epoch, first idx), as two blocks (no copy)."""
+    """An item's rows as the one block a reader yields for it: in training, in their epoch order."""
     block = _assemble(fetched, plan, spec)
+    order = _order(fetched, plan, block)
+    return [block if order is None else {k: v[order] for k, v in block.items()}]
+
+
+def _order(fetched: _Fetch, plan: ReadPlan, block: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The order of a training item's rows this epoch (`order.row_order`); None: as stored (evaluation)."""
     n = len(block["idx"])
     if fetched.epoch < 0 or n < 2:
-        return [block]
-    # Every epoch each row group starts at another row: batches are other windows of the (random, stratified)
-    # stored order each epoch. Two blocks instead of a row permutation (a gather cost 1.1 GB/s, more than the read).
-    start = rotation(plan.shuffle_seed, fetched.epoch, int(block["idx"][0]), n)
-    out = [{k: v[start:] for k, v in block.items()}]
-    if start:
-        out.append({k: v[:start] for k, v in block.items()})
-    return out
+        return None
+    return row_order(plan.shuffle_seed, fetched.epoch, int(block["idx"][0]), n)
 
 
 def _assemble(fetched: _Fetch, plan: ReadPlan, spec: ViewSpec) -> dict[str, np.ndarray]:
@@ -453,13 +467,14 @@ def build_dataset(
     read_tasks: int | None = None,
     node_id: str | None = None,
     budget_bytes: int | None = None,
+    batch_rows: int | None = None,
 ):
     """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes
-    `items_per_task` items in one call (so it can read ahead across them) and yields one row group at a time
-    (Ray Data gathers the yields into blocks of up to 128 MiB), so its memory is bounded whatever the part size
-    (`read_memory_bytes`). One dataset can span many epochs (the worker's whole run): no executor start-up
-    between epochs. With `node_id` the read tasks prefer that node (soft affinity): a worker's data is read next
-    to it."""
+    `items_per_task` items in one call (so it can read ahead across them) and yields one row group at a time, or,
+    with `batch_rows`, blocks of whole batches of that many rows (`blocks.BlockWriter`, ~`blocks.BLOCK_BYTES` each), so its
+    memory is bounded whatever the part size (`read_memory_bytes`). One dataset can span many epochs (the worker's
+    whole run): no executor start-up between epochs. With `node_id` the read tasks prefer that node (soft
+    affinity): a worker's data is read next to it."""
     import ray.data
 
     remote_args: dict[str, Any] = {}
@@ -469,15 +484,18 @@ def build_dataset(
         # soft alone waits for a busy but feasible node; spilling lets a read run elsewhere when it is full
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=True, _spill_on_unavailable=True)
         remote_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": strategy}
+    rows = block_rows(batch_rows, plan.row_bytes()) if batch_rows else None
+    if batch_rows:
+        read_items = with_starts(read_items)
     blocks = max(1, -(-len(read_items) // items_per_task(plan, budget_bytes)))
     ds = ray.data.from_items(read_items, override_num_blocks=blocks)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn; its named replacement (label_selector + fallback_strategy) has
         # no soft node affinity yet, and a hard one would stall a worker whose node is busy.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.* is deprecated")
-        return ds.map_batches(
+        ds = ds.map_batches(
             read_slices,
-            fn_kwargs={"plan": plan},
+            fn_kwargs={"plan": plan, "batch_rows": batch_rows, "rows": rows},
             batch_size=None,  # a block's items in one call: read_slices reads ahead across them
             batch_format="numpy",
             num_cpus=read_cpus,
@@ -485,6 +503,18 @@ def build_dataset(
             concurrency=read_tasks,
             **remote_args,
         )
+    if rows:
+        ds.context.target_max_block_size = ray_block_target(rows, plan.row_bytes())  # each yield one block
+    return ds
+
+
+def with_starts(read_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The items, each with `start`: the rows of the items before it (where its rows begin in the lane)."""
+    out, start = [], 0
+    for item in read_items:
+        out.append(item | {"start": start})
+        start += min(item["hi"], item["first_idx"] + item["rows"]) - max(item["lo"], item["first_idx"])
+    return out
 
 
 def row_group_items(read_items: list[dict[str, Any]], group_rows: int) -> list[dict[str, Any]]:
