@@ -1,5 +1,7 @@
 """The training reader: rows per worker and epoch, the epoch order, class mixing, and the collectives helper."""
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -235,7 +237,7 @@ def test_the_threads_reader_gives_the_ray_data_readers_batches(tmp_path, ray_clu
                 if budget is None:
                     views = sum(
                         a["image"].ctypes.data + a["image"].nbytes == b["image"].ctypes.data
-                        for a, b in zip(blocks, blocks[1:])
+                        for a, b in pairwise(blocks)
                     )
                     assert views == len(blocks) - 1, "each batch a view of the task's one block"
     finally:
