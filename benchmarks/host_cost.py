@@ -15,7 +15,8 @@ staging buffers as on a GPU (pinned there; here plain memory, the same copy), wh
         [--shuffle 0,4096] [--stage]
 
 The last line is one JSON object: per scenario, reader and shuffle, `main`, `other` and `process` CPU-s per 1,000
-samples.
+samples, and `read_tasks`: CPU-s per 1,000 samples of the run's Ray worker processes, start-up included (the
+`ray_data` reader's read tasks: where the work moved out of the training process goes).
 """
 
 from __future__ import annotations
@@ -53,6 +54,35 @@ def thread_cpu() -> dict[int, float]:
     return out
 
 
+def read_task_cpu() -> float:
+    """CPU-seconds of the Ray worker processes this process's local cluster started (the `ray_data` reader's read
+    tasks run there: processes titled `ray::...`; Ray reuses them, so the difference between two snapshots is
+    what ran in between)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read(5)
+        except OSError:  # ended meanwhile
+            continue
+        parent[int(pid)] = int(fields[1])
+        if title == b"ray::":
+            cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / TICK
+    me = os.getpid()
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == me:
+                return True
+        return False
+
+    return sum(c for pid, c in cpu.items() if mine(pid))
+
+
 def spent(before: dict[int, float], after: dict[int, float], ended: float) -> tuple[float, float]:
     """(main thread, other threads) CPU-seconds between two snapshots; `ended`: CPU of threads that ended between
     them (the process's total less the live threads' sum)."""
@@ -67,17 +97,17 @@ def consume(cfg, plan, units, opts: ReaderOptions, epochs: int, stage: bool) -> 
     before the first was taken)."""
     staged = {"stage": True} if stage else {}  # (the code before staging buffers has no such argument)
     stream = EpochStream(cfg, plan, units, opts, 1, 0, 0, torch.device("cpu"), None, **staged)
-    samples, snap, proc = 0, None, 0.0
+    samples, snap, everything, tasks = 0, None, 0, read_task_cpu()  # read tasks: counted from the start
     try:
         for epoch in range(epochs):
             for batch in stream.epoch(epoch):
-                if (
-                    snap is None
-                ):  # start-up (the executor, the first reads) before the first batch is not counted
+                everything += len(batch["label"])
+                if snap is None:  # the process: start-up (the executor, the first reads) is not counted
                     snap, proc, wall = thread_cpu(), time.process_time(), time.perf_counter()
                     continue
                 samples += len(batch["label"])
         after, proc_after, wall = thread_cpu(), time.process_time(), time.perf_counter() - wall
+        tasks = read_task_cpu() - tasks
     finally:
         stream.close()
     live = sum(after.values()) - sum(snap.get(t, 0.0) for t in after)
@@ -87,6 +117,7 @@ def consume(cfg, plan, units, opts: ReaderOptions, epochs: int, stage: bool) -> 
         "main": round(main * per, 4),
         "other": round(other * per, 4),
         "process": round((main + other) * per, 4),
+        "read_tasks": round(tasks * 1000 / max(everything, 1), 4),
         "samples": samples,
         "samples_per_s": round(samples / wall),
     }
@@ -113,7 +144,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cores = os.cpu_count() or 1
     results: dict[str, dict] = {}
-    print("scenario  reader    shuffle  main CPU-s/1k  other CPU-s/1k  process CPU-s/1k  samples/s")
+    print(
+        "scenario  reader    shuffle  main CPU-s/1k  other CPU-s/1k  process CPU-s/1k  read tasks CPU-s/1k  samples/s"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scenarios:
             cfg, meta, plan, units = setup(name, args.rows, Path(tmp), group_rows=args.group_rows)
@@ -127,7 +160,7 @@ def main() -> None:
                     results[f"{name}/{reader}/shuffle{shuffle}"] = r
                     print(
                         f"{name:<9} {reader:<9} {shuffle:>7}  {r['main']:>13.4f}  {r['other']:>14.4f}  "
-                        f"{r['process']:>16.4f}  {r['samples_per_s']:>9,}",
+                        f"{r['process']:>16.4f}  {r['read_tasks']:>19.4f}  {r['samples_per_s']:>9,}",
                         flush=True,
                     )
     ray.shutdown()

@@ -217,7 +217,22 @@ class TeacherTraining(Strict):
     seed: int = Field(0, description="seed of the initialisation and the data order")
 
 
-class TeacherConfig(Strict):
+class Network(Strict):
+    """What a teacher and the student both are: an architecture (`arch`) and its inputs' size (`input_size`),
+    checked the same way for both."""
+
+    @field_validator("arch", check_fields=False)
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+    @field_validator("input_size", mode="before", check_fields=False)
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return square_size(v)
+
+
+class TeacherConfig(Network):
     """One teacher: a checkpoint to import, or `train` to train it here."""
 
     name: str = Field(
@@ -251,16 +266,6 @@ class TeacherConfig(Strict):
         "`pretrained` (timm's pretrained_cfg or torchvision's weights meta for `arch`: for a checkpoint holding "
         "those pretrained weights)",
     )
-
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        return _check_arch(v)
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _size(cls, v: Any) -> Any:
-        return square_size(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -361,7 +366,7 @@ class CacheConfig(Strict):
     )
 
 
-class StudentConfig(Strict):
+class StudentConfig(Network):
     """The student network and its input preprocessing."""
 
     arch: str = Field("resnet8x4", description="a camkd.models name, torchvision:<name> or timm:<name>")
@@ -373,16 +378,6 @@ class StudentConfig(Strict):
     input_size: tuple[int, int] | None = Field(
         None, description="[H, W] (or one side) the student's inputs are resized to; default: the data's size"
     )
-
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        return _check_arch(v)
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _size(cls, v: Any) -> Any:
-        return square_size(v)
 
     @model_validator(mode="after")
     def _norm(self) -> StudentConfig:

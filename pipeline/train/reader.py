@@ -439,9 +439,8 @@ OUTPUT_BUFFER_BYTES = 128 * 2**20  # Ray Data gathers a task's yields into block
 def items_per_task(plan: ReadPlan, budget_bytes: int | None = None) -> int:
     """Read items (row groups) one read task takes: enough for ~64 MiB of output, 8 to 32, and, with a reader
     budget, at most a quarter of it (a running task yields its whole output whatever the budget says, so a task
-    must be small next to the budget; at least 1). A Ray Data task costs ~25 ms to start on a 2-core VM; for
-    logits-only rows (3.7 KB, 1024-row groups) the 17 items this picks delivered 35.5k samples/s against 24.3k
-    with 8 (`benchmarks/input_pipeline.py` (c), both cores, medians of three interleaved runs)."""
+    must be small next to the budget; at least 1). Fewer, longer tasks for small rows: a Ray Data task takes tens
+    of milliseconds to start (docs/performance.md, "Input pipeline")."""
     n = int(min(32, max(8, TASK_OUTPUT_BYTES // max(1, plan.group_bytes()))))
     if budget_bytes:
         n = min(n, max(1, budget_bytes // (4 * max(1, plan.group_bytes()))))
@@ -451,10 +450,10 @@ def items_per_task(plan: ReadPlan, budget_bytes: int | None = None) -> int:
 def read_memory_bytes(plan: ReadPlan) -> int:
     """Heap a read task asks Ray for: the process (~190 MB with pyarrow and numpy), one row group four times
     over (as read, as rendered/decoded, as an Arrow block, serialised), the most row groups whose reads it keeps
-    in flight besides (`ReadPlan.most_in_flight`: `read_ahead` or more, up to `read_ahead_bytes`), and the yields
-    Ray Data holds until they fill a block (up to 128 MiB or the task's whole output). Measured peaks of private
-    memory over a run on both cores (before read-ahead): 566 MiB for 1024 rows × 102 KB (CIFAR + 3 teachers'
-    fp16 maps; this asked 718 MiB), 219 MiB for 32 × 1024 rows × 3.7 KB (logits only)."""
+    in flight besides (`ReadPlan.most_in_flight`: `read_ahead` or more, up to `read_ahead_bytes`), and the output
+    it holds until Ray Data takes it as a block (up to 128 MiB or the task's whole output; a training task's
+    blocks are smaller, `blocks.BLOCK_BYTES`). Measured peaks against this bound: docs/performance.md, "Input
+    pipeline"."""
     group = plan.group_bytes()
     held = min(items_per_task(plan) * group, OUTPUT_BUFFER_BYTES)
     return int((3 + plan.most_in_flight(plan.read_ahead + 1)) * group + held + 192 * 2**20)
