@@ -15,6 +15,8 @@
 #      trace of the teacher actor (do its copies to and from the GPU overlap compute? $OUT/profile.tgz, actor/)
 #   7. train.compile (the whole step as one graph) at batch 256, 8. the same with channels_last,
 #   9. the CUDA-graph variant at batch 256
+#   10. host_cost (after 1): the training process's CPU per 1,000 samples outside the step with the GPU's pinned
+#      staging and copies (benchmarks/host_cost.py --device cuda)
 # STEPS=ray_b256,precompute_bf16 runs only the steps named; RAY_VARIANTS=compile,pin_off adds Ray-path CA-MKD runs
 # with those config changes (benchmarks/train_throughput.py --ray-variants); PROFILE=1 profiles 20 steps of epoch 2
 # of each Ray-path run (torch.profiler tables and traces, $OUT/profile.tgz); PRECOMPUTE_IMAGES sizes step 5.
@@ -58,6 +60,7 @@ step() { # name, timeout, command...
 tt="python3 benchmarks/train_throughput.py --device cuda --threads 8"
 step ray_b256 240 $tt --batch 256 --steps 20 --rounds 3 --ray-images 32768 --ray-epochs 4 \
   --ray-variants "${RAY_VARIANTS:-}" ${PROFILE:+--profile-dir /tmp/camkd-profile}
+step host_cost 90 python3 benchmarks/host_cost.py --device cuda --scenarios ac --shuffle 0
 step inmem_b64 60 $tt --batch 64 --steps 40 --rounds 3 --skip-ray
 step inmem_b256_channels_last 50 $tt --batch 256 --steps 20 --rounds 3 --skip-ray --modes ce,cached \
   --opts channels_last

@@ -9,10 +9,11 @@ not counted; the `threads` reader's reading and decoding run in this process and
 Scenarios (`benchmarks/input_pipeline.py`): (a) CIFAR rows + 3 teachers' fp16 logits and fp16 maps 256×8×8,
 (c) the same, logits only. For each reader and `train.shuffle_buffer` (0 and 4096) one run of `--epochs` epochs;
 counted from the first batch taken (start-up excluded) to the last. With `--stage`, batches are also copied into the lane's reused
-staging buffers as on a GPU (pinned there; here plain memory, the same copy), which a CPU device skips.
+staging buffers as on a GPU (pinned there; here plain memory, the same copy), which a CPU device skips; with
+`--device cuda`, as a GPU worker does (pinned buffers, one copy to the GPU per batch).
 
     python benchmarks/host_cost.py [--rows 12288] [--epochs 3] [--scenarios ac] [--readers ray_data,threads]
-        [--shuffle 0,4096] [--stage]
+        [--shuffle 0,4096] [--stage] [--device cuda]
 
 The last line is one JSON object: per scenario, reader and shuffle, `main`, `other` and `process` CPU-s per 1,000
 samples, and `read_tasks`: CPU-s per 1,000 samples of the run's Ray worker processes, start-up included (the
@@ -91,12 +92,13 @@ def spent(before: dict[int, float], after: dict[int, float], ended: float) -> tu
     return used.pop(main, 0.0), sum(used.values()) + ended
 
 
-def consume(cfg, plan, units, opts: ReaderOptions, epochs: int, stage: bool) -> dict[str, float]:
+def consume(cfg, plan, units, opts: ReaderOptions, epochs: int, stage: bool, device: str) -> dict[str, float]:
     """One worker's stream over `epochs` epochs, taken batch by batch: CPU per 1,000 samples from the first batch
     to the last (all the work for the samples counted is done in that window but for the few batches prefetched
     before the first was taken)."""
     staged = {"stage": True} if stage else {}  # (the code before staging buffers has no such argument)
-    stream = EpochStream(cfg, plan, units, opts, 1, 0, 0, torch.device("cpu"), None, **staged)
+    on = torch.device(device)
+    stream = EpochStream(cfg, plan, units, opts, 1, 0, 0, on, None, pin_memory=on.type == "cuda", **staged)
     samples, snap, everything, tasks = 0, None, 0, read_task_cpu()  # read tasks: counted from the start
     try:
         for epoch in range(epochs):
@@ -137,6 +139,9 @@ def main() -> None:
     ap.add_argument("--shuffle", default="0,4096")
     ap.add_argument("--group-rows", type=int, default=1024)
     ap.add_argument("--stage", action="store_true", help="copy every batch into reused staging buffers")
+    ap.add_argument(
+        "--device", default="cpu", help="cuda: batches pinned and copied to the GPU, as a GPU worker"
+    )
     args = ap.parse_args()
 
     import ray
@@ -156,7 +161,7 @@ def main() -> None:
                     run_cfg = with_train(
                         cfg, shuffle_buffer=shuffle, batch_size=args.batch, epochs=args.epochs
                     )
-                    r = consume(run_cfg, plan, units, opts, args.epochs, args.stage)
+                    r = consume(run_cfg, plan, units, opts, args.epochs, args.stage, args.device)
                     results[f"{name}/{reader}/shuffle{shuffle}"] = r
                     print(
                         f"{name:<9} {reader:<9} {shuffle:>7}  {r['main']:>13.4f}  {r['other']:>14.4f}  "
@@ -164,7 +169,7 @@ def main() -> None:
                         flush=True,
                     )
     ray.shutdown()
-    print(json.dumps({"stage": args.stage, "batch": args.batch, "results": results}))
+    print(json.dumps({"stage": args.stage, "device": args.device, "batch": args.batch, "results": results}))
 
 
 if __name__ == "__main__":

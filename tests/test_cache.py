@@ -606,3 +606,27 @@ def test_the_dry_run_sizes_precompute_cpu_stages_per_gpu(tmp_path):
         assert abs(write - (fixed + per_kib * kib)) < 0.5 and need == round((render + write) / 100, 2)
         cpus[features] = need
     assert cpus["fp16"] > cpus["int8"] > cpus["none"]
+
+
+def test_the_dry_run_sizes_the_training_process_per_gpu(tmp_path):
+    """`--dry-run` on GPUs prints what the training process spends per sample on its input outside the step, from
+    the measured cost (a fixed part and a part per KB the sample carries: fp16 maps cost more than int8, logits
+    only least), and the cores a GPU worker keeps busy: its reads, that, and the step's own thread."""
+    import re
+
+    from pipeline import run
+    from pipeline.ops import capacity
+
+    teachers = [{"name": f"t{k}", "arch": "resnet8", "checkpoint": str(tmp_path / "t.pt")} for k in range(3)]
+    costs = {}
+    for features in ("fp16", "int8", "none"):
+        cfg = tiny_config(tmp_path, teachers=teachers, cache={"features": features}, scaling={"use_gpu": True})
+        line = [x for x in run.capacity_lines(cfg, None, None) if x.startswith("training process")]
+        assert len(line) == 1, line
+        us, cores, per_gpu = (float(v) for v in re.findall(r"([\d.]+) (?:µs|cores)", line[0]))
+        e = capacity.estimate(cfg, None, None, capacity.probe_shapes(cfg))
+        fixed, per_kb = capacity.TRAIN_PROCESS_US
+        assert abs(us - (fixed + per_kb * e.reader_bytes / 1024)) < 0.05
+        assert abs(per_gpu - (e.read_cpus_per_worker + cores + 1)) < 0.11
+        costs[features] = us
+    assert costs["fp16"] > costs["int8"] > costs["none"] > 0

@@ -22,6 +22,9 @@ from pipeline.train import inflight
 # decode is what is left of scenario (d) and the same for both readers (docs/performance.md, "Capacity model").
 READ_US = {"ray_data": (74.0, 1.70), "threads": (18.0, 1.07)}  # (µs per sample, µs per KB)
 DECODE_US = 1960.0
+# The training process's own input work per sample, outside the step, on a GPU worker: taking a batch from the
+# reader and its one copy into a pinned staging buffer (docs/performance.md, "Host cost of training input").
+TRAIN_PROCESS_US = (0.0, 0.0)  # (µs per sample, µs per KB)
 # Student samples/s one GPU worker must be fed: CIFAR-sized CE and cached distillation (measured), and 224-px
 # students (an assumption); docs/performance.md, "Capacity model".
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
@@ -151,6 +154,17 @@ class Estimate:
         return self.rate * self.read_us_per_sample / 1e6
 
     @property
+    def process_us_per_sample(self) -> float:
+        """CPU the training process spends per sample on its input, outside the step (a GPU worker's)."""
+        fixed, per_kb = TRAIN_PROCESS_US
+        return fixed + per_kb * self.reader_bytes / 1024
+
+    @property
+    def cores_per_gpu(self) -> float:
+        """Host cores one GPU worker keeps busy: its reads, its process's input work, and the step's own thread."""
+        return self.read_cpus_per_worker + self.rate * self.process_us_per_sample / 1e6 + 1.0
+
+    @property
     def in_flight(self) -> int:
         """The most row groups a read task keeps in flight."""
         return in_flight_per_task(
@@ -197,6 +211,13 @@ class Estimate:
             "2-core VM, see docs/performance.md "
             f"'Capacity model'); {self.workers} worker(s) need {math.ceil(need * self.workers)} read CPUs"
         )
+        if cfg.scaling.use_gpu:
+            out.append(
+                f"training process outside the step: {self.process_us_per_sample:.1f} µs per sample (a batch from the "
+                f"reader, one pinned copy): {self.rate * self.process_us_per_sample / 1e6:.2f} cores; with the "
+                f"reads and the step's own thread {self.cores_per_gpu:.1f} cores per GPU, "
+                f"{math.ceil(8 * self.cores_per_gpu)} for an 8-GPU node"
+            )
         if cfg.scaling.reader == "ray_data":
             out += self._ray_data_lines(cfg)
         if cfg.scaling.reader == "threads":
@@ -323,6 +344,8 @@ def as_dict(e: Estimate) -> dict[str, Any]:
         "read_us_per_sample": round(e.read_us_per_sample, 1),
         "rate": e.rate,
         "read_cpus_per_worker": round(e.read_cpus_per_worker, 2),
+        "process_us_per_sample": round(e.process_us_per_sample, 2),
+        "cores_per_gpu": round(e.cores_per_gpu, 2),
         "read_tasks_per_worker": e.read_tasks,
         "storage_latency_ms": e.latency_s * 1000,
     }
@@ -338,5 +361,5 @@ def precompute_lines(e: Estimate) -> list[str]:
     return [
         f"precompute CPU stages: render {render:,.0f} µs + write {write:,.0f} µs per image ({kib:.1f} KiB stored): "
         f"{cpus:.2f} CPUs per {PRECOMPUTE_RATE:,} images/s (one GPU's teachers; measured on a 2-core VM, see "
-        "docs/performance.md 'Precompute CPU stages')"
+        f"docs/performance.md 'Precompute CPU stages'), {math.ceil(8 * cpus)} for an 8-GPU node"
     ]

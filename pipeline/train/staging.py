@@ -22,15 +22,15 @@ class Staged:
 
     tensors: dict[str, torch.Tensor]
     copied: torch.cuda.Event | None = None
+    buffer: torch.Tensor | None = None  # the device buffer the tensors are views of
 
     def ready(self) -> dict[str, torch.Tensor]:
         """The batch, usable on the current stream: it waits for the copy on the device, not on the host, and
         the batch's memory is not reused before the current stream is done with it."""
-        if self.copied is not None:
+        if self.copied is not None and self.buffer is not None:
             stream = torch.cuda.current_stream()
             stream.wait_event(self.copied)
-            for t in self.tensors.values():
-                t.record_stream(stream)
+            self.buffer.record_stream(stream)
         return self.tensors
 
 
@@ -71,7 +71,7 @@ class Staging:
             copied = torch.cuda.Event()
             copied.record(self.stream)
         self.slots[turn] = (host, copied)
-        return Staged(_views(on_device, columns), copied)
+        return Staged(_views(on_device, columns), copied, on_device)
 
     def _buffer(self, turn: int, nbytes: int) -> torch.Tensor:
         """Slot `turn`'s buffer, at least `nbytes` long, once its previous copy is done (this thread waits)."""
