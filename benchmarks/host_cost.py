@@ -155,6 +155,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.scenarios:
             cfg, meta, plan, units = setup(name, args.rows, Path(tmp), group_rows=args.group_rows)
+            if not results:  # warm-up: Ray's worker processes start (and import) before anything is counted
+                warm = ReaderOptions("ray_data", read_cpus=1.0, read_tasks=cores, read_threads=cores)
+                consume(with_train(cfg, epochs=1), plan, units[:cores], warm, 1, False, args.device)
             for reader in args.readers.split(","):
                 opts = ReaderOptions(reader, read_cpus=1.0, read_tasks=cores, read_threads=cores)
                 for shuffle in (int(s) for s in args.shuffle.split(",")):

@@ -8,8 +8,8 @@ random teacher outputs of the right shapes: the reader's cost does not depend on
   c  the same, logits only
   d  a 224-px JPEG image folder (generated, 1000 classes) + 2 teachers: top-200 logits + int8 maps 2048×7×7
 
-For each: the rate of one read task in this process (one core, profiled), then the rate Ray Data delivers to an
-`iter_torch_batches` consumer with all of the machine's cores, and the rate the `threads` reader (as many threads
+For each: the rate of one read task in this process (one core, profiled), then the rate Ray Data delivers to a
+training worker's consumer (`host_batches`, batches made tensors) with all of the machine's cores, and the rate the `threads` reader (as many threads
 as cores, in the consumer's process) delivers (per core = that ÷ cores; goals at CIFAR scale
 (a) ≥ 8k and (c) ≥ 30k samples/s per core, so ≤ 4 cores feed a GPU). The last line is one JSON object.
 
@@ -69,11 +69,11 @@ from pipeline.config import validate
 from pipeline.data.ingest import ingest
 from pipeline.data.views import make_view_spec, render_train
 from pipeline.store import storage, tables
+from pipeline.train.batches import ReaderOptions, host_batches
 from pipeline.train.reader import (
     ReadPlan,
     Slice,
     TeacherSource,
-    build_dataset,
     epoch_shares,
     items,
     local_batches,
@@ -245,18 +245,24 @@ def one_task(plan, units, profile: bool = False):
 
 
 def delivered(plan, units, epochs: int, batch: int, from_first_batch: bool = False) -> float:
-    """Samples/s an iter_torch_batches consumer receives in steady state from one reader over `epochs` epochs
-    (as a training worker reads), with every core: timed from the end of the first epoch to the end (or, with
+    """Samples/s a training worker's reader (`batches.host_batches`, made tensors) delivers in steady state over
+    `epochs` epochs, with every core: timed from the end of the first epoch to the end (or, with
     `from_first_batch`, from the first batch: Ray Data reads ahead, so a slow reader can still have the last epochs
     buffered by the time the first one is consumed)."""
     read_items = []
     for epoch in range(epochs):
         read_items += items(epoch_shares(units, 0, epoch, 1, batch)[0], 0, epoch)
+    import torch
+
     first_epoch = batch if from_first_batch else sum(u.size for u in units) // batch * batch
-    ds = build_dataset(plan, read_items, 0.5)
+    opts = ReaderOptions("ray_data", read_cpus=0.5, read_tasks=None, read_threads=1)
     n, start = 0, None
-    for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=4):
-        n += len(b["label"])
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # as the worker does
+    for b in host_batches(
+        plan, read_items, opts, batch, None, prefetch_batches=4
+    ):  # as a training worker takes them
+        tensors = {k: torch.from_numpy(v) for k, v in b.items()}
+        n += len(tensors["label"])
         if start is None and n >= first_epoch:
             start, n = time.perf_counter(), 0
     return n / (time.perf_counter() - start)
