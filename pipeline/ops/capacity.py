@@ -24,7 +24,7 @@ READ_US = {"ray_data": (74.0, 1.70), "threads": (18.0, 1.07)}  # (µs per sample
 DECODE_US = 1960.0
 # The training process's own input work per sample, outside the step, on a GPU worker: taking a batch from the
 # reader and its one copy into a pinned staging buffer (docs/performance.md, "Host cost of training input").
-TRAIN_PROCESS_US = (0.0, 0.0)  # (µs per sample, µs per KB)
+TRAIN_PROCESS_US = (0.94, 0.32)  # (µs per sample, µs per KB)
 # Student samples/s one GPU worker must be fed: CIFAR-sized CE and cached distillation (measured), and 224-px
 # students (an assumption); docs/performance.md, "Capacity model".
 GPU_RATES = {"ce": 37_263, "distill": 26_273, "224px": 3_000}
