@@ -455,3 +455,32 @@ def test_the_inductor_compiled_step_trains_as_the_eager_one():
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_evaluation_is_one_compiled_graph_per_batch_size_and_scores_as_eager():
+    """train.compile scores val/test batches as one `fullgraph=True` graph each (normalise, forward, hits and
+    loss sums): the same sums as eager to 1e-4, no graph break, and the last smaller batch adds one graph (with a
+    dynamic batch size: the next split's last batch adds none). Traced with dynamo's "eager" backend."""
+    from torch._dynamo.utils import counters
+
+    from camkd.training import Normalizer
+    from pipeline.train.step import evaluate
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    student = models.create("resnet8", 10, 3)
+    normalizer = Normalizer((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,)))
+        for n in (8, 8, 5, 8, 3)
+    ]
+    cpu = torch.device("cpu")
+    eager = evaluate(student, batches, normalizer, None, cpu).values
+    compiled = evaluate(student, batches, normalizer, None, cpu, backend="eager").values
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-6)
+    assert float(eager[3]) == 32.0 and student.training
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()
