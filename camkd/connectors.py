@@ -37,6 +37,11 @@ class Connector(nn.Module):
         self.bn = nn.BatchNorm2d(count * channels)
 
     def forward(self, student_features: Tensor) -> Tensor:
+        return F.relu(self.pre_activation(student_features), inplace=True)
+
+    def pre_activation(self, student_features: Tensor) -> Tensor:
+        """The map before the ReLU: resize → Conv1x1 → BN, [B,K·C_t,H_t,W_t] (`camkd.closed_form.HeadsAndMSE`
+        applies the ReLU itself)."""
         if student_features.dim() != 4 or student_features.shape[1] != self.student_channels:
             raise ValueError(
                 f"connector expects a student map [B,{self.student_channels},H,W], "
@@ -49,7 +54,7 @@ class Connector(nn.Module):
                 student_features = F.adaptive_avg_pool2d(student_features, (height, width))
             else:
                 student_features = F.interpolate(student_features, size=(height, width), mode="bilinear")
-        return F.relu(self.bn(self.conv(student_features)), inplace=True)
+        return self.bn(self.conv(student_features))
 
     def per_teacher(self, connected: Tensor) -> Tensor:
         """[B,K·C,H,W] → [B,K,C,H,W] (a view: no copy, no op per teacher)."""

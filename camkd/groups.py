@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from camkd import losses
+from camkd import closed_form, losses
 from camkd.connectors import Connector
 from camkd.heads import FrozenHeads
 
@@ -56,11 +56,14 @@ class TeacherGroup(nn.Module):
                     f"teacher feature [{','.join(map(str, f.shape))}]; the cache's feature shape must be the one "
                     "the strategy was built with"
                 )
-        per_teacher = self.connector.per_teacher(self.connector(student_features))  # [B,K,C,H,W]
         if len(self.members) == 1:
             target = teacher_features[self.members[0]].unsqueeze(1)
         else:
             target = torch.stack([teacher_features[i] for i in self.members], dim=1)
+        if self.heads.stacked:  # the connector's ReLU, heads and MSEs with their closed-form gradient
+            x = self.connector.pre_activation(student_features)  # [B,K·C,H,W]
+            return closed_form.HeadsAndMSE.apply(x, target, self.heads.weight, self.heads.bias)
+        per_teacher = self.connector.per_teacher(self.connector(student_features))  # [B,K,C,H,W]
         mse = losses.feature_mse(per_teacher, target).t()  # [B,K] → [K,B]: no copy, forward or backward
         return self.heads(per_teacher), mse
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camkd import closed_form
+
 Normalize = Literal["official", "mean"]
 
 
@@ -75,16 +77,53 @@ def weighted_kl(
 
     student [B,C], teachers [K,B,C], weights [K,B] (no gradient) → scalar. The weights scale the teacher's
     distribution before the class sum, and τ² and the denominator are one factor: the fewest ops for the step.
+    Frozen teachers take `closed_form.WeightedKL` (∂L/∂z_s in 4 ops); teachers that need a gradient, autograd.
     """
     _check_teacher_logits(teacher_logits, student_logits)
     k, b, _ = teacher_logits.shape
     t = float(temperature)
+    factor = t * t / _denominator(k, b, normalize)
+    if weights is not None and weights.requires_grad:
+        weights = weights.detach()
+    if not teacher_logits.requires_grad:  # frozen teachers: the closed-form gradient (camkd.closed_form)
+        return closed_form.WeightedKL.apply(student_logits, teacher_logits, weights, t, factor)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     p_t = log_p_t.exp()
     if weights is not None:
-        p_t = p_t * (weights.detach() if weights.requires_grad else weights).unsqueeze(-1)
-    return (p_t * (log_p_t - log_p_s)).sum() * (t * t / _denominator(k, b, normalize))
+        p_t = p_t * weights.unsqueeze(-1)
+    return (p_t * (log_p_t - log_p_s)).sum() * factor
+
+
+def ce_and_weighted_kl(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None,
+    temperature: float = 4.0,
+    normalize: Normalize = "official",
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A distillation step's logit terms: (γ·CE + α·KD, CE, KD), KD = `weighted_kl`; CE and KD without gradient.
+
+    student [B,C], labels [B], teachers [K,B,C], weights [K,B] or None. Frozen teachers take
+    `closed_form.CrossEntropyAndKL` (∂L/∂z_s in 7 ops whatever K); teachers that need a gradient, autograd.
+    """
+    _check_teacher_logits(teacher_logits, student_logits)
+    _check_labels(labels, student_logits.shape[0], f"student_logits {_shape(student_logits)}")
+    k, b, _ = teacher_logits.shape
+    t = float(temperature)
+    if weights is not None and weights.requires_grad:
+        weights = weights.detach()
+    if teacher_logits.requires_grad:
+        ce = F.cross_entropy(student_logits.float(), labels)
+        kd = weighted_kl(student_logits, teacher_logits, weights, t, normalize)
+        return gamma * ce + alpha * kd, ce.detach(), kd.detach()
+    factor = t * t / _denominator(k, b, normalize)
+    return closed_form.CrossEntropyAndKL.apply(
+        student_logits, labels, teacher_logits, weights, t, factor, gamma, alpha
+    )
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -97,20 +136,25 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return weighted_kl(student_logits, teacher_logits.unsqueeze(0), None, temperature)
 
 
-def confidence_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """CA-MKD per-sample teacher weights. teacher_logits [K,B,C], labels [B] → [K,B].
-
-    w_ik = (1 − softmax_k(CE(z_ik, y_i))) / (K − 1): the weights of one sample sum to 1 and the teacher with
-    the larger cross-entropy gets less. Differentiable in `teacher_logits` (the intermediate term relies on it).
-    """
+def _check_confidence_inputs(teacher_logits: Tensor, labels: Tensor) -> None:
     _check_teacher_logits(teacher_logits)
-    k, b, c = teacher_logits.shape
+    k, b, _ = teacher_logits.shape
     if k < 2:
         raise ValueError(
             f"confidence weights need at least 2 teachers, got K={k} (teacher_logits {_shape(teacher_logits)}); "
             "with one teacher use the 'kd' strategy"
         )
     _check_labels(labels, b, f"teacher_logits {_shape(teacher_logits)}")
+
+
+def confidence_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    """CA-MKD per-sample teacher weights. teacher_logits [K,B,C], labels [B] → [K,B].
+
+    w_ik = (1 − softmax_k(CE(z_ik, y_i))) / (K − 1): the weights of one sample sum to 1 and the teacher with
+    the larger cross-entropy gets less. Differentiable in `teacher_logits` (the intermediate term relies on it).
+    """
+    _check_confidence_inputs(teacher_logits, labels)
+    k, b, c = teacher_logits.shape
     ce = F.cross_entropy(teacher_logits.float().reshape(k * b, c), labels.repeat(k), reduction="none")
     return torch.rsub(F.softmax(ce.view(k, b), dim=0), 1.0 / (k - 1), alpha=1.0 / (k - 1))  # (1 − s)/(K − 1)
 
@@ -159,11 +203,43 @@ def weighted_feature_loss(
     the frozen heads), unless precomputed `weights` [K,B] are given. L = Σ_i Σ_k u_ik·mse_ik / (B·K).
     The teachers may come in any order, as long as mse, head_logits and weights share it.
     """
+    return confidence_weighted_mse(mse, head_logits, labels, normalize, weights)[0]
+
+
+def confidence_weighted_mse(
+    mse: Tensor,
+    head_logits: Tensor,
+    labels: Tensor,
+    normalize: Normalize = "official",
+    weights: Tensor | None = None,
+    head_gradient: bool = True,
+    teacher_logits: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`weighted_feature_loss` and its weights: mse [K,B], head_logits [K,B,C] → (scalar L_inter, u [K,B], w).
+
+    u = confidence_weights(head_logits, labels), with gradient into head_logits when `head_gradient` (the
+    official code), else none; or the given `weights`. w = confidence_weights(teacher_logits, labels) when
+    teacher_logits [K,B,C] are given (and no weights), computed with u in the same ops; else None. u and w are
+    returned without gradient. Computed by `closed_form.ConfidenceWeightedMSE` (its backward in a few ops
+    whatever K); weights that need a gradient themselves take autograd.
+    """
     if head_logits.dim() != 3 or mse.shape != head_logits.shape[:2]:
         raise ValueError(f"mse {_shape(mse)} and head_logits {_shape(head_logits)} must be [K,B] and [K,B,C]")
+    k, b, _ = head_logits.shape
     if weights is None:
-        weights = confidence_weights(head_logits, labels)
-    return _reduce(weights * mse, normalize)
+        _check_confidence_inputs(head_logits, labels)
+        if teacher_logits is not None and teacher_logits.shape != head_logits.shape:
+            raise ValueError(
+                f"teacher_logits {_shape(teacher_logits)} must have the head logits' shape {_shape(head_logits)}"
+            )
+    elif weights.requires_grad:
+        return _reduce(weights * mse, normalize), weights.detach(), None
+    else:
+        teacher_logits = None
+    scale = 1.0 / _denominator(k, b, normalize)
+    return closed_form.ConfidenceWeightedMSE.apply(
+        mse, head_logits, labels, weights, teacher_logits, head_gradient, scale
+    )
 
 
 def camkd_feature_loss(

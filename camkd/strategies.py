@@ -192,19 +192,34 @@ class CE(Strategy):
 class _LogitStrategy(Strategy):
     needs_logits = True
 
+    def kd_weights(
+        self, teacher_logits: Tensor, labels: Tensor
+    ) -> tuple[Tensor | None, Tensor, losses.Normalize]:
+        """The KD term as a weighted KL (`losses.weighted_kl`): → (its weights [K,B], None for all 1; the
+        per-sample teacher weights [K,B] reported; its normalisation)."""
+        raise NotImplementedError
+
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, epoch):
-        """→ (the KD term, scalar; per-sample teacher weights [K,B], for the reports)."""
+        """→ (the KD term, scalar; per-sample teacher weights [K,B], for the reports). Only a strategy whose KD
+        term is not a weighted KL defines it (and leaves `kd_weights` alone)."""
         raise NotImplementedError
 
     def logit_terms(
         self, student_logits, labels, teachers, epoch
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """→ (γ·CE + α·KD, the named scalars, the teacher weights)."""
+        """→ (γ·CE + α·KD, the named scalars, the teacher weights). A weighted-KL KD term and the CE are one
+        `losses.ce_and_weighted_kl` (their gradient in a few ops, whatever the number of teachers)."""
         p = self.params
         teacher_logits = self._logits(teachers, student_logits)
-        ce = F.cross_entropy(student_logits.float(), labels)
-        kd, weights = self.kd_term(student_logits, teacher_logits, labels, epoch)
-        loss = _times(p.gamma, ce) + _times(p.alpha, kd)
+        if type(self).kd_term is _LogitStrategy.kd_term:
+            kl_weights, weights, normalize = self.kd_weights(teacher_logits, labels)
+            loss, ce, kd = losses.ce_and_weighted_kl(
+                student_logits, labels, teacher_logits, kl_weights, p.temperature, normalize, p.gamma, p.alpha
+            )
+        else:
+            ce = F.cross_entropy(student_logits.float(), labels)
+            kd, weights = self.kd_term(student_logits, teacher_logits, labels, epoch)
+            loss = _times(p.gamma, ce) + _times(p.alpha, kd)
         return loss, {"loss": loss, "ce": ce, "kd": kd}, weights
 
     def forward(self, student_logits, student_features, labels, teachers, epoch):
@@ -213,38 +228,34 @@ class _LogitStrategy(Strategy):
 
 
 class KD(_LogitStrategy):
-    """Hinton KD from one teacher: batchmean τ²·KL."""
+    """Hinton KD from one teacher: batchmean τ²·KL (`losses.kd_loss`)."""
 
     name = "kd"
     max_teachers = 1
 
-    def kd_term(self, student_logits, teacher_logits, labels, epoch):
-        kd = losses.kd_loss(student_logits, teacher_logits[0], self.params.temperature)
-        return kd, torch.ones(1, student_logits.shape[0], device=student_logits.device)
+    def kd_weights(self, teacher_logits, labels):
+        return None, torch.ones(1, teacher_logits.shape[1], device=teacher_logits.device), "official"
 
 
 class Aver(_LogitStrategy):
-    """AVER: the mean of the per-teacher KD losses (equal weights)."""
+    """AVER: the mean of the per-teacher KD losses (equal weights, `losses.aver_kd_loss`)."""
 
     name = "aver"
 
-    def kd_term(self, student_logits, teacher_logits, labels, epoch):
-        kd = losses.aver_kd_loss(student_logits, teacher_logits, self.params.temperature)
+    def kd_weights(self, teacher_logits, labels):
         k, b = teacher_logits.shape[:2]
-        return kd, torch.full((k, b), 1.0 / k, device=student_logits.device)
+        return None, torch.full((k, b), 1.0 / k, device=teacher_logits.device), "official"
 
 
 class EBKD(_LogitStrategy):
-    """Entropy-based weights: a confident (low-entropy) teacher gets more weight; label-free."""
+    """Entropy-based weights: a confident (low-entropy) teacher gets more weight; label-free
+    (`losses.ebkd_kd_loss`)."""
 
     name = "ebkd"
 
-    def kd_term(self, student_logits, teacher_logits, labels, epoch):
+    def kd_weights(self, teacher_logits, labels):
         weights = losses.entropy_weights(teacher_logits)
-        kd = losses.ebkd_kd_loss(
-            student_logits, teacher_logits, labels, self.params.temperature, weights=weights
-        )
-        return kd, weights
+        return weights, weights, "official"
 
 
 class DKD(_LogitStrategy):
@@ -263,22 +274,14 @@ class DKD(_LogitStrategy):
 
 
 class CAMKDLogits(_LogitStrategy):
-    """CA-MKD without the intermediate term: confidence-weighted KD only."""
+    """CA-MKD without the intermediate term: confidence-weighted KD only (`losses.camkd_kd_loss`)."""
 
     name = "camkd_logits"
     min_teachers = 2
 
-    def kd_term(self, student_logits, teacher_logits, labels, epoch):
+    def kd_weights(self, teacher_logits, labels):
         weights = losses.confidence_weights(teacher_logits, labels)
-        kd = losses.camkd_kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            self.params.temperature,
-            self.params.normalize,
-            weights=weights,
-        )
-        return kd, weights
+        return weights, weights, self.params.normalize
 
 
 class CAMKD(CAMKDLogits):
@@ -317,31 +320,47 @@ class CAMKD(CAMKDLogits):
         if epoch < self.params.inter_warmup_epochs:
             yield from (p for p in self.teacher_groups.parameters() if p.requires_grad)
 
-    def feature_term(self, student_features, labels, teachers, logit_weights) -> tuple[Tensor, Tensor]:
-        """→ (L_inter, its per-sample weights [K,B] in group order)."""
+    def feature_term(
+        self, student_features, labels, teachers, teacher_logits
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """→ (L_inter, its per-sample weights [K,B] in group order, the KD term's confidence weights [K,B]); the
+        two sets of confidence weights come from one `losses.confidence_weighted_mse`."""
         if teachers.features is None or len(teachers.features) != len(self.teacher_names):
             raise ValueError("strategy 'camkd' needs one feature map per teacher")
-        groups = self.teacher_groups  # teachers of one feature shape stacked; results in group order
+        groups, p = self.teacher_groups, self.params  # teachers of one feature shape stacked; group order
         head_logits, mse = groups(student_features, teachers.features)
-        mode = self.params.feature_weights
-        if mode == "official":
-            weights = losses.confidence_weights(head_logits, labels)
-        elif mode == "detached":
-            weights = losses.confidence_weights(head_logits.detach(), labels)
-        elif mode == "logit":
-            weights = groups.in_group_order(logit_weights)
-        else:
-            raise ValueError(f"feature_weights must be 'official', 'detached' or 'logit', got {mode!r}")
-        return losses.weighted_feature_loss(mse, head_logits, labels, self.params.normalize, weights), weights
+        if p.feature_weights == "logit":
+            weights = losses.confidence_weights(teacher_logits, labels)
+            given = groups.in_group_order(weights)
+            inter, feat_weights, _ = losses.confidence_weighted_mse(
+                mse, head_logits, labels, p.normalize, given
+            )
+            return inter, feat_weights, weights
+        if p.feature_weights not in ("official", "detached"):
+            raise ValueError(
+                f"feature_weights must be 'official', 'detached' or 'logit', got {p.feature_weights!r}"
+            )
+        return losses.confidence_weighted_mse(
+            mse,
+            head_logits,
+            labels,
+            p.normalize,
+            head_gradient=p.feature_weights == "official",
+            teacher_logits=teacher_logits,
+        )
 
     def forward(self, student_logits, student_features, labels, teachers, epoch):
-        loss, scalars, weights = self.logit_terms(student_logits, labels, teachers, epoch)
-        inter, feat_weights = self.feature_term(student_features, labels, teachers, weights)
+        p = self.params
+        teacher_logits = self._logits(teachers, student_logits)
+        inter, feat_weights, weights = self.feature_term(student_features, labels, teachers, teacher_logits)
+        loss, ce, kd = losses.ce_and_weighted_kl(
+            student_logits, labels, teacher_logits, weights, p.temperature, p.normalize, p.gamma, p.alpha
+        )
         # Before the warm-up ends the term is computed (as the official code does) but not used: multiplying
         # by zero keeps every parameter in the autograd graph, which DistributedDataParallel requires.
-        beta = _from_epoch(epoch, self.params.inter_warmup_epochs, self.params.beta)
+        beta = _from_epoch(epoch, p.inter_warmup_epochs, p.beta)
         loss = loss + beta * inter if isinstance(beta, Tensor) else loss.add(inter, alpha=beta)
-        scalars.update(loss=loss, inter=inter)
+        scalars = {"loss": loss, "ce": ce, "kd": kd, "inter": inter}
         group_names = [self.teacher_names[i] for i in self.teacher_groups.order]
         sets = [("weight", weights, self.teacher_names), ("feat_weight", feat_weights, group_names)]
         return self._output(loss, scalars, sets, weights)

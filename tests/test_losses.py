@@ -189,6 +189,109 @@ def test_dkd_matches_reference(seed):
     torch.testing.assert_close(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- the closed-form backward passes (camkd.closed_form)
+def _f64(*shape, g, scale=1.0, grad=False):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_closed_form_logit_terms_pass_gradcheck(weighted):
+    """WeightedKL and CrossEntropyAndKL: their hand-written ∂L/∂z_s against finite differences in float64."""
+    from camkd import closed_form
+
+    g = torch.Generator().manual_seed(0)
+    student, teachers = _f64(4, 5, g=g, scale=2, grad=True), _f64(3, 4, 5, g=g, scale=3)
+    weights = torch.rand(3, 4, generator=g, dtype=torch.float64) if weighted else None
+    labels = torch.randint(0, 5, (4,), generator=g)
+    kl = closed_form.WeightedKL.apply
+    both = closed_form.CrossEntropyAndKL.apply
+    assert torch.autograd.gradcheck(lambda z: kl(z, teachers, weights, 4.0, 0.7), (student,))
+    for gamma, alpha in [(1.0, 1.0), (0.4, 2.5)]:
+        args = (labels, teachers, weights, 2.0, 0.7, gamma, alpha)
+        assert torch.autograd.gradcheck(lambda z, a=args: both(z, *a)[0], (student,))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_closed_form_heads_and_mse_pass_gradcheck(k):
+    """HeadsAndMSE (connector ReLU, K pool+fc heads, K feature MSEs): ∂/∂x of both outputs in float64."""
+    from camkd import closed_form
+
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w, n = 2, 3, 2, 3, 4
+    x = _f64(b, k * c, h, w, g=g, grad=True)
+    target, weight, bias = _f64(b, k, c, h, w, g=g), _f64(k, c, n, g=g), _f64(k, 1, n, g=g)
+    assert torch.autograd.gradcheck(lambda v: closed_form.HeadsAndMSE.apply(v, target, weight, bias), (x,))
+
+
+@pytest.mark.parametrize("variant", ["official", "detached", "given", "with_teachers"])
+def test_closed_form_confidence_weighted_mse_passes_gradcheck(variant):
+    """ConfidenceWeightedMSE: ∂L/∂mse and (official) ∂L/∂head_logits through the confidence weights, in float64;
+    with the teachers' weights computed in the same ops, or with given weights."""
+    from camkd import closed_form
+
+    g = torch.Generator().manual_seed(2)
+    k, b, n = 3, 4, 5
+    mse = torch.rand(k, b, generator=g, dtype=torch.float64).requires_grad_()
+    heads = _f64(k, b, n, g=g, scale=2, grad=True)
+    labels = torch.randint(0, n, (b,), generator=g)
+    given = torch.rand(k, b, generator=g, dtype=torch.float64) if variant == "given" else None
+    teachers = _f64(k, b, n, g=g, scale=3) if variant == "with_teachers" else None
+    official = variant != "detached"
+
+    def loss(m, hl):
+        return closed_form.ConfidenceWeightedMSE.apply(m, hl, labels, given, teachers, official, 0.3)[0]
+
+    if official and given is None:
+        assert torch.autograd.gradcheck(loss, (mse, heads))
+    else:  # the weights are constants of the gradient (detached or given): ∂L/∂mse only
+        assert torch.autograd.gradcheck(lambda m: loss(m, heads.detach()), (mse,))
+
+
+@pytest.mark.parametrize("mode", ["official", "detached", "with_teachers"])
+def test_closed_form_terms_equal_autograd_for_1_to_8_teachers(mode):
+    """ce_and_weighted_kl and confidence_weighted_mse (closed-form backward) against the same formulas through
+    autograd, K = 1..8 (2..8 where confidence weights need two): values, weights and gradients to 1e-6."""
+    for k in range(1, 9):
+        g = torch.Generator().manual_seed(k)
+        b, n = 6, 7
+        student, teachers = torch.randn(b, n, generator=g) * 2, torch.randn(k, b, n, generator=g) * 3
+        labels = torch.randint(0, n, (b,), generator=g)
+        weights = torch.rand(k, b, generator=g) if k % 2 else None
+        s1, s2, t2 = student.clone().requires_grad_(), student.clone().requires_grad_(), teachers.clone()
+        ours = losses.ce_and_weighted_kl(s1, labels, teachers, weights, 4.0, "official", 0.5, 2.0)
+        ref = losses.ce_and_weighted_kl(s2, labels, t2.requires_grad_(), weights, 4.0, "official", 0.5, 2.0)
+        for a, r in zip(ours, ref):
+            torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
+        ours[0].backward()
+        ref[0].backward()
+        torch.testing.assert_close(s1.grad, s2.grad, atol=1e-6, rtol=1e-6)
+        if k >= 2:
+            _check_confidence_weighted_mse(k, b, n, g, mode, labels, teachers)
+
+
+def _check_confidence_weighted_mse(k, b, n, g, mode, labels, teachers):
+    mse, heads = torch.rand(k, b, generator=g), torch.randn(k, b, n, generator=g) * 2
+    m1, h1 = mse.clone().requires_grad_(), heads.clone().requires_grad_()
+    m2, h2 = mse.clone().requires_grad_(), heads.clone().requires_grad_()
+    with_teachers = teachers if mode == "with_teachers" else None
+    inter, u, w = losses.confidence_weighted_mse(
+        m1, h1, labels, "mean", None, mode != "detached", with_teachers
+    )
+    ref_u = losses.confidence_weights(h2.detach() if mode == "detached" else h2, labels)
+    ref = (ref_u * m2).sum() / b
+    torch.testing.assert_close(inter, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(u, ref_u.detach(), atol=1e-6, rtol=1e-6)
+    if mode == "with_teachers":
+        torch.testing.assert_close(w, losses.confidence_weights(teachers, labels), atol=1e-6, rtol=1e-6)
+    inter.backward()
+    ref.backward()
+    torch.testing.assert_close(m1.grad, m2.grad, atol=1e-6, rtol=1e-6)
+    if mode == "detached":
+        assert h1.grad is None
+    else:
+        torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_confidence_weights_properties():
     g = torch.Generator().manual_seed(0)
     b, c = 32, 10

@@ -60,7 +60,8 @@ class Scorer:
         share_buffers(student, self.coll)
         digest = state_digest(student.state_dict())
         try:
-            stats = evaluate(student, data.batches(), self.normalizer, self.amp_dtype, self.device)
+            backend = "inductor" if self.cfg.train.compile else None
+            stats = evaluate(student, data.batches(), self.normalizer, self.amp_dtype, self.device, backend)
         except Exception as e:
             message = data_error(e)
             if message is None:

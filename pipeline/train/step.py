@@ -82,16 +82,20 @@ class EvalStats:
         self.values = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        self.values[:3] += torch.stack(
-            [
-                top[:, 0].sum().double(),
-                top.any(1).sum().double(),
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-            ]
-        )
-        self.values[3] += labels.shape[0]  # a Python number into a device tensor: no copy, no sync
+        self.add_sums(eval_sums(logits, labels), labels.shape[0])
+
+    def add_sums(self, sums: torch.Tensor, count: int) -> None:
+        """sums: one batch's `eval_sums`; count: its rows."""
+        self.values[:3] += sums
+        self.values[3] += count  # a Python number into a device tensor: no copy, no sync
+
+
+def eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One batch's [top-1 hits, top-5 hits, cross-entropy sum], float64 on the device."""
+    logits = logits.float()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    return torch.stack([top[:, 0].sum().double(), top.any(1).sum().double(), ce.double()])
 
 
 class CachedTeachers:
@@ -153,17 +157,37 @@ class StudentStep:
 
 
 @torch.no_grad()
-def evaluate(student: torch.nn.Module, batches, normalizer: Normalizer, amp_dtype, device) -> EvalStats:
-    """Top-1/top-5 hits, loss sum and count of `student` over (images, labels) batches, on the device."""
+def evaluate(
+    student: torch.nn.Module, batches, normalizer: Normalizer, amp_dtype, device, backend: str | None = None
+) -> EvalStats:
+    """Top-1/top-5 hits, loss sum and count of `student` over (images, labels) batches, on the device. With a
+    `backend` (train.compile: "inductor") each batch — normalisation, forward and sums — is one compiled graph
+    (`fullgraph=True`; a last, smaller batch adds one graph with a dynamic batch size)."""
     stats = EvalStats(device)
     was_training = student.training
     student.eval()
+    run = _eval_batch if backend is None else _compiled_eval(backend)
     for images, labels in batches:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = student(normalizer(images))
-        stats.add(logits, labels)
+        stats.add_sums(run(student, normalizer, images, labels, amp_dtype), labels.shape[0])
     student.train(was_training)
     return stats
+
+
+def _eval_batch(student, normalizer: Normalizer, images, labels, amp_dtype) -> torch.Tensor:
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = student(normalizer(images))
+    return eval_sums(logits, labels)
+
+
+_COMPILED_EVAL: dict[str, object] = {}
+
+
+def _compiled_eval(backend: str):
+    """`_eval_batch` compiled once per process and backend (the student is an argument: one graph for any
+    student of one architecture, the best epoch's copy included)."""
+    if backend not in _COMPILED_EVAL:
+        _COMPILED_EVAL[backend] = torch.compile(_eval_batch, fullgraph=True, backend=backend)
+    return _COMPILED_EVAL[backend]
 
 
 @torch.no_grad()
