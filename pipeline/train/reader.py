@@ -692,7 +692,10 @@ def teacher_outputs_from_batch(
     from camkd import TeacherOutputs
 
     t_logits = None
-    if logits:
+    dense_logits = [batch.get(f"t{k}_logits") for k in range(num_teachers)]
+    if logits and all(t is not None and t.dtype == dense_logits[0].dtype for t in dense_logits):
+        t_logits = torch.stack(dense_logits).float()  # two ops whatever the number of teachers
+    elif logits:
         dense = []
         for k in range(num_teachers):
             if f"t{k}_logits" in batch:
