@@ -315,6 +315,7 @@ def test_other_views_format_checkpoint_or_an_old_layout_are_refused_saying_what_
         layout.load_manifest(str(old), "t1")
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 def test_killed_precompute_resumes_with_missing_parts_only(ray_cluster, teacher_files, tmp_path):
     """A real interrupted process: SIGKILL the precompute driver mid-run, re-run, compare with a clean run."""

@@ -77,6 +77,7 @@ def _close(a: RunSummary, b: RunSummary) -> None:
     assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=0.02)
 
 
+@pytest.mark.slow
 def test_worker_sigkill_mid_epoch_resumes_from_last_checkpoint(undisturbed, cached, tmp_path):
     cfg, _, reference = undisturbed
     run_dir = tmp_path / "killed"
