@@ -54,11 +54,17 @@ AIM = {
 }
 # How long after its phase began a fault may come (seconds): precompute and training last seconds here, the sweep ~1 min.
 DELAY = {"precompute": (0.2, 3.0), "train": (0.5, 6.0), "tune": (1.0, 30.0)}
-RECOVERY_WORDS = ("resum", "retry", "retrying", "restart", "re-run", "rebuil")
+# What Ray and Arrow print when they recover (counted in the pipeline's output), and the pipeline's own resume lines.
+LOG_RECOVERIES = {
+    "Ray tasks retried after their worker died": "so the task will be retried",
+    "Train worker groups that lost a worker (restarted)": "Graceful shutdown of backend failed",
+    "S3 uploads retried by Arrow after SlowDown": "retry = ",
+}
+RESUME_LINES = ("[train] resuming", "reused;", "[tune] resuming", "no receipt (interrupted run)")
 
 
 def pipeline_config(teachers: Path) -> dict:
-    """Tiny: 512 synthetic 32-px images, two untrained teachers, 2 deterministic epochs, a sweep of 3 trials."""
+    """Tiny: 256 synthetic 32-px images, two untrained teachers, 2 deterministic epochs, a sweep of 3 trials."""
     return {
         "root": ROOT_URL,
         "experiment": "chaos",
@@ -202,9 +208,9 @@ def epoch_metrics(history: list[dict]) -> list[dict]:
     return keep
 
 
-def collect(s3, cfg: dict) -> dict:
-    """The comparable results under root: cache part digests, the training run, the sweep's trials, the root's
-    hygiene (half-written objects, parts without receipts)."""
+def collect(s3, cfg: dict, keep: Path) -> dict:
+    """The comparable results under root: cache part digests, the training run (its student.pt copied to `keep`),
+    the sweep's trials, the root's hygiene (half-written objects, parts without receipts)."""
     from pipeline.config import validate
     from pipeline.train.driver import run_name_for
 
@@ -225,7 +231,8 @@ def collect(s3, cfg: dict) -> dict:
         "cache": cache,
         "epochs": epoch_metrics(train.get("history", [])),
         "train_resumes": train.get("resumes"),
-        "student_sha256": hashlib.sha256(read(s3, student)).hexdigest() if student in keys else None,
+        "student_sha256": keep_file(read(s3, student), keep) if student in keys else None,
+        "student_file": str(keep),
         "trials": [
             {k: t.get(k) for k in ("trial", "trial_id", "status", "epochs")}
             for t in sweep.get("leaderboard", [])
@@ -236,6 +243,39 @@ def collect(s3, cfg: dict) -> dict:
             k for k in keys if "/cache/" in k and k.endswith(".parquet") and k + ".receipt.json" not in keys
         ),
     }
+
+
+def keep_file(data: bytes, path: Path) -> str:
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def student_diff(a: str, b: str) -> str:
+    """What differs between two student.pt files: weights (by name), other fields, config fields (dotted)."""
+    import torch
+
+    x, y = (torch.load(p, weights_only=True) for p in (a, b))
+    out = [
+        f"weight {k}" for k in x["state_dict"] if not torch.equal(x["state_dict"][k], y["state_dict"].get(k))
+    ]
+    out += [
+        f"field {k}"
+        for k in sorted(set(x) | set(y))
+        if k not in ("state_dict", "config") and x.get(k) != y.get(k)
+    ]
+
+    def flat(d, pre=""):
+        return {f"{pre}{k}": v for k, v in d.items() if not isinstance(v, dict)} | {
+            kk: vv for k, v in d.items() if isinstance(v, dict) for kk, vv in flat(v, f"{pre}{k}.").items()
+        }
+
+    fx, fy = flat(x.get("config", {})), flat(y.get("config", {}))
+    out += [
+        f"config {k}: {fy.get(k)!r} (undisturbed {fx.get(k)!r})"
+        for k in sorted(set(fx) | set(fy))
+        if fx.get(k) != fy.get(k)
+    ]
+    return "; ".join(out) or "the same contents, other bytes"
 
 
 def differences(base: dict, got: dict, trials: int) -> list[str]:
@@ -251,7 +291,10 @@ def differences(base: dict, got: dict, trials: int) -> list[str]:
             f"training's per-epoch metrics differ:\n  chaos {got['epochs']}\n  undisturbed {base['epochs']}"
         )
     if got["student_sha256"] != base["student_sha256"]:
-        out.append(f"student.pt digest {got['student_sha256']} != undisturbed {base['student_sha256']}")
+        what = student_diff(base["student_file"], got["student_file"]) if got["student_sha256"] else "missing"
+        out.append(
+            f"student.pt digest {got['student_sha256']} != undisturbed {base['student_sha256']}: {what}"
+        )
     if len(got["trials"]) < trials:
         out.append(f"the sweep reported {len(got['trials'])} trial(s), not {trials}: {got['trials']}")
     out += [
@@ -411,7 +454,7 @@ class Chaos:
             os.kill(pid, 9)
         except ProcessLookupError:
             return False
-        self.say(f"FAULT {fault.kind}: SIGKILL to pid {pid} on node {node[:8]} in {fault.phase}")
+        self.say(f"FAULT {fault.kind}: SIGKILL to pid {pid} on node {(node or '?')[:8]} in {fault.phase}")
         return True
 
     def remove_node(self, fault: Fault) -> bool:
@@ -438,20 +481,17 @@ class Chaos:
 # ------------------------------------------------------------------------------------------------------- driver
 def recoveries(chaos: Chaos, got: dict, proxy) -> list[str]:
     """How the pipeline recovered, from its own output and files (and the proxy's count of what it survived)."""
+    text = "\n".join(p.read_text(errors="replace").replace("\r", "\n") for p in chaos.attempts)
     lines = [
-        f"driver re-runs: {len(chaos.attempts) - 1}",
-        f"training run resumes (summary.json): {got['train_resumes']}",
-        f"sweep trial resumes (their summary.json): {got['trial_resumes']}",
+        f"driver re-runs (the same command): {len(chaos.attempts) - 1}",
+        f"training run resumes from a checkpoint (summary.json): {got['train_resumes']}",
+        f"sweep trial resumes from a checkpoint (their summary.json): {got['trial_resumes']}",
         f"S3 faults served and survived: {proxy.slow_down} SlowDown, {proxy.dropped} dropped connections "
         f"of {proxy.requests} requests",
     ]
-    seen = []
-    for path in chaos.attempts:
-        for line in path.read_text(errors="replace").splitlines():
-            text = line.strip()[:200]
-            if any(w in text.lower() for w in RECOVERY_WORDS) and text not in seen:
-                seen.append(text)
-    lines += [f"  log: {t}" for t in seen[:30]]
+    for label, needle in LOG_RECOVERIES.items():
+        lines.append(f"{label}: {text.count(needle)}")
+    lines += [ln.strip()[:200] for ln in text.splitlines() if any(m in ln for m in RESUME_LINES)]
     return lines
 
 
@@ -460,7 +500,12 @@ def run_pipeline(cluster, s3, config: Path, logs: Path, seed: int, budget_s: flo
     cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "all", "--config", str(config)]
     cmd += ["--address", cluster.address]
     chaos = Chaos(cluster, cmd, ray_env(s3.env()), logs, seed, budget_s)
-    rc = chaos.run(faults)
+    try:
+        rc = chaos.run(faults)
+    finally:  # never leave the pipeline running (this driver failed, or was interrupted)
+        if chaos.proc is not None and chaos.proc.poll() is None:
+            chaos.proc.kill()
+            chaos.proc.wait()
     return chaos, rc
 
 
@@ -483,7 +528,9 @@ def baseline(args, cfg: dict, config: Path, key: str) -> dict:
             cluster.shutdown()
         if rc != 0:
             sys.exit(f"the undisturbed run failed (status {rc}); see {chaos.attempts[-1]}")
-        result = collect(s3, cfg) | {"wall_s": round(time.time() - chaos.started, 1)}
+        result = collect(s3, cfg, Path(args.root) / f"undisturbed-{key}-student.pt") | {
+            "wall_s": round(time.time() - chaos.started, 1)
+        }
     finally:
         s3.stop()
     saved.write_text(json.dumps(result, indent=1))
@@ -492,7 +539,18 @@ def baseline(args, cfg: dict, config: Path, key: str) -> dict:
 
 
 def config_key(cfg: dict, teachers: Path) -> str:
-    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(teachers.glob("*.pt"))}
+    """The config, the teacher files and the product's code: an undisturbed run's results hold for these only."""
+    files = (
+        sorted(teachers.glob("*.pt"))
+        + sorted((REPO / "pipeline").rglob("*.py"))
+        + sorted((REPO / "camkd").rglob("*.py"))
+    )
+    digests = {
+        str(p.relative_to(REPO) if p.is_relative_to(REPO) else p.name): hashlib.sha256(
+            p.read_bytes()
+        ).hexdigest()
+        for p in files
+    }
     return hashlib.sha256(json.dumps([cfg, digests], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -545,7 +603,7 @@ def main(argv=None) -> int:
         finally:
             cluster.shutdown()
         s3.proxy.counter.every = 0
-        got = collect(s3, cfg)
+        got = collect(s3, cfg, logs / "student.pt")
     finally:
         s3.stop()
     return report(
