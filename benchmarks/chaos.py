@@ -56,9 +56,12 @@ AIM = {
 DELAY = {"precompute": (0.2, 3.0), "train": (0.5, 6.0), "tune": (1.0, 30.0)}
 # What Ray and Arrow print when they recover (counted in the pipeline's output), and the pipeline's own resume lines.
 LOG_RECOVERIES = {
-    "Ray tasks retried after their worker died": "so the task will be retried",
-    "Train worker groups that lost a worker (restarted)": "Graceful shutdown of backend failed",
-    "S3 uploads retried by Arrow after SlowDown": "retry = ",
+    "Ray tasks retried after their worker died": ("so the task will be retried",),
+    "Train worker group failures (the group restarted)": (
+        "Graceful shutdown of backend failed",
+        "Error in control loop iteration",
+    ),
+    "S3 uploads retried by Arrow after SlowDown": ("retry = ",),
 }
 RESUME_LINES = ("[train] resuming", "reused;", "[tune] resuming", "no receipt (interrupted run)")
 
@@ -489,8 +492,8 @@ def recoveries(chaos: Chaos, got: dict, proxy) -> list[str]:
         f"S3 faults served and survived: {proxy.slow_down} SlowDown, {proxy.dropped} dropped connections "
         f"of {proxy.requests} requests",
     ]
-    for label, needle in LOG_RECOVERIES.items():
-        lines.append(f"{label}: {text.count(needle)}")
+    for label, needles in LOG_RECOVERIES.items():
+        lines.append(f"{label}: {sum(text.count(n) for n in needles)}")
     lines += [ln.strip()[:200] for ln in text.splitlines() if any(m in ln for m in RESUME_LINES)]
     return lines
 
