@@ -63,7 +63,14 @@ LOG_RECOVERIES = {
     ),
     "S3 uploads retried by Arrow after SlowDown": ("retry = ",),
 }
-RESUME_LINES = ("[train] resuming", "reused;", "[tune] resuming", "no receipt (interrupted run)")
+RESUME_LINES = (
+    "[train] resuming",
+    "reused;",
+    "cache up to date",
+    "already finished",
+    "[tune] resuming",
+    "no receipt (interrupted",
+)
 
 
 def pipeline_config(teachers: Path) -> dict:
@@ -461,13 +468,16 @@ class Chaos:
         return True
 
     def remove_node(self, fault: Fault) -> bool:
-        """A non-head node (one running a Train worker or teacher actor when there is one) removed; a fresh one of
-        the same size joins 5-15 s later."""
+        """A non-head node (one running a Train worker or teacher actor, if one does within 20 s) removed; a fresh
+        one of the same size joins 5-15 s later."""
         if self.rejoin_at is not None:
             return False
         nodes = {n.node_id: n for n in self.cluster.worker_nodes}
         busy = {nid for _, nid in self.targets.of("train_worker") + self.targets.of("teacher_actor")}
-        choice = sorted(nid for nid in nodes if nid in busy) or sorted(nodes)
+        choice = sorted(nid for nid in nodes if nid in busy)
+        if not choice and time.time() < fault.due + 20:
+            return False  # its workers or actors may still be starting: a busy node is the fault worth having
+        choice = choice or sorted(nodes)
         victim = self.rng.choice(choice)
         self.cluster.remove_node(nodes[victim])
         self.rejoin_at = time.time() + self.rng.uniform(5, 15)
