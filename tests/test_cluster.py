@@ -600,7 +600,8 @@ def test_training_survives_losing_a_workers_node_and_ends_as_if_undisturbed(tmp_
     assert out["seen"] >= 6, f"only {out['seen']} Train worker processes seen: {out}"
     a, b = out["undisturbed"]["summary"], out["lost"]["summary"]
     # resumes counts the restores in the restored checkpoint's line: both restarts restored epoch 1's, so 1
-    assert (a["resumes"], b["resumes"]) == (0, 1), (a["resumes"], b["resumes"])
+    epochs = [(h["epoch"], h.get("resumes"), h.get("workers")) for h in b["history"]]
+    assert (a["resumes"], b["resumes"]) == (0, 1), (a["resumes"], b["resumes"], epochs, out["removed"][:8])
     assert out["removed"][:8] not in {w.split("/")[1] for w in b["workers"]}, "the lost node ran the end"
     assert [(h["epoch"], h["train_loss"], h["val_top1"]) for h in b["history"]] == [
         (h["epoch"], h["train_loss"], h["val_top1"]) for h in a["history"]
