@@ -366,3 +366,28 @@ def test_pickled_teacher_checkpoint_is_refused(tmp_path):
     buf = io.BytesIO()
     torch.save({"model": {"conv.weight": torch.zeros(2)}}, buf)  # RepDistiller's format is accepted
     assert set(checkpoints.load_state_dict(buf.getvalue(), "x")[0]) == {"conv.weight"}
+
+
+def test_student_pt_is_the_same_file_whichever_cluster_trained_it(tmp_path):
+    """Found by benchmarks/chaos.py: the same deterministic run, trained on two clusters, wrote two different
+    student.pt files, because `--address` becomes `ray.address` and student.pt recorded the whole config. Where a
+    run ran (the `ray` section) is not part of the student: the same weights give the same file."""
+    import hashlib
+
+    from conftest import tiny_config
+
+    from camkd import models
+    from pipeline.data.ingest import ingest
+
+    cfg = tiny_config(tmp_path / "root", strategy={"name": "ce"}, train={"epochs": 1, "export": False})
+    meta = ingest(cfg, log=lambda *_: None)
+    torch.manual_seed(0)
+    state = models.create("resnet8", 10, 3).state_dict()
+    digests = set()
+    for address in ("10.0.0.7:6379", "10.0.0.8:6379"):
+        run_cfg = with_updates(cfg, {"ray.address": address})
+        run_dir = str(tmp_path / address.replace(":", "-"))
+        plan = driver.make_plan(run_cfg, meta, run_dir, log=lambda *_: None)
+        driver.export_student(run_cfg, plan, state, run_dir)
+        digests.add(hashlib.sha256(Path(run_dir, "student.pt").read_bytes()).hexdigest())
+    assert len(digests) == 1, "student.pt depends on the cluster address"

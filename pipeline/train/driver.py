@@ -344,7 +344,9 @@ def export_student(
     extra = {
         "normalization": {"mean": list(pre.mean), "std": list(pre.std)},
         "input_shape": [plan.channels, h, w],  # what `camkd bench-student` measures it at (after any resize)
-        "config": plan.cfg,
+        # how the student was made, not where: the `ray` section (the cluster's address) would make the same
+        # weights a different file on every cluster
+        "config": {k: v for k, v in plan.cfg.items() if k != "ray"},
     }
     pt_url = storage.join(run_dir, "student.pt")
     checkpoints.save_model_file(pt_url, student, extra)
