@@ -7,10 +7,10 @@ launch-bound step would share its process with. Read tasks of the `ray_data` rea
 not counted; the `threads` reader's reading and decoding run in this process and are (as other threads).
 
 Scenarios (`benchmarks/input_pipeline.py`): (a) CIFAR rows + 3 teachers' fp16 logits and fp16 maps 256×8×8,
-(c) the same, logits only. For each reader and `train.shuffle_buffer` (0 and 4096) one run of `--epochs` epochs;
-counted from the first batch taken (start-up excluded) to the last. With `--stage`, batches are also copied into the lane's reused
-staging buffers as on a GPU (pinned there; here plain memory, the same copy), which a CPU device skips; with
-`--device cuda`, as a GPU worker does (pinned buffers, one copy to the GPU per batch).
+(c) the same, logits only. For each reader and `train.shuffle_buffer` (0 and 4096) one run of `--epochs` epochs,
+counted from the first batch taken (start-up excluded) to the last. With `--stage`, batches are also copied into
+the lane's reused staging buffers as on a GPU (pinned there; here plain memory, the same copy), which a CPU device
+skips; with `--device cuda`, as a GPU worker does (pinned buffers, one copy to the GPU per batch).
 
     python benchmarks/host_cost.py [--rows 12288] [--epochs 3] [--scenarios ac] [--readers ray_data,threads]
         [--shuffle 0,4096] [--stage] [--device cuda]

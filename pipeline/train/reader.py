@@ -336,11 +336,11 @@ def read_slices(
     cache columns `t{k}_logits` or `t{k}_topk_values/_topk_index/_tail_logit`, and `t{k}_feat`
     (+ `t{k}_feat_scale`); training rows in their epoch order (`order.row_order`). With `batch_rows` (and items
     that carry their `start` in the lane) the rows are gathered into blocks of `rows` rows cut at the lane's batch
-    boundaries (`blocks.BlockWriter`); else each item is one block. While one item is rendered and decoded, the reads of the
-    next items are in flight (the image part and every teacher's part concurrently; on an object store a row group
-    costs about one round trip, not one per part and column): at least `plan.read_ahead`, and as many more as the
-    read time this task measures and the pace its yields are taken at need, up to `plan.read_ahead_bytes`
-    (`inflight`)."""
+    boundaries (`blocks.BlockWriter`); else each item is one block. While one item is rendered and decoded, the
+    reads of the next items are in flight (the image part and every teacher's part concurrently; on an object
+    store a row group costs about one round trip, not one per part and column): at least `plan.read_ahead`, and as
+    many more as the read time this task measures and the pace its yields are taken at need, up to
+    `plan.read_ahead_bytes` (`inflight`)."""
     spec = ViewSpec.from_dict(plan.spec)
     retry = storage.retry_policy(plan.retry_seconds)
     work = [_item_args(fields) for fields in zip(*(batch[k] for k in ITEM_FIELDS))]
@@ -470,10 +470,10 @@ def build_dataset(
 ):
     """A Ray Dataset streaming `read_items` through `read_slices`, in order: each read task takes
     `items_per_task` items in one call (so it can read ahead across them) and yields one row group at a time, or,
-    with `batch_rows`, blocks of whole batches of that many rows (`blocks.BlockWriter`, ~`blocks.BLOCK_BYTES` each), so its
-    memory is bounded whatever the part size (`read_memory_bytes`). One dataset can span many epochs (the worker's
-    whole run): no executor start-up between epochs. With `node_id` the read tasks prefer that node (soft
-    affinity): a worker's data is read next to it."""
+    with `batch_rows`, blocks of whole batches of that many rows (`blocks.BlockWriter`, ~`blocks.BLOCK_BYTES`
+    each), so its memory is bounded whatever the part size (`read_memory_bytes`). One dataset can span many epochs
+    (the worker's whole run): no executor start-up between epochs. With `node_id` the read tasks prefer that node
+    (soft affinity): a worker's data is read next to it."""
     import ray.data
 
     remote_args: dict[str, Any] = {}
